@@ -1,0 +1,419 @@
+"""Core-set baselines: pick ``k`` real training images per class (DeepCore's family).
+
+Every selector returns (C * k,) int64 indices into the training set, grouped by class (class 0 first),
+exactly ``k`` per class, in the selector's own order within a class (greedy order for herding and
+k-center, most-to-least important for the scored methods). All randomness comes from an explicit
+``torch.Generator``; the same seed gives the same indices.
+
+Inputs by family:
+
+* ``random``: labels only.
+* ``herding``, ``kcenter``: features (N, D), e.g. the teacher's ``embed()`` of the training set.
+* ``forgetting``, ``el2n``: the normalised images (N, ...) and a :class:`ProxyConfig`; they train their
+  own small proxy model(s) with :func:`dsv.train.fit`.
+* ``entropy``, ``least_confidence``, ``margin``: logits (N, C) of a trained model (e.g. the teacher).
+
+Use :func:`select` (or the :data:`SELECTORS` registry) to call any of them by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dsv.models import ModelConfig, build_seeded
+from dsv.train import FitConfig, TrainEvent, fit, predict_logits
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The proxy model trained by the training-dynamics selectors (forgetting events, EL2N).
+
+    Attributes:
+        model: proxy architecture (DeepCore uses the evaluation network; the default is a ConvNet-3 of
+            width 64, about 6x cheaper than width 128 on this CPU).
+        fit: optimizer, batch size and augmentation of the proxy training. ``fit.epochs`` (or
+            ``fit.steps``) is the forgetting run's length.
+        el2n_models: number of independently initialised proxies whose EL2N scores are averaged
+            (Paul et al. average 10).
+        el2n_epochs: epochs each EL2N proxy trains before scoring ("early in training"; Paul et al.
+            score at ~10% of training).
+    """
+
+    model: ModelConfig = ModelConfig(name="convnet", width=64)
+    fit: FitConfig = field(
+        default_factory=lambda: FitConfig(
+            optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, epochs=10, batch_size=256,
+            augment="flip_crop",
+        )
+    )
+    el2n_models: int = 4
+    el2n_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        if self.el2n_models < 1:
+            raise ValueError(f"proxy.el2n_models must be >= 1, got {self.el2n_models}")
+        if self.el2n_epochs < 1:
+            raise ValueError(f"proxy.el2n_epochs must be >= 1, got {self.el2n_epochs}")
+
+
+def _class_members(y: Tensor, k: int, num_classes: int) -> list[Tensor]:
+    """(n_c,) indices of each class, checking that every class has at least ``k`` samples."""
+    if k < 1:
+        raise ValueError(f"k (images per class) must be >= 1, got {k}")
+    if y.dim() != 1:
+        raise ValueError(f"y must be (N,) integer labels, got shape {tuple(y.shape)}")
+    y = y.cpu()
+    out = []
+    for c in range(num_classes):
+        idx = (y == c).nonzero(as_tuple=True)[0]
+        if idx.numel() < k:
+            raise ValueError(f"class {c} has only {idx.numel()} samples, fewer than the k={k} per class asked for")
+        out.append(idx)
+    return out
+
+
+def _check_rows(name: str, t: Tensor, n: int) -> None:
+    if t.shape[0] != n:
+        raise ValueError(f"{name} has {t.shape[0]} rows but y has {n} labels")
+
+
+def _top_scores(score: Tensor, y: Tensor, k: int, num_classes: int, generator: torch.Generator) -> Tensor:
+    """The ``k`` highest-scoring samples of each class, ties broken by a seeded random order.
+
+    Args:
+        score: (N,) importance scores (higher = picked first).
+        y: (N,) labels.
+        k: samples per class.
+        num_classes: C.
+        generator: breaks ties.
+
+    Returns:
+        (C * k,) int64 indices, class 0 first, descending score within a class.
+    """
+    score = score.detach().cpu().double()
+    _check_rows("score", score, y.shape[0])
+    out = []
+    for idx in _class_members(y, k, num_classes):
+        shuffled = idx[torch.randperm(idx.numel(), generator=generator)]
+        # Stable sort of a random permutation: equal scores keep the seeded random order.
+        order = torch.sort(score[shuffled], descending=True, stable=True).indices
+        out.append(shuffled[order[:k]])
+    return torch.cat(out).long()
+
+
+def random_select(y: Tensor, k: int, num_classes: int, generator: torch.Generator) -> Tensor:
+    """``k`` uniformly random samples of each class. Returns (C * k,) int64 indices."""
+    return torch.cat(
+        [idx[torch.randperm(idx.numel(), generator=generator)[:k]] for idx in _class_members(y, k, num_classes)]
+    ).long()
+
+
+def herding(features: Tensor, y: Tensor, k: int, num_classes: int) -> Tensor:
+    """Greedy feature-mean matching per class (Welling 2009; iCaRL / DeepCore's herding).
+
+    Within class c with features φ_i and mean μ_c, step t picks the unchosen i minimising
+    ‖μ_c − (Σ_{j∈S} φ_j + φ_i) / (|S| + 1)‖₂, so the running mean of the chosen features tracks μ_c.
+    Deterministic (ties go to the lowest index); features are used as given (normalise them first if
+    the feature scale should not matter).
+
+    Args:
+        features: (N, D) features of the training set.
+        y: (N,) labels.
+        k: samples per class.
+        num_classes: C.
+
+    Returns:
+        (C * k,) int64 indices, class 0 first, in greedy order within a class.
+    """
+    _check_rows("features", features, y.shape[0])
+    feats = features.detach().flatten(1).double()
+    out = []
+    for idx in _class_members(y, k, num_classes):
+        f = feats[idx.to(feats.device)]  # (n_c, D)
+        mu = f.mean(dim=0)  # (D,)
+        taken = torch.zeros(f.shape[0], dtype=torch.bool, device=f.device)
+        running = torch.zeros_like(mu)  # Σ of chosen features
+        picks = []
+        for t in range(k):
+            dist = (mu - (running + f) / (t + 1)).norm(dim=1)  # (n_c,) candidate running-mean errors
+            dist[taken] = float("inf")
+            i = int(torch.argmin(dist))
+            taken[i] = True
+            running += f[i]
+            picks.append(i)
+        out.append(idx[torch.tensor(picks, dtype=torch.long)])
+    return torch.cat(out).long()
+
+
+def kcenter_greedy(features: Tensor, y: Tensor, k: int, num_classes: int) -> Tensor:
+    """k-center greedy per class in feature space (Sener & Savarese 2018).
+
+    The first center is the sample closest to the class mean (deterministic, so k = 1 gives the most
+    typical sample rather than a random one); each next center is the sample farthest from its nearest
+    chosen center (ties go to the lowest index).
+
+    Args:
+        features: (N, D) features of the training set.
+        y: (N,) labels.
+        k: samples per class.
+        num_classes: C.
+
+    Returns:
+        (C * k,) int64 indices, class 0 first, in greedy order within a class.
+    """
+    _check_rows("features", features, y.shape[0])
+    feats = features.detach().flatten(1).double()
+    out = []
+    for idx in _class_members(y, k, num_classes):
+        f = feats[idx.to(feats.device)]  # (n_c, D)
+        first = int(torch.argmin((f - f.mean(dim=0)).norm(dim=1)))
+        picks = [first]
+        nearest = (f - f[first]).norm(dim=1)  # (n_c,) distance to the nearest chosen center
+        for _ in range(k - 1):
+            i = int(torch.argmax(nearest))
+            picks.append(i)
+            nearest = torch.minimum(nearest, (f - f[i]).norm(dim=1))
+        out.append(idx[torch.tensor(picks, dtype=torch.long)])
+    return torch.cat(out).long()
+
+
+def _proxy_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
+def forgetting_scores(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    proxy: ProxyConfig,
+    generator: torch.Generator,
+    callback: Callable[[TrainEvent], None] | None = None,
+) -> Tensor:
+    """Forgetting-event counts (Toneva et al. 2019) of every training sample.
+
+    A proxy model trains on (x, y) for ``proxy.fit``'s budget; at each of its progress reports (every
+    epoch, or every 1/10 of the steps) the whole un-augmented set is classified, and a forgetting event
+    is a correct → incorrect transition between consecutive reports. Samples never classified correctly
+    get the largest score (number of reports + 1), as in Toneva et al. (evaluating the whole set per
+    epoch rather than each sample when its minibatch is seen is a simplification).
+
+    Args:
+        x: (N, ...) normalised inputs.
+        y: (N,) labels.
+        num_classes: C.
+        proxy: proxy architecture and training budget.
+        generator: seeds the proxy's initialisation and batch order.
+        callback: forwarded to :func:`dsv.train.fit`.
+
+    Returns:
+        (N,) float64 scores (higher = more forgotten).
+    """
+    _check_rows("x", x, y.shape[0])
+    seed = _proxy_seed(generator)
+    model = build_seeded(proxy.model, tuple(x.shape[1:]), num_classes, seed)
+    y_cpu = y.cpu()
+    history: list[Tensor] = []
+
+    def record(event: TrainEvent) -> None:
+        history.append(predict_logits(model, x).argmax(dim=1) == y_cpu)  # (N,) correct at this report
+        if callback is not None:
+            callback(event)
+
+    fit(model, x, y, proxy.fit, seed=seed, callback=record)
+    return forgetting_counts(torch.stack(history))
+
+
+def forgetting_counts(correct: Tensor) -> Tensor:
+    """Count forgetting events from a record of per-sample correctness.
+
+    Args:
+        correct: (R, N) bool, whether sample n was classified correctly at report r.
+
+    Returns:
+        (N,) float64: number of r with correct[r-1, n] and not correct[r, n]; samples never correct get
+        R + 1, more than any sample that was learned can reach.
+    """
+    correct = correct.bool()
+    forgets = (correct[:-1] & ~correct[1:]).sum(dim=0).double()  # (N,)
+    forgets[~correct.any(dim=0)] = correct.shape[0] + 1.0
+    return forgets
+
+
+def el2n_scores(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    proxy: ProxyConfig,
+    generator: torch.Generator,
+    callback: Callable[[TrainEvent], None] | None = None,
+) -> Tensor:
+    """EL2N scores (Paul et al. 2021): E_models ‖softmax(f(x)) − onehot(y)‖₂ early in training.
+
+    Args:
+        x: (N, ...) normalised inputs.
+        y: (N,) labels.
+        num_classes: C.
+        proxy: ``proxy.el2n_models`` proxies each trained ``proxy.el2n_epochs`` epochs.
+        generator: seeds each proxy's initialisation and batch order.
+        callback: forwarded to :func:`dsv.train.fit`.
+
+    Returns:
+        (N,) float64 scores (higher = harder).
+    """
+    _check_rows("x", x, y.shape[0])
+    onehot = F.one_hot(y.cpu().long(), num_classes).double()  # (N, C)
+    fit_cfg = replace(proxy.fit, epochs=proxy.el2n_epochs, steps=0)
+    total = torch.zeros(y.shape[0], dtype=torch.float64)
+    for _ in range(proxy.el2n_models):
+        seed = _proxy_seed(generator)
+        model = build_seeded(proxy.model, tuple(x.shape[1:]), num_classes, seed)
+        fit(model, x, y, fit_cfg, seed=seed, callback=callback)
+        probs = predict_logits(model, x).double().softmax(dim=1)  # (N, C)
+        total += (probs - onehot).norm(dim=1)
+    return total / proxy.el2n_models
+
+
+UNCERTAINTIES = ("entropy", "least_confidence", "margin")
+
+
+def uncertainty_scores(logits: Tensor, kind: str) -> Tensor:
+    """Uncertainty of a trained model's predictions (DeepCore's uncertainty family).
+
+    Args:
+        logits: (N, C) logits.
+        kind: "entropy" (−Σ p log p), "least_confidence" (1 − max p) or "margin"
+            (−(p_top1 − p_top2), so a small margin scores high).
+
+    Returns:
+        (N,) float64 scores (higher = more uncertain).
+    """
+    if kind not in UNCERTAINTIES:
+        raise ValueError(f"uncertainty kind = {kind!r} is not one of {', '.join(UNCERTAINTIES)}")
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must be (N, C) with C >= 2, got shape {tuple(logits.shape)}")
+    logp = logits.detach().cpu().double().log_softmax(dim=1)
+    p = logp.exp()
+    if kind == "entropy":
+        return -(p * logp).sum(dim=1)
+    if kind == "least_confidence":
+        return 1.0 - p.max(dim=1).values
+    top2 = p.topk(2, dim=1).values
+    return -(top2[:, 0] - top2[:, 1])
+
+
+Selector = Callable[..., Tensor]
+
+
+def _need(method: str, name: str, value: object, what: str) -> None:
+    if value is None:
+        raise ValueError(f"selector {method!r} needs {name}= ({what})")
+
+
+def _sel_random(*, y: Tensor, k: int, num_classes: int, generator: torch.Generator, **_: object) -> Tensor:
+    return random_select(y, k, num_classes, generator)
+
+
+def _sel_features(method: str) -> Selector:
+    fn = herding if method == "herding" else kcenter_greedy
+
+    def run(*, y: Tensor, k: int, num_classes: int, features: Tensor | None = None, **_: object) -> Tensor:
+        _need(method, "features", features, "(N, D) features, e.g. the teacher's embed() of the training set")
+        assert features is not None
+        return fn(features, y, k, num_classes)
+
+    return run
+
+
+def _sel_dynamics(method: str) -> Selector:
+    fn = forgetting_scores if method == "forgetting" else el2n_scores
+
+    def run(
+        *,
+        y: Tensor,
+        k: int,
+        num_classes: int,
+        generator: torch.Generator,
+        x: Tensor | None = None,
+        proxy: ProxyConfig | None = None,
+        callback: Callable[[TrainEvent], None] | None = None,
+        **_: object,
+    ) -> Tensor:
+        _need(method, "x", x, "(N, ...) normalised training images for the proxy model")
+        assert x is not None
+        _class_members(y, k, num_classes)  # fail before training when a class is too small
+        score = fn(x, y, num_classes, proxy or ProxyConfig(), generator, callback)
+        return _top_scores(score, y, k, num_classes, generator)
+
+    return run
+
+
+def _sel_uncertainty(method: str) -> Selector:
+    def run(
+        *, y: Tensor, k: int, num_classes: int, generator: torch.Generator, logits: Tensor | None = None,
+        **_: object,
+    ) -> Tensor:
+        _need(method, "logits", logits, "(N, C) logits of a trained model, e.g. the teacher")
+        assert logits is not None
+        _check_rows("logits", logits, y.shape[0])
+        return _top_scores(uncertainty_scores(logits, method), y, k, num_classes, generator)
+
+    return run
+
+
+SELECTORS: dict[str, Selector] = {
+    "random": _sel_random,
+    "herding": _sel_features("herding"),
+    "kcenter": _sel_features("kcenter"),
+    "forgetting": _sel_dynamics("forgetting"),
+    "el2n": _sel_dynamics("el2n"),
+    "entropy": _sel_uncertainty("entropy"),
+    "least_confidence": _sel_uncertainty("least_confidence"),
+    "margin": _sel_uncertainty("margin"),
+}
+
+
+def select(
+    method: str,
+    *,
+    y: Tensor,
+    k: int,
+    num_classes: int,
+    seed: int,
+    features: Tensor | None = None,
+    logits: Tensor | None = None,
+    x: Tensor | None = None,
+    proxy: ProxyConfig | None = None,
+    callback: Callable[[TrainEvent], None] | None = None,
+) -> Tensor:
+    """Select ``k`` training samples per class with a named core-set method.
+
+    Args:
+        method: a key of :data:`SELECTORS`.
+        y: (N,) int labels of the training set.
+        k: samples per class (the IPC).
+        num_classes: C.
+        seed: seeds the generator (random choice, tie-breaking, proxy training).
+        features: (N, D) features; needed by "herding" and "kcenter".
+        logits: (N, C) logits of a trained model; needed by "entropy", "least_confidence", "margin".
+        x: (N, ...) normalised training inputs; needed by "forgetting" and "el2n".
+        proxy: proxy model and budget for "forgetting" and "el2n" (default :class:`ProxyConfig`).
+        callback: progress of the proxy training ("forgetting", "el2n").
+
+    Returns:
+        (C * k,) int64 indices on the CPU, class 0 first, exactly ``k`` per class.
+
+    Raises:
+        ValueError: unknown method, a missing input, or a class with fewer than ``k`` samples.
+    """
+    if method not in SELECTORS:
+        raise ValueError(f"selector method = {method!r} is not one of {', '.join(SELECTORS)}")
+    g = torch.Generator().manual_seed(seed)
+    return SELECTORS[method](
+        y=y.cpu(), k=k, num_classes=num_classes, generator=g, features=features, logits=logits, x=x,
+        proxy=proxy, callback=callback,
+    )
