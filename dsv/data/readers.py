@@ -1,0 +1,390 @@
+"""Readers for the on-disk formats the registry supports, plus a tensor resize helper.
+
+Every reader returns plain tensors; :mod:`dsv.data.registry` turns them into an
+:class:`~dsv.data.core.ImageDataset`. Optional dependencies (PIL for image folders) are imported
+lazily inside the reader that needs them, so ``import dsv`` stays torch/numpy/stdlib only.
+
+Formats:
+* IDX (MNIST / Fashion-MNIST), gzipped or raw: parsed with numpy, magic number and size checked.
+* CIFAR-10/100 "python version" pickle batches: read with a restricted unpickler that can only
+  rebuild dicts/lists/bytes/str/numbers and numpy arrays, never call arbitrary globals.
+* ImageFolder trees: ``<split>/<class>/*.png|jpg|jpeg``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------------- IDX
+
+# Third byte of an IDX magic number -> numpy dtype (big-endian, as the format stores it).
+_IDX_DTYPES: dict[int, str] = {
+    0x08: ">u1",
+    0x09: ">i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (``.gz`` or uncompressed) into a numpy array.
+
+    The IDX header is two zero bytes, a dtype code, the number of dimensions, then one big-endian
+    int32 per dimension; the payload must hold exactly prod(dims) items.
+
+    Args:
+        path: file path; gzip is detected from its magic bytes, not the suffix.
+
+    Returns:
+        Array of shape ``dims`` in native byte order (uint8 for MNIST-style files).
+
+    Raises:
+        ValueError: when the file is truncated, not gzip-decodable, or has a bad header; the
+            message names the file.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:  # BadGzipFile is an OSError; truncation raises EOFError
+            raise ValueError(f"{path}: corrupt or truncated gzip file ({e})") from e
+    if len(raw) < 4:
+        raise ValueError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
+    zero, code, ndim = raw[:2], raw[2], raw[3]
+    if zero != b"\x00\x00" or code not in _IDX_DTYPES or ndim < 1:
+        raise ValueError(
+            f"{path}: not an IDX file (magic bytes {raw[:4].hex()}; expected 0000 + dtype code "
+            f"{'/'.join(f'{c:02x}' for c in _IDX_DTYPES)} + number of dimensions)"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    payload = len(raw) - header
+    if payload != expected:
+        raise ValueError(
+            f"{path}: IDX payload is {payload} bytes but the header {dims} of {dtype} needs {expected}"
+            " (truncated or corrupt file)"
+        )
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+# IDX file stems of the MNIST family; each may be stored with or without ".gz".
+IDX_FILES: dict[str, str] = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def find_idx_files(directory: Path) -> dict[str, Path] | None:
+    """The four MNIST-family IDX files in ``directory`` (``.gz`` preferred), or None if any is missing."""
+    found: dict[str, Path] = {}
+    for key, stem in IDX_FILES.items():
+        for candidate in (directory / f"{stem}.gz", directory / stem):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+@dataclass(frozen=True)
+class SplitTensors:
+    """Raw train/test tensors as read from disk (images float32 in [0, 1])."""
+
+    train_x: Tensor  # (N, C, H, W)
+    train_y: Tensor  # (N,) int64
+    test_x: Tensor  # (M, C, H, W)
+    test_y: Tensor  # (M,) int64
+    classes: tuple[str, ...] | None = None
+
+
+def _idx_images(path: Path) -> Tensor:
+    arr = read_idx(path)
+    if arr.ndim != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"{path}: expected uint8 images of shape (N, H, W), got {arr.dtype} {arr.shape}")
+    return torch.from_numpy(arr).unsqueeze(1).float().div_(255.0)  # (N, 1, H, W)
+
+
+def _idx_labels(path: Path, n: int, images: Path) -> Tensor:
+    arr = read_idx(path)
+    if arr.ndim != 1:
+        raise ValueError(f"{path}: expected 1-D labels, got shape {arr.shape}")
+    if arr.shape[0] != n:
+        raise ValueError(f"{path}: {arr.shape[0]} labels but {images} holds {n} images")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def read_idx_dataset(files: dict[str, Path]) -> SplitTensors:
+    """Read the four IDX files found by :func:`find_idx_files`.
+
+    Returns:
+        :class:`SplitTensors` with (N, 1, H, W) images in [0, 1] and int64 labels.
+    """
+    train_x = _idx_images(files["train_images"])
+    test_x = _idx_images(files["test_images"])
+    train_y = _idx_labels(files["train_labels"], train_x.shape[0], files["train_images"])
+    test_y = _idx_labels(files["test_labels"], test_x.shape[0], files["test_images"])
+    return SplitTensors(train_x, train_y, test_x, test_y)
+
+
+# ------------------------------------------------------------------------------------------- CIFAR
+
+# The only globals a CIFAR batch needs to rebuild its numpy arrays. numpy 1.x pickles name
+# numpy.core, numpy 2.x names numpy._core; protocol 5 uses _frombuffer, older ones _reconstruct;
+# protocol 2 pickles of bytes go through _codecs.encode. Nothing else (no builtins) is allowed.
+_SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    [
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    ]
+    + [
+        (f"{mod}.{sub}", name)
+        for mod in ("numpy.core", "numpy._core")
+        for sub, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
+    ]
+)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that refuses every global outside :data:`_SAFE_GLOBALS`.
+
+    Plain ``pickle.load`` runs whatever callable the file names (``os.system`` included); this one
+    can only rebuild builtin containers and numpy arrays.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refused to load global {module}.{name}: a CIFAR batch only contains dicts, lists and numpy arrays"
+        )
+
+
+def safe_unpickle(path: str | Path) -> Any:
+    """Load a pickle with the restricted unpickler (``latin1`` for Python-2 era CIFAR files).
+
+    Raises:
+        ValueError: naming the file, when it is not a pickle or names a forbidden global.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: {e}") from e
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise ValueError(f"{path}: not a readable CIFAR pickle batch ({type(e).__name__}: {e})") from e
+
+
+def _str_keys(obj: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict in the pickle, got {type(obj).__name__}")
+    return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}
+
+
+def _names(values: Any, path: Path, key: str) -> tuple[str, ...]:
+    if not isinstance(values, list | tuple):
+        raise ValueError(f"{path}: {key!r} should be a list of class names, got {type(values).__name__}")
+    return tuple(v.decode("latin1") if isinstance(v, bytes) else str(v) for v in values)
+
+
+def _cifar_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
+    d = _str_keys(safe_unpickle(path), path)
+    if "data" not in d or label_key not in d:
+        raise ValueError(f"{path}: CIFAR batch needs keys 'data' and {label_key!r}, found {sorted(d)}")
+    data = np.asarray(d["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
+    labels = np.asarray(d[label_key], dtype=np.int64)
+    if labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} images")
+    x = torch.from_numpy(data.copy()).view(-1, 3, 32, 32).float().div_(255.0)  # (N, 3, 32, 32)
+    return x, torch.from_numpy(labels)
+
+
+# Torchvision's directory layout of the "python version" archives.
+CIFAR_LAYOUT: dict[str, dict[str, Any]] = {
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": "batches.meta",
+        "label_key": "labels",
+        "names_key": "label_names",
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": "meta",
+        "label_key": "fine_labels",
+        "names_key": "fine_label_names",
+    },
+}
+
+
+def has_cifar_files(directory: Path, name: str) -> bool:
+    """Whether ``directory`` holds every batch and the meta file of ``name`` (cifar10/cifar100)."""
+    lay = CIFAR_LAYOUT[name]
+    return all((directory / f).is_file() for f in [*lay["train"], *lay["test"], lay["meta"]])
+
+
+def read_cifar(directory: Path, name: str) -> SplitTensors:
+    """Read torchvision's CIFAR-10/100 pickle batches from ``directory``.
+
+    Args:
+        directory: the ``cifar-10-batches-py`` or ``cifar-100-python`` folder.
+        name: "cifar10" or "cifar100".
+
+    Returns:
+        :class:`SplitTensors` with (N, 3, 32, 32) images in [0, 1] and class names from the meta file.
+    """
+    lay = CIFAR_LAYOUT[name]
+    parts = [_cifar_batch(directory / f, lay["label_key"]) for f in lay["train"]]
+    test_x, test_y = _cifar_batch(directory / lay["test"][0], lay["label_key"])
+    meta_path = directory / lay["meta"]
+    meta = _str_keys(safe_unpickle(meta_path), meta_path)
+    if lay["names_key"] not in meta:
+        raise ValueError(f"{meta_path}: missing {lay['names_key']!r}, found {sorted(meta)}")
+    classes = _names(meta[lay["names_key"]], meta_path, lay["names_key"])
+    train_x = torch.cat([p[0] for p in parts])
+    train_y = torch.cat([p[1] for p in parts])
+    for split, y in (("train", train_y), ("test", test_y)):
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= len(classes)):
+            raise ValueError(f"{directory}: {split} labels outside [0, {len(classes)}) of {meta_path}")
+    return SplitTensors(train_x, train_y, test_x, test_y, classes)
+
+
+# ------------------------------------------------------------------------------------- ImageFolder
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+
+
+def _list_images(split_dir: Path) -> list[tuple[Path, str]]:
+    items = []
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        for f in sorted(class_dir.iterdir()):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                items.append((f, class_dir.name))
+    return items
+
+
+def read_imagefolder(root: Path) -> SplitTensors:
+    """Read a ``root/train/<class>/*.png|jpg|jpeg`` + ``root/test/<class>/...`` tree.
+
+    Classes are the sorted sub-folder names of ``train``; ``test`` may use any subset of them.
+    When every image is grayscale the result has 1 channel, otherwise images are converted to RGB.
+
+    Returns:
+        :class:`SplitTensors` with (N, C, H, W) images in [0, 1].
+
+    Raises:
+        FileNotFoundError: when a split folder is missing or holds no images.
+        ValueError: when images differ in size (naming the odd file) or test has an unknown class.
+    """
+    from PIL import Image  # lazy: only image folders need PIL
+
+    splits: dict[str, list[tuple[Path, str]]] = {}
+    for split in ("train", "test"):
+        d = root / split
+        if not d.is_dir():
+            raise FileNotFoundError(f"imagefolder: no {split!r} folder at {d}; expected {d}/<class>/*.png|jpg")
+        splits[split] = _list_images(d)
+        if not splits[split]:
+            raise FileNotFoundError(
+                f"imagefolder: {d} has no images; expected {d}/<class>/*{'|*'.join(IMAGE_SUFFIXES)}"
+            )
+    classes = tuple(sorted({c for _, c in splits["train"]}))
+    unknown = sorted({c for _, c in splits["test"]} - set(classes))
+    if unknown:
+        raise ValueError(f"imagefolder: test classes {unknown} have no train folder under {root / 'train'}")
+
+    # Pass 1: headers only (PIL reads pixel data lazily) to choose the mode and check the size.
+    size: tuple[int, int] | None = None
+    first: Path | None = None
+    gray = True
+    for f, _ in splits["train"] + splits["test"]:
+        with Image.open(f) as im:
+            if size is None:
+                size, first = im.size, f
+            elif im.size != size:
+                raise ValueError(
+                    f"imagefolder: {f} is {im.size[0]}x{im.size[1]} (WxH) but {first} is "
+                    f"{size[0]}x{size[1]}; all images must share one size"
+                )
+            gray = gray and im.mode in _GRAY_MODES
+    mode = "L" if gray else "RGB"
+
+    index = {c: i for i, c in enumerate(classes)}
+    out: list[Tensor] = []
+    for split in ("train", "test"):
+        arrays = []
+        for f, _ in splits[split]:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert(mode), dtype=np.uint8))
+        x = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
+        x = x.unsqueeze(1) if gray else x.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+        y = torch.tensor([index[c] for _, c in splits[split]], dtype=torch.long)
+        out += [x, y]
+    return SplitTensors(out[0], out[1], out[2], out[3], classes)
+
+
+# ------------------------------------------------------------------------------------------ resize
+
+# ITU-R BT.601 luma weights, as PIL's convert("L").
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def resize_images(x: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """Convert images to a target (C, H, W): grayscale <-> RGB, then bilinear resize.
+
+    Used to initialise candidates of one dataset from another (e.g. 8x8 digits -> 28x28).
+
+    Args:
+        x: (N, C, H, W) images in [0, 1], C in {1, 3}.
+        shape: target (C', H', W'), C' in {1, 3}.
+
+    Returns:
+        (N, C', H', W') float images in [0, 1] (antialiased when shrinking).
+
+    Raises:
+        ValueError: for non-4-D input or channel counts other than 1 and 3 that differ.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"resize_images expects (N, C, H, W) images, got shape {tuple(x.shape)}")
+    c_out, h_out, w_out = shape
+    c_in = x.shape[1]
+    if c_in != c_out:
+        if c_in == 1 and c_out == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif c_in == 3 and c_out == 1:
+            w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            x = (x * w).sum(dim=1, keepdim=True)
+        else:
+            raise ValueError(f"resize_images: cannot convert {c_in} channels to {c_out} (only 1 <-> 3)")
+    if tuple(x.shape[-2:]) != (h_out, w_out):
+        shrink = h_out < x.shape[-2] or w_out < x.shape[-1]
+        x = F.interpolate(x, size=(h_out, w_out), mode="bilinear", align_corners=False, antialias=shrink)
+    return x.clamp(0.0, 1.0).contiguous()
