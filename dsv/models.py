@@ -26,7 +26,7 @@ class ModelConfig:
         name: one of :data:`MODEL_NAMES` ("convnet", "resnet18", "mlp", and tiny test variants).
         width: ConvNet channels per block / MLP hidden units.
         depth: ConvNet blocks / MLP hidden layers.
-        norm: "instance" (GroupNorm with one group per channel, as in the DD benchmark), "batch",
+        norm: "instance" (per-sample, per-channel norm with affine, as in the DD benchmark), "batch",
             "group" (8 groups), or "none".
         activation: activation function name.
         pool: "avg" or "max" 2x2 pooling after each ConvNet block.
@@ -69,8 +69,10 @@ def _activation(name: str) -> nn.Module:
 
 def _norm(name: str, channels: int) -> nn.Module:
     if name == "instance":
-        # GroupNorm(C, C) == instance norm with a learnable affine; the DD benchmark's choice.
-        return nn.GroupNorm(channels, channels, affine=True)
+        # Instance norm with a learnable affine (the DD benchmark's choice). Numerically identical to
+        # GroupNorm(C, C) (same parameter names, double backward included) but ~2x faster per training
+        # step on CPU, where GroupNorm's kernel dominated the ConvNet's step time.
+        return nn.InstanceNorm2d(channels, affine=True, track_running_stats=False)
     if name == "batch":
         return nn.BatchNorm2d(channels)
     if name == "group":
