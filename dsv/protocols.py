@@ -48,6 +48,8 @@ METHOD_NAMES: tuple[str, ...] = (
     "dm",
     "full",
 )
+# Core-set selectors that may also be reported (dsv.baselines offers them beside "entropy").
+EXTRA_METHOD_NAMES: tuple[str, ...] = ("least_confidence", "margin")
 
 # The DD benchmark network: ConvNet-3, width 128, ReLU, instance norm, average pooling.
 DD_MODEL = ModelConfig(name="convnet", width=128, depth=3, norm="instance", activation="relu", pool="avg")
@@ -204,7 +206,7 @@ class ResultRow:
     """One cell of a benchmark table: a method at an IPC and real-image budget under one protocol.
 
     Attributes:
-        method: one of :data:`METHOD_NAMES`.
+        method: one of :data:`METHOD_NAMES` or :data:`EXTRA_METHOD_NAMES`.
         ipc: images per class the students trained on.
         shots: real images per class the method was allowed to see (0 for 0-shot/noise).
         protocol: one of :data:`PROTOCOLS`.
@@ -228,8 +230,9 @@ class ResultRow:
     wall_s: float = float("nan")
 
     def __post_init__(self) -> None:
-        if self.method not in METHOD_NAMES:
-            raise ValueError(f"row.method = {self.method!r} is not one of {', '.join(METHOD_NAMES)}")
+        allowed = METHOD_NAMES + EXTRA_METHOD_NAMES
+        if self.method not in allowed:
+            raise ValueError(f"row.method = {self.method!r} is not one of {', '.join(allowed)}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"row.protocol = {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         if self.label_type not in LABEL_TYPES:

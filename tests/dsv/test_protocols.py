@@ -151,6 +151,7 @@ def test_result_row_checks() -> None:
     with pytest.raises(ValueError, match="n_runs"):
         ResultRow("random", 1, 1, "dd", "hard", 0.5, 0.0, 2, accs=(0.5,))
     assert "full" in METHOD_NAMES and "dm" in METHOD_NAMES
+    assert ResultRow("margin", 1, 1, "dd", "hard", 0.5, 0.0, 1).method == "margin"
 
 
 def test_timed_students_row() -> None:
