@@ -1,0 +1,346 @@
+"""Reading and writing the pipeline's artifact files (safetensors, Parquet, JSON), atomically.
+
+Safe loading only: tensors come from safetensors files (no pickle), Parquet is read with pyarrow
+(whose readers never unpickle), and a file that fails its format check raises
+:class:`ArtifactError` naming the file instead of being used.
+
+Parquet layouts:
+
+* ``dsv.parquet``: one row per DSV: ``image`` (``fixed_shape_tensor<float32>[C, H, W]`` in pixel
+  units, [0, 1]), ``label``, ``lam``, ``entropy``, ``confidence`` (teacher probability of the label),
+  ``class_name``, ``init``, ``ipc``, ``shard``; file metadata ``dsv.params_hash`` (and others).
+* ``lambdas.parquet``: one row per real training image: ``index``, ``label``, ``lam``, ``rank``
+  (within its class, 0 = highest λ).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from tasks.atomic import atomic_path
+
+PARAMS_HASH_KEY = "dsv.params_hash"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact file is missing, truncated or not in the expected format."""
+
+
+# ------------------------------------------------------------------------------------- safetensors
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Atomically save named tensors (contiguous CPU copies) as safetensors."""
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(data, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_tensors(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """Load a safetensors file; ``keys`` must all be present.
+
+    Raises:
+        ArtifactError: missing file, bad format, or a missing key.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"{p} is missing; rerun the stage that writes it")
+    try:
+        out = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{p} is corrupt or not a safetensors file ({exc}); delete it and rerun") from exc
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise ArtifactError(f"{p} lacks tensors {missing}; it was written by another version")
+    return out
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON artifact; a missing or truncated file raises :class:`ArtifactError`."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{p} is missing; rerun the stage that writes it") from exc
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{p} is corrupt JSON ({exc}); delete it and rerun") from exc
+
+
+# ----------------------------------------------------------------------------------------- Parquet
+
+
+def _write_table(path: str | Path, table: pa.Table) -> Path:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp), compression="zstd")
+    return Path(path)
+
+
+def _read_table(path: str | Path, columns: tuple[str, ...]) -> pa.Table:
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"{p} is missing; rerun the stage that writes it")
+    try:
+        table = pq.read_table(str(p))
+    except (pa.ArrowException, OSError) as exc:
+        raise ArtifactError(f"{p} is corrupt or not a Parquet file ({exc}); delete it and rerun") from exc
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ArtifactError(f"{p} lacks columns {missing}")
+    return table
+
+
+def parquet_metadata(path: str | Path) -> dict[str, str]:
+    """The file-level key-value metadata of a Parquet file (without pandas/arrow internals)."""
+    meta = pq.read_schema(str(path)).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW:")}
+
+
+@dataclass
+class DSVTable:
+    """DSVs loaded back from ``dsv.parquet`` (optionally filtered to one init and IPC).
+
+    Attributes:
+        x: (M, C, H, W) float32 images in pixel units [0, 1] (normalise before feeding a model).
+        y: (M,) int64 labels.
+        lam: (M,) λ.
+        entropy: (M,) teacher entropy (nats).
+        confidence: (M,) teacher probability of the label.
+        init: (M,) init kind of each row.
+        ipc: (M,) IPC of each row.
+        shard: (M,) shard of each row.
+        class_names: (M,) class name of each row.
+        metadata: the file's key-value metadata (params hash, ...).
+    """
+
+    x: Tensor
+    y: Tensor
+    lam: Tensor
+    entropy: Tensor
+    confidence: Tensor
+    init: list[str]
+    ipc: list[int]
+    shard: list[int]
+    class_names: list[str]
+    metadata: dict[str, str]
+
+
+DSV_COLUMNS = ("image", "label", "lam", "entropy", "confidence", "class_name", "init", "ipc", "shard")
+
+
+def write_dsv_parquet(
+    path: str | Path,
+    *,
+    x: Tensor,
+    y: Tensor,
+    lam: Tensor,
+    entropy: Tensor,
+    confidence: Tensor,
+    class_names: list[str],
+    init: list[str],
+    ipc: list[int],
+    shard: list[int],
+    metadata: dict[str, str],
+) -> Path:
+    """Atomically write DSVs: ``x`` is (M, C, H, W) in pixel units; the rest are per-row columns."""
+    arr = np.ascontiguousarray(x.detach().cpu().numpy().astype(np.float32))
+    if arr.ndim < 2:
+        raise ValueError(f"x must be (M, ...) images, got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        tensor_type = pa.fixed_shape_tensor(pa.float32(), list(arr.shape[1:]))
+        image = pa.ExtensionArray.from_storage(
+            tensor_type, pa.array([], type=pa.list_(pa.float32(), int(np.prod(arr.shape[1:]))))
+        )
+    else:
+        image = pa.FixedShapeTensorArray.from_numpy_ndarray(arr)
+    table = pa.table(
+        {
+            "image": image,
+            "label": pa.array(y.cpu().numpy().astype(np.int64)),
+            "lam": pa.array(lam.detach().cpu().numpy().astype(np.float64)),
+            "entropy": pa.array(entropy.detach().cpu().numpy().astype(np.float64)),
+            "confidence": pa.array(confidence.detach().cpu().numpy().astype(np.float64)),
+            "class_name": pa.array(class_names, type=pa.string()),
+            "init": pa.array(init, type=pa.string()),
+            "ipc": pa.array(ipc, type=pa.int64()),
+            "shard": pa.array(shard, type=pa.int64()),
+        }
+    )
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+    return _write_table(path, table)
+
+
+def read_dsv_parquet(path: str | Path, init: str | None = None, ipc: int | None = None) -> DSVTable:
+    """Load ``dsv.parquet`` back into tensors, optionally only the rows of one init kind and IPC."""
+    table = _read_table(path, DSV_COLUMNS)
+    meta = parquet_metadata(path)
+    col = table.column("image").combine_chunks()
+    if not isinstance(col.type, pa.FixedShapeTensorType):
+        raise ArtifactError(f"{path}: column 'image' is {col.type}, expected a fixed_shape_tensor")
+    images = col.to_numpy_ndarray() if len(col) else np.zeros((0, *col.type.shape), dtype=np.float32)
+    inits = table.column("init").to_pylist()
+    ipcs = table.column("ipc").to_pylist()
+    keep = np.array(
+        [(init is None or a == init) and (ipc is None or b == ipc) for a, b in zip(inits, ipcs)], dtype=bool
+    )
+
+    def num(name: str, dtype: Any) -> Tensor:
+        return torch.from_numpy(table.column(name).to_numpy().astype(dtype)[keep].copy())
+
+    return DSVTable(
+        x=torch.from_numpy(np.ascontiguousarray(images[keep], dtype=np.float32)),
+        y=num("label", np.int64),
+        lam=num("lam", np.float32),
+        entropy=num("entropy", np.float32),
+        confidence=num("confidence", np.float32),
+        init=[v for v, k in zip(inits, keep) if k],
+        ipc=[v for v, k in zip(ipcs, keep) if k],
+        shard=[v for v, k in zip(table.column("shard").to_pylist(), keep) if k],
+        class_names=[v for v, k in zip(table.column("class_name").to_pylist(), keep) if k],
+        metadata=meta,
+    )
+
+
+@dataclass
+class LambdaTable:
+    """``lambdas.parquet`` as tensors: (N,) index, label, lam, rank."""
+
+    index: Tensor
+    label: Tensor
+    lam: Tensor
+    rank: Tensor
+    metadata: dict[str, str]
+
+    def topk(self, k: int, num_classes: int) -> Tensor:
+        """Training-set indices of the k highest-λ images of every class, class 0 first, (C·k,)."""
+        out = []
+        for c in range(num_classes):
+            members = (self.label == c) & (self.rank < k)
+            rows = members.nonzero(as_tuple=True)[0]
+            if rows.numel() < k:
+                raise ValueError(f"class {c} has only {rows.numel()} ranked images, fewer than k={k}")
+            rows = rows[self.rank[rows].argsort()]
+            out.append(self.index[rows])
+        return torch.cat(out)
+
+
+def write_lambdas_parquet(
+    path: str | Path, *, index: Tensor, label: Tensor, lam: Tensor, rank: Tensor, metadata: dict[str, str]
+) -> Path:
+    """Atomically write one row per real training image."""
+    table = pa.table(
+        {
+            "index": pa.array(index.cpu().numpy().astype(np.int64)),
+            "label": pa.array(label.cpu().numpy().astype(np.int64)),
+            "lam": pa.array(lam.detach().cpu().numpy().astype(np.float64)),
+            "rank": pa.array(rank.cpu().numpy().astype(np.int64)),
+        }
+    )
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+    return _write_table(path, table)
+
+
+def read_lambdas_parquet(path: str | Path) -> LambdaTable:
+    """Load ``lambdas.parquet`` back into tensors."""
+    table = _read_table(path, ("index", "label", "lam", "rank"))
+
+    def num(name: str, dtype: Any) -> Tensor:
+        return torch.from_numpy(table.column(name).to_numpy().astype(dtype).copy())
+
+    return LambdaTable(
+        index=num("index", np.int64),
+        label=num("label", np.int64),
+        lam=num("lam", np.float32),
+        rank=num("rank", np.int64),
+        metadata=parquet_metadata(path),
+    )
+
+
+def write_records_parquet(path: str | Path, rows: list[dict[str, Any]], metadata: dict[str, str]) -> Path:
+    """Atomically write a list of flat dicts (a trace) as a Parquet table."""
+    table = pa.Table.from_pylist(rows) if rows else pa.table({})
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+    return _write_table(path, table)
+
+
+# ------------------------------------------------------------------------------ data and models
+
+
+@dataclass(frozen=True)
+class DataMeta:
+    """``artifacts/prepare/meta.json``: what the prepared tensors are."""
+
+    name: str
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_shape: tuple[int, ...]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def stats(self) -> tuple[Tensor, Tensor]:
+        """(mean, std) as (C,) tensors."""
+        return torch.tensor(self.mean, dtype=torch.float32), torch.tensor(self.std, dtype=torch.float32)
+
+
+def read_data_meta(path: str | Path) -> DataMeta:
+    """Read ``meta.json`` written by the prepare stage."""
+    d = read_json(path)
+    try:
+        return DataMeta(
+            name=str(d["name"]), classes=tuple(d["classes"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+            input_shape=tuple(int(s) for s in d["input_shape"]), source=str(d["source"]),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path} lacks field {exc}; rerun the prepare stage") from exc
+
+
+def load_split(path: str | Path, meta: DataMeta) -> tuple[Tensor, Tensor]:
+    """A prepared split as (x normalised (N, C, H, W) float32, y (N,) int64)."""
+    from dsv.data.core import normalize
+
+    t = load_tensors(path, ("x", "y"))
+    mean, std = meta.stats()
+    x = normalize(t["x"], mean, std) if t["x"].dim() == 4 else (t["x"] - mean) / std
+    return x.contiguous(), t["y"].long()
+
+
+def save_model(weights: str | Path, spec: str | Path, model: torch.nn.Module, spec_data: dict[str, Any]) -> None:
+    """Save a model's state dict (safetensors) and the JSON spec needed to rebuild it."""
+    from tasks.atomic import write_json
+
+    save_tensors(weights, dict(model.state_dict()))
+    write_json(spec, spec_data)
+
+
+def load_model(weights: str | Path, spec: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """Rebuild a model from its spec (``model`` = ModelConfig fields, ``in_shape``, ``num_classes``)
+    and load its safetensors weights (strict), in eval mode."""
+    from dsv.models import ModelConfig, build_model
+
+    s = read_json(spec)
+    try:
+        cfg = ModelConfig(**s["model"])
+        model = build_model(cfg, tuple(s["in_shape"]), int(s["num_classes"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{spec} does not describe a model ({exc}); rerun the pretrain stage") from exc
+    state = load_tensors(weights)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{weights} does not match {spec}: {exc}") from exc
+    return model.to(device).eval()

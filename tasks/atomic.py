@@ -1,0 +1,85 @@
+"""Crash-safe file writes: a temp file in the destination folder, fsync, then ``os.replace``.
+
+A reader sees either the old file or the complete new one, never a half-written file, even if the
+process is killed mid-write (the temp file, named ``.<name>.<random>.tmp``, is left behind at worst
+and ignored by every reader).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Persist the rename itself; not every filesystem supports opening a directory.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path next to ``dest``; on success it is fsynced and renamed onto ``dest``.
+
+    Use this for writers that want a file name (safetensors, pyarrow, matplotlib)::
+
+        with atomic_path(out) as tmp:
+            save_file(tensors, tmp)
+
+    Raises:
+        OSError: with the destination named, when the folder cannot be created or written.
+    """
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {dest}: {exc.strerror}") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes(dest: str | os.PathLike[str], data: bytes) -> Path:
+    """Atomically write ``data`` to ``dest``; returns ``dest`` as a Path."""
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+    return Path(dest)
+
+
+def write_text(dest: str | os.PathLike[str], text: str) -> Path:
+    """Atomically write UTF-8 ``text`` to ``dest``."""
+    return write_bytes(dest, text.encode("utf-8"))
+
+
+def write_json(dest: str | os.PathLike[str], obj: Any) -> Path:
+    """Atomically write ``obj`` as indented, key-sorted JSON (stable bytes for stable hashes)."""
+    return write_text(dest, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,567 @@
+"""params.yaml -> one typed, frozen :class:`PipelineConfig`, validated before anything runs.
+
+The file has one section per stage (``prepare``, ``pretrain``, ``extract``, ``coreset``, ``distill``,
+``evaluate``) plus ``runtime`` (device, output folder, logging; never part of a cache key). Each
+section is a frozen dataclass that composes the ``dsv`` components' own config dataclasses
+(``ModelConfig``, ``FitConfig``, ``ExtractConfig``/``KKTConfig``/``AugmentConfig``, ``LambdaConfig``,
+``DataConfig``, ``ProtocolConfig``, ...), so every default lives with the component that uses it.
+
+Validation is driven by the dataclass fields: unknown keys get a did-you-mean, values are checked
+against the field's type hint with pydantic (strict: ``"5"`` is not an int; YAML lists become tuples),
+and the dataclasses' own ``__post_init__`` range checks are reported under their full dotted key.
+All problems are collected into one :class:`ConfigError` whose message is a single line.
+
+YAML floats are read the YAML 1.2 way (``5e-4`` is a float, as DVC reads it), not PyYAML's 1.1 way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from dsv.baselines import ProxyConfig
+from dsv.data.registry import DATASET_NAMES, DataConfig
+from dsv.dm import DMConfig
+from dsv.extract import INITS, ExtractConfig
+from dsv.lam import LambdaConfig
+from dsv.models import ModelConfig
+from dsv.protocols import METHOD_NAMES, ProtocolConfig
+from dsv.train import FitConfig
+
+T = TypeVar("T")
+
+DEVICES = ("cpu", "cuda", "auto")
+PROGRESS = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+    """Invalid params: the message names every bad key and what is allowed, on one line."""
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how to run; never changes an artifact, so never part of a cache key.
+
+    Attributes:
+        device: "cpu", "cuda" or "auto" (cuda when available). Artifacts are bit-reproducible on CPU.
+        threads: torch intra-op threads; 0 keeps torch's default.
+        output_dir: folder holding ``artifacts/`` and ``metrics/``, relative to the project root.
+        mlflow_experiment: MLflow experiment name.
+        log_models: log the teacher and one student per (method, IPC) with ``mlflow.pytorch``.
+        progress: progress bars: "auto" (only on a terminal), "on" or "off".
+    """
+
+    device: str = "cpu"
+    threads: int = 0
+    output_dir: str = "."
+    mlflow_experiment: str = "dsv"
+    log_models: bool = True
+    progress: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("device", self.device, DEVICES)
+        _choice("progress", self.progress, PROGRESS)
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if not self.mlflow_experiment:
+            raise ValueError("mlflow_experiment must not be empty")
+
+
+@dataclass(frozen=True)
+class InitPoolConfig:
+    """Images of another dataset used to initialise 0-shot DSVs (no real image of the task).
+
+    Attributes:
+        dataset: any registry dataset; resized (and grey/RGB converted) to the task's image shape.
+        root: where that dataset's files are looked for.
+        size: number of pool images kept (seeded, stratified over the pool's classes); None keeps all.
+        seed: seed of that subset.
+    """
+
+    dataset: str = "digits"
+    root: str = "data"
+    size: int | None = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("dataset", self.dataset, DATASET_NAMES)
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"size must be >= 1 or null, got {self.size}")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Stage ``prepare``: load, hold out a validation split, normalise, build the 0-shot pool.
+
+    Attributes:
+        data: the dataset (name, root, per-class subset sizes).
+        val_per_class: training images per class held out for model selection (never trained on).
+        seed: seed of the validation split.
+        init_pool: the 0-shot initialisation pool.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    val_per_class: int = 100
+    seed: int = 0
+    init_pool: InitPoolConfig = field(default_factory=InitPoolConfig)
+
+    def __post_init__(self) -> None:
+        if self.val_per_class < 0:
+            raise ValueError(f"val_per_class must be >= 0, got {self.val_per_class}")
+        n = self.data.n_per_class
+        if n is not None and self.val_per_class >= n:
+            raise ValueError(
+                f"val_per_class = {self.val_per_class} leaves no training images (data.n_per_class = {n})"
+            )
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Stage ``pretrain``: the teacher Φ(·; θ*).
+
+    Attributes:
+        model: teacher architecture.
+        fit: teacher training (the paper: Adam lr 1e-3, weight decay 5e-3, flip + crop).
+        seed: seeds the initialisation and the batch order.
+    """
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="convnet", width=64, depth=3))
+    fit: FitConfig = field(
+        default_factory=lambda: FitConfig(
+            optimizer="adam", lr=1e-3, weight_decay=5e-3, epochs=6, batch_size=256, augment="flip_crop"
+        )
+    )
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExtractStageConfig:
+    """Stage ``extract``: DSV synthesis for each init kind and IPC.
+
+    Attributes:
+        inits: initialisations to run: "nshot" (IPC real images per class), "0shot" (the init pool),
+            "noise".
+        ipcs: images per class to synthesise.
+        shards: stratified shards per (init, IPC); each is a complete DeepKKT problem over every class
+            with about IPC/shards candidates per class, run as its own task.
+        seed: seeds candidate initialisation and the augmentation draws.
+        solver: the DeepKKT optimisation (``dsv.extract.ExtractConfig``).
+    """
+
+    inits: tuple[str, ...] = INITS
+    ipcs: tuple[int, ...] = (10,)
+    shards: int = 1
+    seed: int = 0
+    solver: ExtractConfig = field(default_factory=ExtractConfig)
+
+    def __post_init__(self) -> None:
+        _choices("inits", self.inits, INITS)
+        _positive_ints("ipcs", self.ipcs)
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
+        if self.ipcs and self.shards > min(self.ipcs):
+            raise ValueError(f"shards = {self.shards} exceeds the smallest IPC ({min(self.ipcs)}); "
+                             "every shard needs at least one candidate per class")
+
+
+@dataclass(frozen=True)
+class CoresetConfig:
+    """Stage ``coreset``: λ of every real training image (selection use of the paper).
+
+    Attributes:
+        lam: λ fitting settings (``dsv.lam.LambdaConfig``).
+        seed: seeds the stratified batching.
+    """
+
+    lam: LambdaConfig = field(default_factory=LambdaConfig)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Stage ``distill``: build each method's training set and train students on it.
+
+    Attributes:
+        methods: method names (``dsv.protocols.METHOD_NAMES``).
+        ipcs: images per class; DSV methods need the same IPC in ``extract.ipcs``.
+        seed: seeds the selection (random, proxies, DM init).
+        dm: distribution matching settings (its real pool is the whole training split).
+        proxy: proxy model of the forgetting/EL2N selectors.
+        full_epochs: epochs of the ``full`` method's students (the protocol's epoch budget is meant
+            for tiny sets; on the whole training split it would take days).
+    """
+
+    methods: tuple[str, ...] = METHOD_NAMES
+    ipcs: tuple[int, ...] = (10,)
+    seed: int = 0
+    dm: DMConfig = field(default_factory=DMConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    full_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        _choices("methods", self.methods, METHOD_NAMES)
+        _positive_ints("ipcs", self.ipcs)
+        if self.full_epochs < 1:
+            raise ValueError(f"full_epochs must be >= 1, got {self.full_epochs}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Stage ``evaluate`` (read by ``distill`` too): the student evaluation protocol.
+
+    Attributes:
+        protocol: student architecture, trainer, label type and number of seeds.
+    """
+
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The whole params file."""
+
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    extract: ExtractStageConfig = field(default_factory=ExtractStageConfig)
+    coreset: CoresetConfig = field(default_factory=CoresetConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def section_dict(self, name: str) -> dict[str, Any]:
+        """One section as plain YAML-able data (tuples as lists)."""
+        return to_plain(getattr(self, name))
+
+    def sections(self, names: Sequence[str]) -> dict[str, Any]:
+        """The named sections as plain data, e.g. the inputs of a stage's cache key."""
+        return {n: self.section_dict(n) for n in names}
+
+    def restricted(self, names: Sequence[str]) -> PipelineConfig:
+        """A copy where every section not in ``names`` (except runtime) is back to its default.
+
+        A stage runs on ``cfg.restricted(its sections)`` on every code path, so it cannot read a
+        section its cache key (and dvc.yaml) does not list.
+        """
+        keep = set(names) | {"runtime"}
+        defaults = PipelineConfig()
+        return dataclasses.replace(
+            defaults, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in keep}
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PipelineConfig))
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        hint = difflib.get_close_matches(value, allowed, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"{key} = {value!r} is not one of {', '.join(allowed)}{extra}")
+
+
+def _choices(key: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+    for v in values:
+        _choice(key, v, allowed)
+    if len(set(values)) != len(values):
+        raise ValueError(f"{key} has duplicates: {list(values)}")
+
+
+def _positive_ints(key: str, values: Sequence[int]) -> None:
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise ValueError(f"{key} must all be >= 1, got {list(values)}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{key} has duplicates: {list(values)}")
+
+
+def cross_check(cfg: PipelineConfig) -> list[str]:
+    """Checks that span sections (run on the full file, not on a stage's restricted view)."""
+    errors = []
+    dsv_methods = [m for m in cfg.distill.methods if m.startswith("dsv_")]
+    missing_init = [m for m in dsv_methods if m.removeprefix("dsv_") not in cfg.extract.inits]
+    if missing_init:
+        errors.append(
+            f"distill.methods lists {missing_init} but extract.inits = {list(cfg.extract.inits)} "
+            "does not produce them"
+        )
+    if dsv_methods:
+        missing_ipc = [k for k in cfg.distill.ipcs if k not in cfg.extract.ipcs]
+        if missing_ipc:
+            errors.append(
+                f"distill.ipcs {missing_ipc} are not in extract.ipcs = {list(cfg.extract.ipcs)} "
+                "(the DSV methods need them extracted)"
+            )
+    n = cfg.prepare.data.n_per_class
+    if n is not None:
+        available = n - cfg.prepare.val_per_class
+        for key, ipcs in (("extract.ipcs", cfg.extract.ipcs), ("distill.ipcs", cfg.distill.ipcs)):
+            too_big = [k for k in ipcs if k > available]
+            if too_big:
+                errors.append(
+                    f"{key} {too_big} exceed the {available} training images per class "
+                    f"(prepare.data.n_per_class {n} - prepare.val_per_class {cfg.prepare.val_per_class})"
+                )
+    return errors
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that resolves floats like YAML 1.2 (``5e-4``, ``1E3``), as DVC's parser does."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML text with YAML 1.2 floats; errors become :class:`ConfigError`."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        msg = " ".join(str(exc).split())
+        raise ConfigError(f"{source}: not valid YAML: {msg}") from exc
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """Read a params file into a plain dict (empty file = all defaults)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"params file {str(p)!r} not found")
+    raw = parse_yaml(p.read_text(encoding="utf-8"), str(p))
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply DVC-style ``section.key=value`` overrides (value parsed as YAML) to a copy of ``raw``."""
+    out: dict[str, Any] = json.loads(json.dumps(raw, default=list))  # deep copy of plain data
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = parse_yaml(value, f"override {item!r}") if value.strip() else None
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Load, override and validate a params file; raises :class:`ConfigError` naming every bad key.
+
+    Args:
+        path: params.yaml path; None = defaults only.
+        overrides: ``section.key=value`` strings (``-S`` on the command line).
+    """
+    raw = read_params_file(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, source=str(path) if path is not None else "params")
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "params") -> PipelineConfig:
+    """Validate plain data (the parsed file, or the sections a task received) into a config."""
+    errors: list[str] = []
+    cfg = build(PipelineConfig, raw, "", errors)
+    if cfg is not None and not errors:
+        errors.extend(cross_check(cfg))
+    if errors or cfg is None:
+        raise ConfigError(f"{source}: " + "; ".join(errors))
+    return cfg
+
+
+# ------------------------------------------------------------------------------- generic validation
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _adapter(hint: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(hint)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass in ``hint`` (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg) and isinstance(arg, type):
+                return arg
+    return None
+
+
+def _tuplify(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuplify(v) for v in value)
+    return value
+
+
+def _describe(hint: Any) -> str:
+    text = str(hint) if not isinstance(hint, type) else hint.__name__
+    return text.replace("typing.", "").replace("NoneType", "null")
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _qualify(message: str, prefix: str, names: Sequence[str]) -> str:
+    """Rewrite 'model.width must be ...' as 'pretrain.model.width must be ...' (full dotted key)."""
+    for name in sorted(names, key=len, reverse=True):
+        m = re.search(rf"(?<![\w.])(?:\w+\.)*{re.escape(name)}\b", message)
+        if m:
+            return message[: m.start()] + _join(prefix, name) + message[m.end() :]
+    return f"{prefix}: {message}" if prefix else message
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def build(cls: type[T], raw: Any, prefix: str, errors: list[str], base: T | None = None) -> T | None:
+    """Build dataclass ``cls`` from plain data, appending problems to ``errors``.
+
+    Args:
+        cls: a (frozen) dataclass.
+        raw: mapping of field name -> value; nested dataclasses take nested mappings.
+        prefix: dotted key of ``raw`` for messages ("" at the top).
+        errors: receives one message per problem.
+        base: the instance whose values fill the keys ``raw`` leaves out (a nested field's default
+            instance), so a partial override keeps the parent's defaults.
+
+    Returns:
+        The instance, or None when a problem was found.
+    """
+    where = prefix or "the top level"
+    if not isinstance(raw, Mapping):
+        errors.append(f"{where} must be a mapping of keys, got {type(raw).__name__} {raw!r}")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = _hints(cls)
+    n_errors = len(errors)
+    for key in raw:
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            extra = f" (did you mean {_join(prefix, hint[0])!r}?)" if hint else ""
+            errors.append(f"unknown key {_join(prefix, str(key))!r}{extra}; allowed keys in {where}: "
+                          f"{', '.join(fields)}")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        current = getattr(base, name) if base is not None else _default_of(f)
+        if name not in raw:
+            if current is dataclasses.MISSING:
+                errors.append(f"missing key {_join(prefix, name)!r}")
+            else:
+                values[name] = current
+            continue
+        value, hint, key = raw[name], hints[name], _join(prefix, name)
+        sub = _dataclass_in(hint)
+        if sub is not None and isinstance(value, Mapping):
+            sub_base = current if dataclasses.is_dataclass(current) else None
+            values[name] = build(sub, value, key, errors, sub_base)
+            continue
+        try:
+            values[name] = _adapter(hint).validate_python(_tuplify(value), strict=True)
+        except ValidationError as exc:
+            allowed = _describe(hint) if sub is None else f"a mapping of {', '.join(_field_names(sub))}"
+            problem = exc.errors()[0]["msg"]
+            errors.append(f"{key} = {value!r}: {problem} (expected {allowed})")
+    if len(errors) > n_errors:
+        return None
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:
+        errors.append(_qualify(str(exc), prefix, list(fields)))
+        return None
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------- output
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists (YAML/JSON-able, hash-stable)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def dump_yaml(data: Any) -> str:
+    """Deterministic YAML text of plain data (re-readable by :func:`parse_yaml` and by DVC)."""
+    return yaml.safe_dump(to_plain(data), sort_keys=False, default_flow_style=None, width=100)
+
+
+def params_hash(data: Any) -> str:
+    """SHA-256 of the canonical JSON of plain data (the "params hash" stored with artifacts)."""
+    text = json.dumps(to_plain(data), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = _join(prefix, str(k))
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,219 @@
+"""Stage ``distill``: build every method's training set and train students on it under the protocol.
+
+One *cell* per (method, IPC) (``full`` has a single cell, IPC 0 in file names): the cell builds its
+set (DSVs from ``extract``, top-λ from ``coreset``, a core-set baseline via ``dsv.baselines.select``
+on the teacher's features/logits, DM via ``dsv.dm``, or the whole training split), then trains
+``protocol.n_runs`` students (seeds 0..n-1) and records test and validation accuracy of each.
+
+Outputs: ``artifacts/distill/cells/<method>_ipc<k>.json`` (per-run results),
+``sets/<method>_ipc<k>.safetensors`` (the training set: ``x`` normalised, ``y``), ``runs.json``
+(all runs, the table ``evaluate`` summarises); ``metrics/distill.json`` with per-cell wall times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dsv.baselines import select
+from dsv.data.core import normalize, per_class_indices
+from dsv.dm import distribution_matching
+from dsv.models import build_seeded
+from dsv.protocols import ProtocolConfig, student_fit_config, student_model_config
+from dsv.train import evaluate, fit, predict_logits
+from tasks.artifacts import (
+    DataMeta,
+    load_model,
+    load_split,
+    read_data_meta,
+    read_dsv_parquet,
+    read_json,
+    read_lambdas_parquet,
+    save_tensors,
+)
+from tasks.atomic import write_json
+from tasks.config import PipelineConfig
+from tasks.figures import image_grid
+from tasks.paths import Paths
+from tasks.stages import StageOutput, device_of, finish, hash_files
+from tasks.tracking import StageLog
+
+DSV_METHODS = {"dsv_nshot": "nshot", "dsv_0shot": "0shot", "dsv_noise": "noise"}
+FULL_DATA_METHODS = frozenset({"lambda_topk", "herding", "kcenter", "forgetting", "el2n", "entropy", "dm", "full"})
+
+
+def units(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """One cell per (method, IPC); ``full`` once (IPC 0)."""
+    d = cfg.distill
+    out: list[dict[str, Any]] = []
+    for method in d.methods:
+        if method == "full":
+            out.append({"method": "full", "ipc": 0})
+        else:
+            out.extend({"method": method, "ipc": k} for k in d.ipcs)
+    return out
+
+
+@dataclass
+class _Inputs:
+    """Lazily loaded inputs shared by the set builders of one cell."""
+
+    cfg: PipelineConfig
+    paths: Paths
+    device: str
+
+    @cached_property
+    def meta(self) -> DataMeta:
+        return read_data_meta(self.paths.data_meta)
+
+    @cached_property
+    def train(self) -> tuple[Tensor, Tensor]:
+        return load_split(self.paths.train, self.meta)
+
+    @cached_property
+    def teacher(self) -> nn.Module:
+        return load_model(self.paths.teacher, self.paths.teacher_spec, self.device)
+
+    @cached_property
+    def features(self) -> Tensor:
+        x = self.train[0]
+        with torch.no_grad():
+            return torch.cat([self.teacher.embed(x[i : i + 1024].to(self.device)).cpu()  # type: ignore[operator]
+                              for i in range(0, x.shape[0], 1024)])
+
+    @cached_property
+    def logits(self) -> Tensor:
+        return predict_logits(self.teacher, self.train[0])
+
+    @property
+    def per_class(self) -> int:
+        return int(torch.bincount(self.train[1], minlength=self.meta.num_classes).min())
+
+
+def build_set(method: str, ipc: int, inp: _Inputs) -> tuple[Tensor, Tensor, int]:
+    """The training set of one method at one IPC.
+
+    Returns:
+        (x (M, C, H, W) normalised, y (M,) int64, shots: real images per class the method used).
+    """
+    cfg, c = inp.cfg, inp.meta.num_classes
+    if method in DSV_METHODS:
+        t = read_dsv_parquet(inp.paths.dsv_parquet, init=DSV_METHODS[method], ipc=ipc)
+        if t.y.numel() == 0:
+            raise ValueError(
+                f"distill: no DSVs for init {DSV_METHODS[method]!r} at IPC {ipc} in {inp.paths.dsv_parquet} "
+                "(not extracted, or every candidate was dropped; see metrics/extract.json)"
+            )
+        mean, std = inp.meta.stats()
+        return normalize(t.x, mean, std), t.y, ipc if method == "dsv_nshot" else 0
+    x, y = inp.train
+    if method == "full":
+        return x, y, inp.per_class
+    if ipc > inp.per_class:
+        raise ValueError(f"distill.ipcs: IPC {ipc} exceeds the {inp.per_class} training images per class")
+    if method == "lambda_topk":
+        idx = read_lambdas_parquet(inp.paths.lambdas_parquet).topk(ipc, c)
+    elif method == "dm":
+        g = torch.Generator().manual_seed(cfg.distill.seed)
+        init = per_class_indices(y, ipc, c, g)
+        res = distribution_matching(x, y, x[init], y[init], cfg.distill.dm, seed=cfg.distill.seed)
+        return res.x.detach().cpu(), res.y.cpu(), inp.per_class
+    else:
+        kwargs: dict[str, Any] = {}
+        if method in ("herding", "kcenter"):
+            kwargs["features"] = inp.features
+        elif method == "entropy":
+            kwargs["logits"] = inp.logits
+        elif method in ("forgetting", "el2n"):
+            kwargs.update(x=x, proxy=cfg.distill.proxy)
+        idx = select(method, y=y, k=ipc, num_classes=c, seed=cfg.distill.seed, **kwargs)
+    shots = ipc if method == "random" else inp.per_class
+    return x[idx], y[idx], shots
+
+
+def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: StageLog) -> dict[str, Any]:
+    """Build one cell's set and train its students.
+
+    Returns:
+        {"files": {relative path: sha256}, "seconds", "select_seconds", "unit"}.
+    """
+    started = time.perf_counter()
+    method, ipc = str(unit["method"]), int(unit["ipc"])
+    inp = _Inputs(cfg, paths, device_of(cfg))
+    x, y, shots = build_set(method, ipc, inp)
+    select_seconds = time.perf_counter() - started
+    protocol: ProtocolConfig = cfg.evaluate.protocol
+    if method == "full":
+        protocol = dataclasses.replace(protocol, epochs=cfg.distill.full_epochs, min_steps=0)
+    meta = inp.meta
+    x_test, y_test = load_split(paths.test, meta)
+    x_val, y_val = load_split(paths.val, meta)
+    # The loop of dsv.protocols.train_students, kept here so the first student can be logged as a model.
+    fit_cfg = student_fit_config(protocol, int(x.shape[0]))
+    model_cfg = student_model_config(protocol)
+    teacher = inp.teacher if protocol.name == "soft" else None
+    runs = []
+    key = f"{method}_ipc{ipc}"
+    for seed in range(protocol.n_runs):
+        model = build_seeded(model_cfg, meta.input_shape, meta.num_classes, seed).to(inp.device)
+        fit(model, x, y, fit_cfg, seed=seed, teacher=teacher,
+            callback=lambda e, s=seed: log.metric(f"{key}/seed{s}/loss", e.loss, step=e.step))
+        test = evaluate(model, x_test, y_test, meta.num_classes, batch_size=protocol.eval_batch_size)
+        val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None
+        runs.append({"seed": seed, "test_acc": test.accuracy, "val_acc": val.accuracy if val else float("nan"),
+                     "per_class": test.per_class})
+        log.metric(f"{key}/test_acc", test.accuracy, step=seed)
+        if seed == 0:
+            log.model(model.cpu(), f"student_{key}", x_test[:2].numpy())
+    cell = {
+        "method": method, "ipc": ipc if method != "full" else inp.per_class, "shots": shots,
+        "protocol": protocol.name, "label_type": protocol.label_type, "n_train": int(y.shape[0]),
+        "steps": fit_cfg.steps, "runs": runs,
+    }
+    cell_file = write_json(paths.distill_cell(method, ipc), cell)
+    files = [cell_file]
+    if method != "full":
+        files.append(save_tensors(paths.distill_set(method, ipc), {"x": x, "y": y}))
+        if len(meta.input_shape) == 3:
+            mean, std = meta.stats()
+            from dsv.data.core import denormalize
+
+            log.figure(image_grid(denormalize(x, mean, std), y, meta.classes, f"{method}, IPC {ipc}"),
+                       f"distill/set_{key}.png")
+    return {
+        "files": hash_files(paths, files),
+        "seconds": round(time.perf_counter() - started, 3),
+        "select_seconds": round(select_seconds, 3),
+        "unit": unit,
+    }
+
+
+def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[dict[str, Any]]) -> StageOutput:
+    """Collect the cells into ``runs.json`` (deterministic) and their wall times into the metrics."""
+    started = time.perf_counter()
+    cells = [read_json(paths.distill_cell(u["method"], u["ipc"])) for u in units(cfg)]
+    write_json(paths.distill_runs, cells)
+    seconds = {f"{r['unit']['method']}_ipc{r['unit']['ipc']}": float(r["seconds"]) for r in unit_results}
+    select_seconds = {f"{r['unit']['method']}_ipc{r['unit']['ipc']}": float(r["select_seconds"]) for r in unit_results}
+    metrics: dict[str, Any] = {"cell_seconds": seconds, "select_seconds": select_seconds, "n_cells": len(cells)}
+    for c in cells:
+        accs = [r["test_acc"] for r in c["runs"]]
+        metrics[f"{c['method']}_ipc{c['ipc']}_acc_mean"] = sum(accs) / len(accs)
+    log.metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+    files = [paths.distill_runs]
+    for u in units(cfg):
+        files.append(paths.distill_cell(u["method"], u["ipc"]))
+        if u["method"] != "full":
+            files.append(paths.distill_set(u["method"], u["ipc"]))
+    return finish("distill", cfg, paths, files, metrics, started, extra_seconds=sum(seconds.values()))
+
+
+def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
+    """Every cell in order, then the merge (the path ``dsv stage distill`` and DVC take)."""
+    return merge(cfg, paths, log, [run_unit(cfg, paths, u, log) for u in units(cfg)])

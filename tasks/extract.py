@@ -1,0 +1,235 @@
+"""Stage ``extract``: Deep Support Vectors for every init kind and IPC, one DeepKKT problem per shard.
+
+A *shard* is a stratified slice of the candidates: for IPC k and S shards, shard s holds about k/S
+candidates of every class, so each shard is a complete DeepKKT problem and the shards' survivors
+concatenate. The candidates of one (init, IPC) are drawn once (seeded) and then sliced, so the result
+does not depend on which process runs which shard.
+
+Outputs (``artifacts/extract/``): ``shards/<init>_ipc<k>_shard<s>.safetensors`` (+ ``.trace.json``),
+``dsv.parquet`` (see :mod:`tasks.artifacts`), ``trace.json`` / ``trace.parquet`` (all shards' traces,
+for plots); ``metrics/extract.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from dsv.data.core import denormalize
+from dsv.extract import INITS, ExtractEvent, extract, init_candidates
+from tasks.artifacts import (
+    PARAMS_HASH_KEY,
+    load_model,
+    load_split,
+    load_tensors,
+    read_data_meta,
+    read_json,
+    save_tensors,
+    write_dsv_parquet,
+    write_records_parquet,
+)
+from tasks.atomic import write_json
+from tasks.config import PipelineConfig, params_hash
+from tasks.figures import curves, image_grid
+from tasks.paths import Paths
+from tasks.stages import StageOutput, device_of, finish, hash_files
+from tasks.tracking import StageLog
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One DeepKKT problem: ``per_class`` DSVs per class of init kind ``init`` at IPC ``ipc``."""
+
+    init: str
+    ipc: int
+    shard: int
+    shards: int
+
+    @property
+    def per_class(self) -> int:
+        """This shard's share of the IPC (the first ``ipc % shards`` shards take one more)."""
+        return self.ipc // self.shards + (1 if self.shard < self.ipc % self.shards else 0)
+
+    @property
+    def offset(self) -> int:
+        """Candidates per class taken by the shards before this one."""
+        return sum(ShardJob(self.init, self.ipc, s, self.shards).per_class for s in range(self.shard))
+
+    @property
+    def tag(self) -> str:
+        return f"{self.init}_ipc{self.ipc}_shard{self.shard}"
+
+
+def jobs(cfg: PipelineConfig) -> list[ShardJob]:
+    """Every shard of every (init, IPC), in a fixed order."""
+    e = cfg.extract
+    return [ShardJob(i, k, s, e.shards) for i in e.inits for k in e.ipcs for s in range(e.shards)]
+
+
+def units(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """The shards as plain dicts (what the flow maps its shard tasks over)."""
+    return [asdict(j) for j in jobs(cfg)]
+
+
+def _seed(base: int, *parts: int) -> int:
+    """A deterministic seed per (init, IPC, shard), independent of Python's hash randomisation."""
+    h = base
+    for p in parts:
+        h = (h * 1_000_003 + p) % (2**31 - 1)
+    return h
+
+
+def _with_spare(n: int, spare: float) -> int:
+    return math.ceil(n * (1.0 + spare))
+
+
+def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: StageLog) -> dict[str, Any]:
+    """Solve one shard and write its tensors and trace.
+
+    Returns:
+        {"files": {relative path: sha256}, "seconds": wall time, "unit": the shard}.
+    """
+    started = time.perf_counter()
+    job = ShardJob(**unit)
+    e = cfg.extract
+    device = device_of(cfg)
+    meta = read_data_meta(paths.data_meta)
+    if len(meta.input_shape) != 3:
+        raise ValueError(f"extract needs image data; {meta.name} has inputs of shape {meta.input_shape}")
+    teacher = load_model(paths.teacher, paths.teacher_spec, device)
+    mean, std = meta.stats()
+    c = meta.num_classes
+    # All candidates of this (init, IPC) are drawn at once, then sliced per shard.
+    all_jobs = [ShardJob(job.init, job.ipc, s, job.shards) for s in range(job.shards)]
+    widths = [_with_spare(j.per_class, e.solver.spare) for j in all_jobs]
+    total = sum(widths)
+    g = torch.Generator().manual_seed(_seed(e.seed, INITS.index(job.init), job.ipc))
+    real_x = real_y = other_x = None
+    if job.init == "nshot":
+        real_x, real_y = load_split(paths.train, meta)
+    elif job.init == "0shot":
+        pool = load_tensors(paths.init_pool, ("x",))["x"]
+        if pool.shape[0] == 0:
+            raise ValueError("init '0shot' needs the init pool, which is empty (see prepare.init_pool)")
+        other_x = (pool - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    x0, y0 = init_candidates(job.init, total, c, meta.input_shape, g, real_x, real_y, other_x)
+    start = sum(widths[: job.shard])
+    keep = torch.cat([torch.arange(k * total + start, k * total + start + widths[job.shard]) for k in range(c)])
+    x0, y0 = x0[keep], y0[keep]
+    lo = (0.0 - mean) / std
+    hi = (1.0 - mean) / std
+
+    prefix = job.tag
+
+    def on_step(ev: ExtractEvent) -> None:
+        log.metrics({f"{prefix}/{k}": v for k, v in ev.metrics.items() if k != "step"}, step=ev.step)
+
+    res = extract(
+        teacher, x0.to(device), y0.to(device), e.solver,
+        seed=_seed(e.seed, INITS.index(job.init), job.ipc, job.shard),
+        callback=on_step, pixel_bounds=(lo, hi), keep_per_class=job.per_class,
+    )
+    shard_file = paths.extract_shard(job.init, job.ipc, job.shard)
+    save_tensors(
+        shard_file,
+        {"x": res.x, "y": res.y, "lam": res.lam, "probs": res.probs, "entropy": res.entropy,
+         "source_index": res.source_index},
+        metadata={"lam_scale": repr(res.lam_scale), "dual": res.dual, "dropped": str(res.dropped)},
+    )
+    trace_file = paths.extract_shard_trace(job.init, job.ipc, job.shard)
+    write_json(trace_file, [{**row, "init": job.init, "ipc": job.ipc, "shard": job.shard} for row in res.trace])
+    files = hash_files(paths, [shard_file, trace_file])
+    return {"files": files, "seconds": round(time.perf_counter() - started, 3), "unit": unit}
+
+
+def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[dict[str, Any]]) -> StageOutput:
+    """Concatenate all shards into ``dsv.parquet`` and the trace files; write metrics and figures.
+
+    Args:
+        unit_results: what :func:`run_unit` returned for every shard (their wall times are summed
+            into the metrics).
+    """
+    started = time.perf_counter()
+    meta = read_data_meta(paths.data_meta)
+    mean, std = meta.stats()
+    xs, ys, lams, ents, confs, names, inits, ipcs, shard_ids = [], [], [], [], [], [], [], [], []
+    trace: list[dict] = []
+    metrics: dict[str, object] = {}
+    for job in jobs(cfg):
+        t = load_tensors(paths.extract_shard(job.init, job.ipc, job.shard), ("x", "y", "lam", "probs", "entropy"))
+        y = t["y"].long() if t["y"].dim() == 1 else t["y"].argmax(1)
+        n = y.numel()
+        xs.append(denormalize(t["x"], mean, std) if n else t["x"])
+        ys.append(y)
+        lams.append(t["lam"])
+        ents.append(t["entropy"])
+        confs.append(t["probs"].gather(1, y.view(-1, 1)).squeeze(1) if n else t["lam"])
+        names += [meta.classes[i] for i in y.tolist()]
+        inits += [job.init] * n
+        ipcs += [job.ipc] * n
+        shard_ids += [job.shard] * n
+        trace += read_json(paths.extract_shard_trace(job.init, job.ipc, job.shard))
+    x = torch.cat(xs) if xs else torch.zeros((0, *meta.input_shape))
+    y_all = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long)
+    digest = params_hash(cfg.section_dict("extract"))
+    write_dsv_parquet(
+        paths.dsv_parquet, x=x, y=y_all, lam=torch.cat(lams) if lams else torch.zeros(0),
+        entropy=torch.cat(ents) if ents else torch.zeros(0), confidence=torch.cat(confs) if confs else torch.zeros(0),
+        class_names=names, init=inits, ipc=ipcs, shard=shard_ids,
+        metadata={PARAMS_HASH_KEY: digest, "dsv.dataset": meta.name, "dsv.dual": cfg.extract.solver.dual,
+                  "dsv.classes": ",".join(meta.classes)},
+    )
+    write_json(paths.extract_trace, trace)
+    write_records_parquet(paths.extract_trace_parquet, trace, {PARAMS_HASH_KEY: digest})
+
+    for init in cfg.extract.inits:
+        for ipc in cfg.extract.ipcs:
+            sel = torch.tensor([a == init and b == ipc for a, b in zip(inits, ipcs)], dtype=torch.bool)
+            rows = [r for r in trace if r["init"] == init and r["ipc"] == ipc]
+            first_step = min((r["step"] for r in rows), default=0)
+            last_step = max((r["step"] for r in rows), default=0)
+            start = [r for r in rows if r["step"] == first_step]
+            end = [r for r in rows if r["step"] == last_step]
+
+            def avg(rs: list[dict], key: str) -> float:
+                vals = [float(r[key]) for r in rs if key in r]
+                return sum(vals) / len(vals) if vals else float("nan")
+
+            key = f"{init}_ipc{ipc}"
+            metrics[key] = {
+                "survivors": int(sel.sum()),
+                "survivors_per_class": torch.bincount(y_all[sel], minlength=meta.num_classes).tolist(),
+                "acc_target": avg(end, "acc_target"),
+                "entropy_start": avg(start, "entropy"),
+                "entropy_end": avg(end, "entropy"),
+                "residual_start": avg(start, "residual_rel"),
+                "residual_end": avg(end, "residual_rel"),
+                "lam_mean": float(torch.cat(lams)[sel].mean()) if int(sel.sum()) else float("nan"),
+            }
+            if int(sel.sum()):
+                log.figure(image_grid(x[sel], y_all[sel], meta.classes, f"DSVs: {init}, IPC {ipc}"),
+                           f"extract/dsv_grid_{key}.png")
+            steps = sorted({r["step"] for r in rows})
+            ent = [avg([r for r in rows if r["step"] == s], "entropy") for s in steps]
+            if steps:
+                log.figure(curves({key: (steps, ent)}, "step", "mean entropy (nats)", f"candidate entropy, {key}"),
+                           f"extract/entropy_{key}.png")
+    metrics["n_dsv"] = int(y_all.numel())
+    metrics["shard_seconds"] = round(sum(float(r["seconds"]) for r in unit_results), 3)
+    flat = {f"{k}.{m}": v for k, d in metrics.items() if isinstance(d, dict) for m, v in d.items()
+            if isinstance(v, (int, float))}
+    log.metrics({**flat, "n_dsv": metrics["n_dsv"]})
+    log.artifact(paths.dsv_parquet)
+    shard_files = [f for j in jobs(cfg) for f in (paths.extract_shard(j.init, j.ipc, j.shard),
+                                                   paths.extract_shard_trace(j.init, j.ipc, j.shard))]
+    files = [*shard_files, paths.dsv_parquet, paths.extract_trace, paths.extract_trace_parquet]
+    return finish("extract", cfg, paths, files, metrics, started, extra_seconds=metrics["shard_seconds"])
+
+
+def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
+    """All shards in order, then the merge (the path ``dsv stage extract`` and DVC take)."""
+    return merge(cfg, paths, log, [run_unit(cfg, paths, u, log) for u in units(cfg)])

@@ -1,0 +1,150 @@
+"""Every file the pipeline reads or writes, named in one place.
+
+Layout under the output folder (``runtime.output_dir``, the project root by default)::
+
+    artifacts/<stage>/...            stage outputs (tracked by DVC as the stage's ``outs``)
+    artifacts/<stage>/params.resolved.yaml   the exact config the stage ran with
+    metrics/<stage>.json             scalar metrics (DVC metrics, MLflow metrics)
+
+Project-level state lives under the project root: ``.dsv/prefect-results`` (Prefect's persisted
+results and cache records), ``.dsv/prefect`` (PREFECT_HOME), ``mlflow.db`` and ``mlartifacts/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGE_NAMES: tuple[str, ...] = ("prepare", "pretrain", "extract", "coreset", "distill", "evaluate")
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    """Project-level locations (independent of the params file)."""
+
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / ".dsv"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.state / "prefect"
+
+    @property
+    def prefect_results(self) -> Path:
+        return self.state / "prefect-results"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Artifact and metrics paths under one output folder.
+
+    Attributes:
+        base: the folder holding ``artifacts/`` and ``metrics/`` (absolute).
+    """
+
+    base: Path
+
+    def stage_dir(self, stage: str) -> Path:
+        if stage not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_NAMES)}")
+        return self.base / "artifacts" / stage
+
+    def metrics(self, stage: str) -> Path:
+        self.stage_dir(stage)  # validates the name
+        return self.base / "metrics" / f"{stage}.json"
+
+    def resolved_params(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "params.resolved.yaml"
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to :attr:`base`, POSIX style (the form stored in manifests)."""
+        return Path(path).resolve().relative_to(self.base.resolve()).as_posix()
+
+    # prepare
+    @property
+    def train(self) -> Path:
+        return self.stage_dir("prepare") / "train.safetensors"
+
+    @property
+    def val(self) -> Path:
+        return self.stage_dir("prepare") / "val.safetensors"
+
+    @property
+    def test(self) -> Path:
+        return self.stage_dir("prepare") / "test.safetensors"
+
+    @property
+    def init_pool(self) -> Path:
+        return self.stage_dir("prepare") / "init_pool.safetensors"
+
+    @property
+    def data_meta(self) -> Path:
+        return self.stage_dir("prepare") / "meta.json"
+
+    # pretrain
+    @property
+    def teacher(self) -> Path:
+        return self.stage_dir("pretrain") / "teacher.safetensors"
+
+    @property
+    def teacher_spec(self) -> Path:
+        return self.stage_dir("pretrain") / "model.json"
+
+    @property
+    def pretrain_curve(self) -> Path:
+        return self.stage_dir("pretrain") / "curve.json"
+
+    # extract
+    def extract_shard(self, init: str, ipc: int, shard: int) -> Path:
+        return self.stage_dir("extract") / "shards" / f"{init}_ipc{ipc}_shard{shard}.safetensors"
+
+    def extract_shard_trace(self, init: str, ipc: int, shard: int) -> Path:
+        return self.stage_dir("extract") / "shards" / f"{init}_ipc{ipc}_shard{shard}.trace.json"
+
+    @property
+    def dsv_parquet(self) -> Path:
+        return self.stage_dir("extract") / "dsv.parquet"
+
+    @property
+    def extract_trace(self) -> Path:
+        return self.stage_dir("extract") / "trace.json"
+
+    @property
+    def extract_trace_parquet(self) -> Path:
+        return self.stage_dir("extract") / "trace.parquet"
+
+    # coreset
+    @property
+    def lambdas_parquet(self) -> Path:
+        return self.stage_dir("coreset") / "lambdas.parquet"
+
+    @property
+    def coreset_trace(self) -> Path:
+        return self.stage_dir("coreset") / "trace.json"
+
+    # distill
+    def distill_cell(self, method: str, ipc: int) -> Path:
+        return self.stage_dir("distill") / "cells" / f"{method}_ipc{ipc}.json"
+
+    def distill_set(self, method: str, ipc: int) -> Path:
+        return self.stage_dir("distill") / "sets" / f"{method}_ipc{ipc}.safetensors"
+
+    @property
+    def distill_runs(self) -> Path:
+        return self.stage_dir("distill") / "runs.json"
+
+    # evaluate
+    @property
+    def results_table(self) -> Path:
+        return self.stage_dir("evaluate") / "results.md"

@@ -1,0 +1,233 @@
+"""The stage registry: what each stage reads (params sections, upstream stages) and which code it runs.
+
+Used by the Prefect flow (cache keys), ``dsv stage`` (the DVC path) and the dvc.yaml consistency test,
+so the three can never disagree about a stage's inputs.
+
+A stage's *code closure* is its own module ``tasks/<stage>.py``, every ``tasks`` module it imports
+(transitively, except logging-only modules), and every ``dsv`` module that the stage module imports,
+followed transitively through ``dsv``'s own imports. ``tasks.config`` imports every component's
+config class, so ``dsv`` imports are followed from the stage module only: an edit to ``dsv/dm.py``
+must not rerun ``extract``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from tasks.atomic import file_sha256, write_json, write_text
+from tasks.config import PipelineConfig, dump_yaml
+from tasks.paths import STAGE_NAMES, Paths
+
+# tasks modules that only log/plot: editing them never changes an artifact.
+LOGGING_ONLY: frozenset[str] = frozenset({"tasks.tracking", "tasks.figures"})
+PACKAGES = ("tasks", "dsv")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one stage reads.
+
+    Attributes:
+        name: the stage name (params section, module, artifact folder, metrics file, MLflow run).
+        sections: params sections the stage reads (its DVC ``params`` and cache-key inputs).
+        upstream: stages whose artifacts it reads.
+    """
+
+    name: str
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]
+
+    @property
+    def module(self) -> str:
+        return f"tasks.{self.name}"
+
+    @property
+    def mapped(self) -> bool:
+        """True when the stage module splits its work into units (``units``/``run_unit``/``merge``)."""
+        return self.name in MAPPED
+
+
+# Stages whose work is split into independent units (extract: shards; distill: (method, IPC) cells).
+MAPPED: frozenset[str] = frozenset({"extract", "distill"})
+
+STAGES: dict[str, StageSpec] = {
+    "prepare": StageSpec("prepare", ("prepare",), ()),
+    "pretrain": StageSpec("pretrain", ("pretrain",), ("prepare",)),
+    "extract": StageSpec("extract", ("extract",), ("prepare", "pretrain")),
+    "coreset": StageSpec("coreset", ("coreset",), ("prepare", "pretrain")),
+    "distill": StageSpec("distill", ("distill", "evaluate"), ("prepare", "pretrain", "extract", "coreset")),
+    "evaluate": StageSpec("evaluate", ("evaluate",), ("pretrain", "distill")),
+}
+assert tuple(STAGES) == STAGE_NAMES
+
+
+@dataclass
+class StageOutput:
+    """What a stage returns (and what Prefect persists): references, never tensors.
+
+    Attributes:
+        stage: stage name.
+        files: output path (relative to the output folder, POSIX) -> SHA-256 of its bytes; artifacts
+            only (not the metrics file, which holds wall times).
+        metrics: the scalars written to ``metrics/<stage>.json``.
+    """
+
+    stage: str
+    files: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "files": dict(self.files), "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageOutput:
+        return cls(stage=d["stage"], files=dict(d["files"]), metrics=dict(d["metrics"]))
+
+
+# -------------------------------------------------------------------------------------- code closure
+
+
+def _module_file(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _imports(path: Path) -> list[str]:
+    """Absolute module names imported by a source file (``from a.b import c`` -> a.b and a.b.c)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.extend(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append(node.module)
+            out.extend(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def _closure(start: list[str], follow: tuple[str, ...]) -> dict[str, Path]:
+    seen: dict[str, Path] = {}
+    todo = list(start)
+    while todo:
+        name = todo.pop()
+        if name in seen or name.split(".")[0] not in follow:
+            continue
+        path = _module_file(name)
+        if path is None:  # e.g. "dsv.data.core.ImageDataset" is a class, not a module
+            continue
+        seen[name] = path
+        todo.extend(_imports(path))
+    return seen
+
+
+@cache
+def code_modules(stage: str) -> dict[str, Path]:
+    """Module name -> source file of everything in ``stage``'s code closure (see module docstring)."""
+    spec = STAGES[stage]
+    own = _closure([spec.module], ("tasks",))
+    own = {k: v for k, v in own.items() if k not in LOGGING_ONLY or k == spec.module}
+    dsv_roots = [m for m in _imports(own[spec.module]) if m.split(".")[0] == "dsv"]
+    lib = _closure(dsv_roots, ("dsv",))
+    return dict(sorted({**own, **lib}.items()))
+
+
+def code_files(stage: str, root: Path) -> list[str]:
+    """The closure's files relative to ``root`` (the dvc.yaml ``deps`` of the stage)."""
+    return [p.resolve().relative_to(root.resolve()).as_posix() for p in code_modules(stage).values()]
+
+
+def code_hash(stage: str) -> str:
+    """SHA-256 over (module name, source bytes) of the stage's code closure, read now."""
+    h = hashlib.sha256()
+    for name, path in code_modules(stage).items():
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(path.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def stage_function(stage: str) -> Callable[..., StageOutput]:
+    """``tasks.<stage>.run``, imported lazily (each stage pulls in only its own dependencies)."""
+    module = importlib.import_module(STAGES[stage].module)
+    return module.run  # type: ignore[no-any-return]
+
+
+def hash_files(paths: Paths, files: list[Path]) -> dict[str, str]:
+    """{relative path: sha256} of written files."""
+    return {paths.relative(f): file_sha256(f) for f in files}
+
+
+def finish(
+    stage: str,
+    cfg: PipelineConfig,
+    paths: Paths,
+    files: list[Path],
+    metrics: dict[str, Any],
+    started: float,
+    extra_seconds: float = 0.0,
+) -> StageOutput:
+    """Write the stage's resolved params and metrics file, and hash its artifacts.
+
+    Args:
+        stage: stage name.
+        cfg: the (restricted) config the stage ran with.
+        paths: output layout.
+        files: artifact files the stage wrote (the params file is added here).
+        metrics: scalar metrics; ``wall_seconds`` is added.
+        started: ``time.perf_counter()`` at the stage's start.
+        extra_seconds: time spent in the stage's units (shards, cells) before ``started``.
+    """
+    resolved = write_text(paths.resolved_params(stage), dump_yaml(cfg.sections(STAGES[stage].sections)))
+    metrics = {**metrics, "wall_seconds": round(time.perf_counter() - started + extra_seconds, 3)}
+    write_json(paths.metrics(stage), metrics)
+    return StageOutput(stage=stage, files=hash_files(paths, [*files, resolved]), metrics=metrics)
+
+
+def verify(paths: Paths, out: StageOutput) -> list[str]:
+    """Artifacts of a recorded output that are missing or whose bytes changed (empty = all good)."""
+    bad = []
+    for rel, sha in out.files.items():
+        f = paths.base / rel
+        if not f.is_file() or file_sha256(f) != sha:
+            bad.append(rel)
+    return bad
+
+
+def restore_metrics(paths: Paths, out: StageOutput) -> None:
+    """Rewrite ``metrics/<stage>.json`` from a cached output when it is missing or differs."""
+    target = paths.metrics(out.stage)
+    import json
+
+    try:
+        current = json.loads(target.read_text())
+    except (OSError, ValueError):
+        current = None
+    if current != out.metrics:
+        write_json(target, out.metrics)
+
+
+def device_of(cfg: PipelineConfig) -> str:
+    """The torch device named by ``runtime.device`` ("auto" = cuda when available)."""
+    import torch
+
+    if cfg.runtime.threads > 0:
+        torch.set_num_threads(cfg.runtime.threads)
+    if cfg.runtime.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+    return cfg.runtime.device

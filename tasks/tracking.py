@@ -1,0 +1,257 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+Runs are addressed by explicit ids through :class:`mlflow.MlflowClient` (``mlflow.active_run`` is
+thread-local, and Prefect runs tasks in worker threads). The tracking URI comes from
+``MLFLOW_TRACKING_URI``; the default is ``sqlite:///<root>/mlflow.db`` with artifacts in
+``<root>/mlartifacts`` (the experiment is created with that explicit artifact location).
+
+Stages log through the small :class:`StageLog` interface, so they run the same with MLflow
+(:class:`MlflowStageLog`) or without it (:class:`NullLog`, unit tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from tasks.config import flatten
+from tasks.paths import ProjectPaths
+
+MAX_PARAM_CHARS = 6000
+
+
+def quiet_environment() -> None:
+    """Telemetry off for MLflow (and anything honouring DO_NOT_TRACK)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def tracking_uri(root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` or the project-local SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ProjectPaths(root).mlflow_db.resolve()}"
+
+
+def git_commit(root: Path) -> str:
+    """HEAD commit of the repository at ``root`` (with ``-dirty`` when there are local changes)."""
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def dvc_hashes(root: Path, stage: str) -> dict[str, str]:
+    """``dvc.<path>`` -> md5 of the stage's outs recorded in dvc.lock (empty without DVC)."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(lock.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    outs = (data.get("stages", {}).get(stage, {}) or {}).get("outs", []) or []
+    return {f"dvc.{o['path']}": str(o.get("md5", "")) for o in outs if isinstance(o, dict) and "path" in o}
+
+
+class StageLog(Protocol):
+    """What a stage may log (all no-ops in :class:`NullLog`)."""
+
+    def metric(self, key: str, value: float, step: int | None = None) -> None: ...
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None: ...
+
+    def figure(self, fig: Any, name: str) -> None: ...
+
+    def model(self, model: Any, name: str, input_example: Any) -> None: ...
+
+    def tags(self, values: Mapping[str, str]) -> None: ...
+
+
+class NullLog:
+    """A :class:`StageLog` that records nothing."""
+
+    def metric(self, key: str, value: float, step: int | None = None) -> None:
+        pass
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None:
+        pass
+
+    def figure(self, fig: Any, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+    def model(self, model: Any, name: str, input_example: Any) -> None:
+        pass
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        pass
+
+
+class MlflowStageLog:
+    """A :class:`StageLog` writing to one MLflow run by id (thread-safe, no fluent state)."""
+
+    def __init__(self, client: Any, run_id: str, log_models: bool = True) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.log_models = log_models
+
+    def metric(self, key: str, value: float, step: int | None = None) -> None:
+        v = float(value)
+        if math.isfinite(v):
+            self.client.log_metric(self.run_id, key, v, step=step or 0)
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))
+        ]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), subdir)
+
+    def figure(self, fig: Any, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        try:
+            self.client.log_figure(self.run_id, fig, name)
+        finally:
+            plt.close(fig)
+
+    def model(self, model: Any, name: str, input_example: Any) -> None:
+        if not self.log_models:
+            return
+        import mlflow.pytorch
+
+        mlflow.pytorch.log_model(
+            model, name=name, input_example=input_example, pip_requirements=[], run_id=self.run_id
+        )
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        for k, v in values.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def params(self, values: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flatten(values).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+
+class Tracker:
+    """An MLflow experiment in the project's store, with explicit-id runs.
+
+    Args:
+        root: project root (default store location, git commit, dvc.lock).
+        experiment: experiment name.
+        log_models: whether :meth:`MlflowStageLog.model` logs models.
+    """
+
+    def __init__(self, root: Path, experiment: str, log_models: bool = True) -> None:
+        quiet_environment()
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.root = Path(root)
+        self.uri = tracking_uri(self.root)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.log_models = log_models
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:"):
+                location = ProjectPaths(self.root).mlflow_artifacts.resolve().as_uri()
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            except Exception:  # created concurrently by another process: read it back
+                exp = self.client.get_experiment_by_name(experiment)
+                if exp is None:
+                    raise
+                self.experiment_id = exp.experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+        self.commit = git_commit(self.root)
+
+    def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+        """Create a RUNNING run (nested under ``parent_id`` when given); returns its id."""
+        all_tags = {"git.commit": self.commit, **(tags or {})}
+        if parent_id is not None:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return str(run.info.run_id)
+
+    def end_run(self, run_id: str, error: BaseException | None = None) -> None:
+        """Mark a run FINISHED, or FAILED with the error message as tag ``error``."""
+        if error is not None:
+            message = f"{type(error).__name__}: {error}"
+            with contextlib.suppress(Exception):
+                self.client.set_tag(run_id, "error", message[:5000])
+            self.client.set_terminated(run_id, status="FAILED")
+        else:
+            self.client.set_terminated(run_id, status="FINISHED")
+
+    def log(self, run_id: str) -> MlflowStageLog:
+        return MlflowStageLog(self.client, run_id, self.log_models)
+
+    def log_params_file(self, run_id: str, params: Mapping[str, Any], name: str = "params.resolved.yaml") -> None:
+        """Log params (flattened) and the resolved params file as an artifact."""
+        from tasks.config import dump_yaml
+
+        log = self.log(run_id)
+        log.params(params)
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            p.write_text(dump_yaml(params))
+            self.client.log_artifact(run_id, str(p))
+
+    @contextlib.contextmanager
+    def stage_run(
+        self,
+        stage: str,
+        parent_id: str | None,
+        params: Mapping[str, Any],
+        cached: bool = False,
+        tags: Mapping[str, str] | None = None,
+    ) -> Iterator[MlflowStageLog]:
+        """A nested run for one stage: params logged, FAILED with the message if the body raises."""
+        run_id = self.start_run(
+            stage, parent_id, {"stage": stage, "cached": str(cached).lower(), **dvc_hashes(self.root, stage),
+                               **(tags or {})},
+        )
+        try:
+            self.log_params_file(run_id, params)
+            yield self.log(run_id)
+        except BaseException as exc:
+            self.end_run(run_id, exc)
+            raise
+        else:
+            self.end_run(run_id)
