@@ -12,6 +12,10 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Unit tests use tiny tensors: on a shared 2-core machine, intra-op threads only add synchronisation
+# (a tiny fit ran ~10x slower with 2 threads under load). DSV_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("DSV_TEST_THREADS", "1")))
+
 _DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -1,0 +1,85 @@
+"""Model zoo: shapes, names, seeding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dsv.models import MODEL_NAMES, ModelConfig, build_model, build_seeded, last_layer_names
+
+IMAGE_MODELS = ["convnet", "convnet_tiny", "resnet18", "mlp", "mlp_tiny"]
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+@pytest.mark.parametrize("in_shape", [(1, 28, 28), (3, 28, 28), (1, 32, 32), (3, 32, 32)])
+def test_image_model_shapes(name: str, in_shape: tuple[int, int, int], device: str) -> None:
+    cfg = ModelConfig(name=name, width=16) if name in ("convnet", "mlp") else ModelConfig(name=name)
+    model = build_seeded(cfg, in_shape, 7, seed=0).to(device)
+    x = torch.randn(2, *in_shape, device=device)
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    feats = model.embed(x)
+    assert feats.dim() == 2 and feats.shape[0] == 2
+    assert model.classifier.in_features == feats.shape[1] and model.classifier.out_features == 7
+    torch.testing.assert_close(model.classifier(feats), logits)
+    assert last_layer_names(model) == ("classifier.weight", "classifier.bias")
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch", "group", "none"])
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_convnet_variants(norm: str, pool: str) -> None:
+    model = build_seeded(ModelConfig(width=8, depth=3, norm=norm, pool=pool), (1, 28, 28), 10, seed=0)
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    # 28 -> 14 -> 7 -> 3 after three 2x2 poolings
+    assert model.classifier.in_features == 8 * 3 * 3
+
+
+def test_instance_norm_matches_reference() -> None:
+    """'instance' normalises each sample and channel over H, W (= GroupNorm with one group per channel)."""
+    model = build_seeded(ModelConfig(width=4, depth=1, norm="instance"), (2, 6, 6), 3, seed=0)
+    norm = model.features[1]
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    ref = nn.GroupNorm(4, 4).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+        ref.weight.copy_(norm.weight)
+        ref.bias.copy_(norm.bias)
+    norm.double()
+    torch.testing.assert_close(norm(x), ref(x))
+    manual = (x - x.mean(dim=(2, 3), keepdim=True)) / (x.var(dim=(2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(norm(x), manual * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1))
+
+
+def test_mlp_on_tabular() -> None:
+    model = build_seeded(ModelConfig(name="mlp_tiny"), (2,), 3, seed=0)
+    assert model(torch.randn(10, 2)).shape == (10, 3)
+    assert model.embed(torch.randn(10, 2)).shape == (10, 16)
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match=r"model.name = 'convnt' is not one of .*did you mean 'convnet'"):
+        ModelConfig(name="convnt")
+    with pytest.raises(ValueError, match="model.norm = 'layer' is not one of"):
+        ModelConfig(norm="layer")
+    with pytest.raises(ValueError, match="model.width must be >= 1"):
+        ModelConfig(width=0)
+    with pytest.raises(ValueError, match="needs \\(C, H, W\\) image inputs"):
+        build_model(ModelConfig(name="convnet_tiny"), (2,), 3)
+    with pytest.raises(ValueError, match="lower the depth"):
+        build_model(ModelConfig(width=4, depth=6), (1, 28, 28), 10)
+    assert set(IMAGE_MODELS) <= set(MODEL_NAMES)
+
+
+def test_build_seeded_is_deterministic_and_keeps_global_rng() -> None:
+    cfg = ModelConfig(name="convnet_tiny")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = build_seeded(cfg, (1, 8, 8), 4, seed=0)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = build_seeded(cfg, (1, 8, 8), 4, seed=0)
+    c = build_seeded(cfg, (1, 8, 8), 4, seed=1)
+    for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), n
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
