@@ -65,6 +65,8 @@ class RuntimeConfig:
         mlflow_experiment: MLflow experiment name.
         log_models: log the teacher and one student per (method, IPC) with ``mlflow.pytorch``.
         progress: progress bars: "auto" (only on a terminal), "on" or "off".
+        workers: Prefect task-runner threads for the mapped units (shards, cells). Keep 1 for
+            bit-reproducible artifacts: model initialisation seeds torch's global RNG.
     """
 
     device: str = "cpu"
@@ -73,8 +75,11 @@ class RuntimeConfig:
     mlflow_experiment: str = "dsv"
     log_models: bool = True
     progress: str = "auto"
+    workers: int = 1
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         _choice("device", self.device, DEVICES)
         _choice("progress", self.progress, PROGRESS)
         if self.threads < 0:
@@ -402,11 +407,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config_from_dict(raw, source=str(path) if path is not None else "params")
 
 
-def config_from_dict(raw: Mapping[str, Any], source: str = "params") -> PipelineConfig:
-    """Validate plain data (the parsed file, or the sections a task received) into a config."""
+def config_from_dict(raw: Mapping[str, Any], source: str = "params", cross: bool = True) -> PipelineConfig:
+    """Validate plain data (the parsed file, or the sections a task received) into a config.
+
+    Args:
+        raw: sections as plain data.
+        source: file name used in messages.
+        cross: run :func:`cross_check` (off for a stage's restricted view, whose other sections are
+            defaults).
+    """
     errors: list[str] = []
     cfg = build(PipelineConfig, raw, "", errors)
-    if cfg is not None and not errors:
+    if cross and cfg is not None and not errors:
         errors.extend(cross_check(cfg))
     if errors or cfg is None:
         raise ConfigError(f"{source}: " + "; ".join(errors))

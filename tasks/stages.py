@@ -96,7 +96,10 @@ class StageOutput:
 
 
 def _module_file(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # "pkg.module.Class": the parent is a module, not a package
+        return None
     if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
         return None
     return Path(spec.origin)

@@ -1,0 +1,272 @@
+"""The Prefect flow: prepare -> pretrain -> extract -> coreset -> distill -> evaluate, as cached tasks.
+
+Cache keys (persisted under ``.dsv/prefect-results``, valid across processes)::
+
+    INPUTS (stage name, the params sections the stage reads, the SHA-256 of every upstream artifact,
+            the unit for mapped stages; NOT the runtime context: paths, MLflow run id, device)
+  + TASK_SOURCE (the Prefect task wrapper's own source)
+  + StageCode (SHA-256 of the stage's code closure: tasks/<stage>.py, the tasks modules it imports,
+               and the transitive dsv/ modules it calls; see tasks.stages.code_modules)
+
+Tasks exchange small references only (params dicts, relative paths, content hashes). Since a cached
+result only *describes* files, every cache hit is checked against the files on disk: a missing or
+modified artifact makes the flow rerun that task with ``refresh_cache=True``. Extraction and
+distillation are mapped over their units (class shards; (method, IPC) cells), one task each, so an
+interrupted stage resumes from its last completed unit.
+
+Every pipeline run opens one MLflow parent run; every stage gets a nested run (tagged
+``cached=true`` when restored from cache), marked FAILED with the error when the stage fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+from prefect.futures import wait
+from prefect.states import State
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import unmapped
+
+from tasks.config import PipelineConfig, config_from_dict, flatten, load_config
+from tasks.paths import STAGE_NAMES, Paths, ProjectPaths
+from tasks.stages import STAGES, StageOutput, code_hash, restore_metrics, stage_function, verify
+from tasks.tracking import NullLog, StageLog, Tracker
+
+FLOW_NAME = "dsv-pipeline"
+
+
+@dataclasses.dataclass
+class StageCode(CachePolicy):
+    """Cache-key part covering the code a stage runs, including the dsv/ library modules it calls."""
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        return code_hash(inputs["stage"])
+
+
+CACHE_POLICY = (INPUTS - "context") + TASK_SOURCE + StageCode()
+
+
+def retry_on_io(task: Any, task_run: Any, state: State) -> bool:
+    """Retry a failed stage task only when it failed on IO (OSError); never on a bug or bad data."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except BaseException:  # noqa: BLE001 - any other failure is final
+        return False
+    return False
+
+
+_TRACKERS: dict[tuple[str, str], Tracker] = {}
+
+
+def _open(stage: str, params: dict[str, Any], context: dict[str, Any]) -> tuple[PipelineConfig, Paths, StageLog]:
+    """Rebuild the stage's config, paths and logger inside a task (from plain data only)."""
+    cfg = config_from_dict({**params, "runtime": context["runtime"]}, source=f"{stage} task", cross=False)
+    paths = Paths(Path(context["base"]))
+    log: StageLog = NullLog()
+    if context.get("run_id"):
+        key = (context["root"], cfg.runtime.mlflow_experiment)
+        if key not in _TRACKERS:
+            _TRACKERS[key] = Tracker(Path(context["root"]), cfg.runtime.mlflow_experiment, cfg.runtime.log_models)
+        log = _TRACKERS[key].log(context["run_id"])
+    return cfg, paths, log
+
+
+_TASK_OPTIONS: dict[str, Any] = {
+    "cache_policy": CACHE_POLICY,
+    "persist_result": True,
+    "retries": 2,
+    "retry_delay_seconds": 2,
+    "retry_condition_fn": retry_on_io,
+}
+
+
+@task(name="stage", task_run_name="{stage}", **_TASK_OPTIONS)
+def stage_task(stage: str, params: dict[str, Any], upstream: dict[str, str], context: dict[str, Any]) -> dict:
+    """Run a whole (unmapped) stage; returns its :class:`StageOutput` as a dict."""
+    cfg, paths, log = _open(stage, params, context)
+    return stage_function(stage)(cfg, paths, log).to_dict()
+
+
+@task(name="unit", task_run_name="{stage}-{label}", **_TASK_OPTIONS)
+def unit_task(
+    stage: str, label: str, unit: dict[str, Any], params: dict[str, Any], upstream: dict[str, str],
+    context: dict[str, Any],
+) -> dict:
+    """Run one unit (extract shard, distill cell) of a mapped stage."""
+    import importlib
+
+    cfg, paths, log = _open(stage, params, context)
+    return importlib.import_module(STAGES[stage].module).run_unit(cfg, paths, unit, log)  # type: ignore[no-any-return]
+
+
+@task(name="merge", task_run_name="{stage}-merge", **_TASK_OPTIONS)
+def merge_task(
+    stage: str, params: dict[str, Any], upstream: dict[str, str], unit_files: list[dict[str, str]],
+    unit_results: list[dict[str, Any]], context: dict[str, Any],
+) -> dict:
+    """Merge the units of a mapped stage (``unit_files`` keys the cache on the units' outputs)."""
+    import importlib
+
+    cfg, paths, log = _open(stage, params, context)
+    return importlib.import_module(STAGES[stage].module).merge(cfg, paths, log, unit_results).to_dict()  # type: ignore[no-any-return]
+
+
+def _unit_label(unit: dict[str, Any]) -> str:
+    return "_".join(str(v) for v in unit.values())
+
+
+def _checked(state: State, paths: Paths, rerun: Any, files_of: Any) -> tuple[Any, bool]:
+    """Result of a task state; a cache hit whose files are missing/changed is recomputed.
+
+    Returns:
+        (result, cached): ``cached`` is True when the result came from the cache and verified.
+    """
+    result = state.result()
+    if state.name != "Cached":
+        return result, False
+    if not verify(paths, StageOutput("", files_of(result), {})):
+        return result, True
+    result = rerun().result()
+    return result, False
+
+
+def run_stage(
+    stage: str, cfg: PipelineConfig, upstream: dict[str, str], context: dict[str, Any], paths: Paths
+) -> tuple[StageOutput, bool]:
+    """Run one stage through its task(s); returns (output, restored entirely from cache)."""
+    spec = STAGES[stage]
+    params = cfg.sections(spec.sections)
+    if not spec.mapped:
+        state = _bound(stage_task, context)(stage, params, upstream, context, return_state=True)
+        fresh = _bound(stage_task, context, refresh=True)
+        result, cached = _checked(state, paths, lambda: fresh(stage, params, upstream, context, return_state=True),
+                                  lambda r: r["files"])
+        return StageOutput.from_dict(result), cached
+
+    import importlib
+
+    module = importlib.import_module(spec.module)
+    units: list[dict[str, Any]] = module.units(cfg)
+    labels = [_unit_label(u) for u in units]
+    futures = _bound(unit_task, context).map(
+        unmapped(stage), labels, units, unmapped(params), unmapped(upstream), unmapped(context), return_state=False
+    )
+    wait(futures)
+    unit_results, all_cached = [], True
+    fresh_unit = _bound(unit_task, context, refresh=True)
+    for fut, label, unit in zip(futures, labels, units):
+        result, cached = _checked(
+            fut.state, paths,
+            lambda label=label, unit=unit: fresh_unit(stage, label, unit, params, upstream, context, return_state=True),
+            lambda r: r["files"],
+        )
+        unit_results.append(result)
+        all_cached &= cached
+    unit_files = [r["files"] for r in unit_results]
+    state = _bound(merge_task, context)(stage, params, upstream, unit_files, unit_results, context, return_state=True)
+    fresh = _bound(merge_task, context, refresh=True)
+    result, cached = _checked(
+        state, paths,
+        lambda: fresh(stage, params, upstream, unit_files, unit_results, context, return_state=True),
+        lambda r: r["files"],
+    )
+    return StageOutput.from_dict(result), all_cached and cached
+
+
+@flow(name=FLOW_NAME, log_prints=True, validate_parameters=False)
+def pipeline(
+    params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".", track: bool = True
+) -> dict[str, Any]:
+    """The whole pipeline; returns {"stages": {name: {"cached": bool, "files": {...}}}, "mlflow_run_id"}.
+
+    Args:
+        params_path: the params file (relative to ``root`` unless absolute).
+        overrides: ``section.key=value`` overrides.
+        root: project root (MLflow store, Prefect results; output folder from ``runtime.output_dir``).
+        track: log to MLflow.
+    """
+    root_path = Path(root).resolve()
+    p = Path(params_path)
+    cfg = load_config(p if p.is_absolute() else root_path / p, overrides or [])
+    paths = Paths((root_path / cfg.runtime.output_dir).resolve())
+    tracker = Tracker(root_path, cfg.runtime.mlflow_experiment, cfg.runtime.log_models) if track else None
+    parent = None
+    if tracker is not None:
+        parent = tracker.start_run("pipeline", tags={"params_file": str(params_path), "runner": "prefect"})
+        tracker.log_params_file(parent, cfg.to_dict())
+    summary: dict[str, Any] = {"stages": {}, "mlflow_run_id": parent}
+    outputs: dict[str, StageOutput] = {}
+    started = time.perf_counter()
+    try:
+        for stage in STAGE_NAMES:
+            spec = STAGES[stage]
+            upstream = {rel: sha for up in spec.upstream for rel, sha in outputs[up].files.items()}
+            run_id = tracker.start_run(stage, parent, {"stage": stage, "runner": "prefect"}) if tracker else None
+            context = {"root": str(root_path), "base": str(paths.base), "runtime": cfg.section_dict("runtime"),
+                       "run_id": run_id}
+            t0 = time.perf_counter()
+            try:
+                out, cached = run_stage(stage, cfg, upstream, context, paths)
+                restore_metrics(paths, out)
+            except BaseException as exc:
+                if tracker is not None and run_id is not None:
+                    tracker.end_run(run_id, exc)
+                raise
+            if tracker is not None and run_id is not None:
+                tracker.log_params_file(run_id, cfg.sections(spec.sections))
+                log = tracker.log(run_id)
+                log.tags({"cached": str(cached).lower(), **{f"sha256.{k}": v[:16] for k, v in out.files.items()}})
+                from tasks.tracking import dvc_hashes
+
+                log.tags(dvc_hashes(root_path, stage))
+                numbers = {k: v for k, v in flatten(out.metrics).items() if isinstance(v, (int, float))}
+                if cached:  # the cached run's metrics, so the UI shows them on this run too
+                    log.metrics(numbers)
+                log.artifact(paths.resolved_params(stage))
+                log.metric("stage_seconds", time.perf_counter() - t0)
+                tracker.end_run(run_id)
+            outputs[stage] = out
+            summary["stages"][stage] = {"cached": cached, "files": out.files}
+            print(f"stage {stage}: {'cached' if cached else 'ran'} ({time.perf_counter() - t0:.1f} s)")
+    except BaseException as exc:
+        if tracker is not None and parent is not None:
+            tracker.end_run(parent, exc)
+        raise
+    if tracker is not None and parent is not None:
+        ev = outputs["evaluate"].metrics
+        log = tracker.log(parent)
+        log.metric("teacher_acc", float(ev["teacher_acc"]))
+        for row in ev["rows"]:
+            log.metric(f"{row['method']}_ipc{row['ipc']}.acc_mean", float(row["acc_mean"]))
+        log.metric("pipeline_seconds", time.perf_counter() - started)
+        log.tags({"cached_stages": ",".join(s for s, v in summary["stages"].items() if v["cached"])})
+        log.artifact(paths.results_table)
+        tracker.end_run(parent)
+    return summary
+
+
+def pipeline_with_workers(workers: int) -> Any:
+    """The flow with a thread pool of ``workers`` for the mapped units."""
+    return pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+
+
+def results_dir(root: Path) -> Path:
+    """Where the tasks persist results and cache records: ``<root>/.dsv/prefect-results``."""
+    return ProjectPaths(root).prefect_results
+
+
+def _bound(task_obj: Any, context: dict[str, Any], refresh: bool = False) -> Any:
+    """``task_obj`` with the project's result storage (and a forced refresh when asked)."""
+    storage = results_dir(Path(context["root"]))
+    storage.mkdir(parents=True, exist_ok=True)
+    return task_obj.with_options(result_storage=storage, refresh_cache=refresh or None)
