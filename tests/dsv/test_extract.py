@@ -1,0 +1,131 @@
+"""DSV synthesis: teacher untouched, dual rules, trimming, soft targets, generation, NaN guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv.extract import (
+    ExtractConfig,
+    edit,
+    extract,
+    generate,
+    init_candidates,
+    soft_targets,
+)
+from dsv.kkt import KKTConfig
+from dsv.models import ModelConfig, build_seeded
+from dsv.train import FitConfig, fit
+
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> torch.nn.Module:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(90, *SHAPE, generator=g)
+    y = torch.arange(3).repeat_interleave(30)
+    x[y == 1, :, :4] += 2.0
+    x[y == 2, :, 4:] += 2.0
+    model = build_seeded(ModelConfig(name="convnet_tiny"), SHAPE, 3, seed=0)
+    fit(model, x, y, FitConfig(epochs=20, batch_size=30, weight_decay=5e-3, lr=1e-2), seed=0)
+    return model.eval()
+
+
+def _cands(per_class: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    return init_candidates("noise", per_class, 3, SHAPE, torch.Generator().manual_seed(1))
+
+
+def test_teacher_parameters_are_bit_identical(teacher: torch.nn.Module) -> None:
+    teacher.zero_grad(set_to_none=True)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    flags = [p.requires_grad for p in teacher.parameters()]
+    x0, y0 = _cands()
+    extract(teacher, x0, y0, ExtractConfig(steps=5, dual="clamp"), seed=0)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert [p.requires_grad for p in teacher.parameters()] == flags
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_drop_rule_removes_negative_lambda_and_reports(teacher: torch.nn.Module) -> None:
+    x0, y0 = _cands(4)
+    # A huge λ learning rate makes some λ overshoot below zero within a few steps.
+    res = extract(teacher, x0, y0, ExtractConfig(steps=15, dual="drop", lr_lam=5.0), seed=0)
+    assert res.dropped > 0
+    assert sum(res.survivors_per_class) == 12 - res.dropped == res.x.shape[0]
+    assert (res.lam >= 0).all()
+    assert res.trace[-1]["survivors"] == res.x.shape[0]
+    clamp = extract(teacher, x0, y0, ExtractConfig(steps=15, dual="clamp", lr_lam=5.0), seed=0)
+    assert clamp.dropped == 0 and clamp.x.shape[0] == 12 and (clamp.lam >= 0).all()
+    soft = extract(teacher, x0, y0, ExtractConfig(steps=5, dual="softplus", lr_lam=5.0), seed=0)
+    assert (soft.lam > 0).all() and soft.x.shape[0] == 12
+
+
+def test_keep_per_class_trims_by_lambda(teacher: torch.nn.Module) -> None:
+    x0, y0 = _cands(3)
+    res = extract(teacher, x0, y0, ExtractConfig(steps=3, dual="clamp"), seed=0, keep_per_class=2)
+    assert res.survivors_per_class == [2, 2, 2]
+    full = extract(teacher, x0, y0, ExtractConfig(steps=3, dual="clamp"), seed=0)
+    for c in range(3):
+        kept = set(res.source_index[res.y == c].tolist())
+        members = (full.y == c).nonzero(as_tuple=True)[0]
+        best = set(full.source_index[members[full.lam[members].argsort(descending=True)[:2]]].tolist())
+        assert kept == best
+
+
+def test_deterministic_and_pixel_bounds(teacher: torch.nn.Module) -> None:
+    x0, y0 = _cands()
+    lo, hi = torch.tensor([-0.5]), torch.tensor([0.5])
+    a = extract(teacher, x0, y0, ExtractConfig(steps=4, dual="clamp"), seed=3, pixel_bounds=(lo, hi))
+    b = extract(teacher, x0, y0, ExtractConfig(steps=4, dual="clamp"), seed=3, pixel_bounds=(lo, hi))
+    assert torch.equal(a.x, b.x) and torch.equal(a.lam, b.lam)
+    assert a.x.min() >= -0.5 and a.x.max() <= 0.5
+
+
+def test_primal_drives_candidates_to_their_targets(teacher: torch.nn.Module) -> None:
+    x0, y0 = _cands(3)
+    cfg = ExtractConfig(steps=60, dual="clamp", lr_x=0.05, clamp_pixels=False, kkt=KKTConfig(beta_primal=1.0))
+    res = extract(teacher, x0, y0, cfg, seed=0)
+    assert res.trace[-1]["acc_target"] == 1.0
+    assert res.trace[-1]["acc_target"] >= res.trace[0]["acc_target"]
+    assert set(res.trace[0]) >= {"loss", "stat", "primal", "entropy", "acc_target", "survivors", "residual_rel"}
+
+
+def test_soft_targets_generation_and_editing(teacher: torch.nn.Module) -> None:
+    y = soft_targets(0, 2, 0.6, 3)
+    assert torch.allclose(y, torch.tensor([0.4, 0.0, 0.6]))
+    with pytest.raises(ValueError, match="delta"):
+        soft_targets(0, 1, 1.5, 3)
+    x0, _ = _cands(1)
+    outs = generate(teacher, x0[:2], 0, 2, [0.0, 0.6], 3, ExtractConfig(steps=3, dual="clamp"), seed=0)
+    assert len(outs) == 2 and outs[1].y.shape == (2, 3)
+    assert torch.allclose(outs[1].y[0], y)
+    ed = edit(teacher, x0[0], 1, ExtractConfig(steps=3, dual="clamp"))
+    assert ed.y.tolist() == [1] and ed.x.shape == (1, *SHAPE)
+
+
+def test_nan_is_reported_with_step(teacher: torch.nn.Module) -> None:
+    x0, y0 = _cands()
+    x0[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite DeepKKT loss .* at step 0"):
+        extract(teacher, x0, y0, ExtractConfig(steps=3), seed=0)
+
+
+def test_init_kinds_and_errors() -> None:
+    g = torch.Generator().manual_seed(0)
+    real_x, real_y = torch.randn(30, *SHAPE), torch.arange(3).repeat(10)
+    x, y = init_candidates("nshot", 2, 3, SHAPE, g, real_x=real_x, real_y=real_y)
+    assert x.shape == (6, *SHAPE) and y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert all(any(torch.equal(xi, r) for r in real_x) for xi in x)
+    other = torch.randn(5, *SHAPE)
+    x, y = init_candidates("0shot", 2, 3, SHAPE, g, other_x=other)
+    assert x.shape == (6, *SHAPE) and y.tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="not one of"):
+        init_candidates("bogus", 1, 3, SHAPE, g)
+    with pytest.raises(ValueError, match="0-shot images have shape"):
+        init_candidates("0shot", 1, 3, SHAPE, g, other_x=torch.randn(4, 3, 8, 8))
+    with pytest.raises(ValueError, match="extract.dual"):
+        ExtractConfig(dual="nope")
+    with pytest.raises(ValueError, match="extract.lr_x"):
+        ExtractConfig(lr_x=0)
