@@ -203,7 +203,7 @@ def test_real_fashion_mnist_from_debian_package(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------- CIFAR
 
 
-@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+@pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_cifar10_reads_pickle_batches(tmp_path: Path, protocol: int) -> None:
     first = write_cifar(tmp_path / "cifar-10-batches-py", "cifar10", protocol=protocol)
     ds = load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
@@ -213,6 +213,16 @@ def test_cifar10_reads_pickle_batches(tmp_path: Path, protocol: int) -> None:
     expect = torch.from_numpy(first.reshape(6, 3, 32, 32)).float() / 255
     torch.testing.assert_close(ds.train_x[:6], expect, rtol=0, atol=0)
     assert ds.mean.shape == (3,)
+
+
+def test_cifar_pickles_of_numpy1_are_read(tmp_path: Path) -> None:
+    """The published CIFAR files predate numpy 2: their pickles name numpy.core, not numpy._core."""
+    d = tmp_path / "cifar-10-batches-py"
+    write_cifar(d, "cifar10", protocol=2)
+    for f in d.iterdir():
+        f.write_bytes(f.read_bytes().replace(b"numpy._core", b"numpy.core"))
+    assert b"numpy.core.multiarray" in (d / "test_batch").read_bytes()
+    assert load_dataset(DataConfig(name="cifar10", root=str(tmp_path))).train_x.shape == (30, 3, 32, 32)
 
 
 def test_cifar100_reads_fine_labels(tmp_path: Path) -> None:
