@@ -115,7 +115,10 @@ def _idx_search_dirs(name: str, root: Path) -> list[Path]:
 
 def _not_found(name: str, looked: list[str], download_error: Exception | None = None) -> FileNotFoundError:
     where = "\n  ".join(looked)
-    msg = f"dataset {name!r}: files not found. Looked in:\n  {where}\nTo get the data: {_HOW_TO_GET[name]}."
+    how = _HOW_TO_GET[name]
+    if download_error is not None:  # download was already on: only the manual routes are left
+        how = how.replace(", or set download: true", "").replace(" or set download: true", "")
+    msg = f"dataset {name!r}: files not found. Looked in:\n  {where}\nTo get the data: {how}."
     if download_error is not None:
         msg += f"\nThe download failed: {type(download_error).__name__}: {download_error}"
     return FileNotFoundError(msg)
