@@ -247,6 +247,8 @@ def pipeline(
         log = tracker.log(parent)
         log.metric("teacher_acc", float(ev["teacher_acc"]))
         for row in ev["rows"]:
+            if row["acc_mean"] is None:
+                continue
             log.metric(f"{row['method']}_ipc{row['ipc']}.acc_mean", float(row["acc_mean"]))
         log.metric("pipeline_seconds", time.perf_counter() - started)
         log.tags({"cached_stages": ",".join(s for s, v in summary["stages"].items() if v["cached"])})

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from dsv.data.core import per_class_indices
 from dsv.lam import LambdaEvent, class_lambda_sums, fit_lambdas
 from dsv.train import evaluate
 from tasks.artifacts import PARAMS_HASH_KEY, load_model, load_split, read_data_meta, write_lambdas_parquet
@@ -37,6 +38,11 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     meta = read_data_meta(paths.data_meta)
     teacher = load_model(paths.teacher, paths.teacher_spec, device)
     x, y = load_split(paths.train, meta)
+    index = torch.arange(y.numel())
+    if cfg.coreset.per_class is not None:
+        g = torch.Generator().manual_seed(cfg.coreset.seed)
+        index = per_class_indices(y, cfg.coreset.per_class, meta.num_classes, g).sort().values
+        x, y = x[index], y[index]
     trace: list[dict[str, float]] = []
 
     def on_batch(ev: LambdaEvent) -> None:
@@ -45,7 +51,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
 
     res = fit_lambdas(teacher, x, y, cfg.coreset.lam, seed=cfg.coreset.seed, callback=on_batch)
     write_lambdas_parquet(
-        paths.lambdas_parquet, index=torch.arange(y.numel()), label=y, lam=res.lam, rank=res.rank,
+        paths.lambdas_parquet, index=index, label=y, lam=res.lam, rank=res.rank,
         metadata={PARAMS_HASH_KEY: params_hash(cfg.section_dict("coreset")), "dsv.dataset": meta.name},
     )
     write_json(paths.coreset_trace, trace)

@@ -105,11 +105,6 @@ def build_set(method: str, ipc: int, inp: _Inputs) -> tuple[Tensor, Tensor, int]
     cfg, c = inp.cfg, inp.meta.num_classes
     if method in DSV_METHODS:
         t = read_dsv_parquet(inp.paths.dsv_parquet, init=DSV_METHODS[method], ipc=ipc)
-        if t.y.numel() == 0:
-            raise ValueError(
-                f"distill: no DSVs for init {DSV_METHODS[method]!r} at IPC {ipc} in {inp.paths.dsv_parquet} "
-                "(not extracted, or every candidate was dropped; see metrics/extract.json)"
-            )
         mean, std = inp.meta.stats()
         return normalize(t.x, mean, std), t.y, ipc if method == "dsv_nshot" else 0
     x, y = inp.train
@@ -152,6 +147,16 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     if method == "full":
         protocol = dataclasses.replace(protocol, epochs=cfg.distill.full_epochs, min_steps=0)
     meta = inp.meta
+    if y.shape[0] == 0:
+        # Every candidate was dropped (the paper's dual rule can do that): nothing to train on.
+        # The cell is recorded with no runs, and the table says so, instead of failing the pipeline.
+        cell = {"method": method, "ipc": ipc, "shots": shots, "protocol": protocol.name,
+                "label_type": protocol.label_type, "n_train": 0, "steps": 0, "runs": [],
+                "note": "empty training set: no DSV survived extraction"}
+        files = [write_json(paths.distill_cell(method, ipc), cell),
+                 save_tensors(paths.distill_set(method, ipc), {"x": x, "y": y})]
+        return {"files": hash_files(paths, files), "seconds": round(time.perf_counter() - started, 3),
+                "select_seconds": round(select_seconds, 3), "unit": unit}
     x_test, y_test = load_split(paths.test, meta)
     x_val, y_val = load_split(paths.val, meta)
     # The loop of dsv.protocols.train_students, kept here so the first student can be logged as a model.
@@ -204,7 +209,8 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
     metrics: dict[str, Any] = {"cell_seconds": seconds, "select_seconds": select_seconds, "n_cells": len(cells)}
     for c in cells:
         accs = [r["test_acc"] for r in c["runs"]]
-        metrics[f"{c['method']}_ipc{c['ipc']}_acc_mean"] = sum(accs) / len(accs)
+        if accs:
+            metrics[f"{c['method']}_ipc{c['ipc']}_acc_mean"] = sum(accs) / len(accs)
     log.metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
     files = [paths.distill_runs]
     for u in units(cfg):

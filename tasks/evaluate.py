@@ -25,6 +25,12 @@ def rows_from_cells(cells: list[dict[str, Any]], cell_seconds: dict[str, float])
     rows = []
     for c in cells:
         key = f"{c['method']}_ipc{0 if c['method'] == 'full' else c['ipc']}"
+        if not c["runs"]:  # empty training set (see tasks.distill): no accuracy, said explicitly
+            rows.append({"method": c["method"], "ipc": int(c["ipc"]), "shots": int(c["shots"]),
+                         "protocol": c["protocol"], "label_type": c["label_type"], "acc_mean": None,
+                         "acc_std": None, "n_runs": 0, "accs": [], "wall_s": cell_seconds.get(key),
+                         "val_acc_mean": None, "n_train": 0, "note": c.get("note", "")})
+            continue
         row = ResultRow.from_results(
             c["method"], int(c["ipc"]), int(c["shots"]), c["protocol"], [r["test_acc"] for r in c["runs"]],
             wall_s=float(cell_seconds.get(key, float("nan"))),
@@ -45,6 +51,10 @@ def markdown(teacher_acc: float, rows: list[dict[str, Any]]) -> str:
         "|---|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if r["n_runs"] == 0:
+            lines.append(f"| {r['method']} | {r['ipc']} | {r['shots']} | {r['protocol']} | {r['label_type']} | "
+                         f"n/a ({r.get('note', 'no runs')}) | 0 | n/a | {r['wall_s'] or 0:.1f} |")
+            continue
         lines.append(
             f"| {r['method']} | {r['ipc']} | {r['shots']} | {r['protocol']} | {r['label_type']} | "
             f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | {r['n_runs']} | "
@@ -65,6 +75,8 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     rows = rows_from_cells(cells, cell_seconds)
     write_text(paths.results_table, markdown(teacher_acc, rows))
     for r in rows:
+        if r["n_runs"] == 0:
+            continue
         log.metrics({f"{r['method']}_ipc{r['ipc']}.acc_mean": r["acc_mean"],
                      f"{r['method']}_ipc{r['ipc']}.acc_std": r["acc_std"]})
     log.metric("teacher_acc", teacher_acc)

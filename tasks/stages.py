@@ -234,3 +234,49 @@ def device_of(cfg: PipelineConfig) -> str:
     if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
     return cfg.runtime.device
+
+
+# ------------------------------------------------------------------------------------------ dvc.yaml
+
+# Files a stage reads from upstream stages, beyond their artifact folders.
+_EXTRA_DEPS: dict[str, tuple[str, ...]] = {"evaluate": ("metrics/pretrain.json", "metrics/distill.json")}
+# DVC plots: file -> (x, y) fields.
+DVC_PLOTS: dict[str, tuple[str, str]] = {
+    "artifacts/pretrain/curve.json": ("step", "loss"),
+    "artifacts/extract/trace.json": ("step", "entropy"),
+    "artifacts/coreset/trace.json": ("batch", "residual_rel"),
+}
+
+
+def dvc_stages(root: Path) -> dict[str, Any]:
+    """The ``stages`` mapping of dvc.yaml, derived from the registry (default output folder).
+
+    Each stage: ``cmd: dsv stage <name>``, its params sections, its code closure and upstream
+    artifact folders as deps, ``artifacts/<name>`` as out and ``metrics/<name>.json`` as metrics.
+    """
+    out: dict[str, Any] = {}
+    for name, spec in STAGES.items():
+        deps = code_files(name, root) + [f"artifacts/{u}" for u in spec.upstream] + list(_EXTRA_DEPS.get(name, ()))
+        out[name] = {
+            "cmd": f"dsv stage {name}",
+            "params": list(spec.sections),
+            "deps": deps,
+            "outs": [f"artifacts/{name}"],
+            "metrics": [{f"metrics/{name}.json": {"cache": False}}],
+        }
+    return out
+
+
+def dvc_yaml(root: Path) -> str:
+    """The whole dvc.yaml text (stages + plots)."""
+    import yaml
+
+    header = (
+        "# Generated from tasks/stages.py (the stage registry); tests/tasks/test_stages.py checks it is\n"
+        "# current. Regenerate: python -c \"from pathlib import Path; from tasks.stages import dvc_yaml;\n"
+        "#   Path('dvc.yaml').write_text(dvc_yaml(Path('.')))\"\n"
+        "# Each stage runs the same code as `dsv run` (tasks/<stage>.py) through `dsv stage <name>`.\n"
+    )
+    plots = [{f: {"x": x, "y": y}} for f, (x, y) in DVC_PLOTS.items()]
+    body = yaml.safe_dump({"stages": dvc_stages(root), "plots": plots}, sort_keys=False, width=110)
+    return header + body
