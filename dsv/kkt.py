@@ -10,10 +10,27 @@ L_i = CE(Φ(x_i; θ*), y_i). The KKT conditions of the training problem become l
 
 Σ_i λ_i ∇_θ L_i is computed as one weighted backward, ∇_θ(Σ_i λ_i L_i), with ``create_graph=True`` so
 that the stationarity distance can be differentiated w.r.t. x and λ (a double backward).
+
+Speed and memory (``KKTConfig.impl``, ``chunk_size``, ``memory_budget_mb``; numbers in
+benchmarks/results/perf.md):
+
+* ``impl="fast"`` (default) evaluates the teacher through a view whose instance/group norms are written
+  with primitive ops (``var_mean``, ``rsqrt``, ``addcmul``). The function and θ are the same (the view
+  shares the teacher's parameters); only autograd's double backward changes: PyTorch's fused norm kernel
+  has a slow composite double backward (``NativeBatchNormBackwardBackward0``), which was the largest
+  single cost of a DeepKKT step. ``impl="reference"`` keeps the plain model (the naive path).
+* Memory-bounded exact path: when the candidates do not fit the budget they are split into chunks.
+  Pass 1 computes S = Σ_chunks Σ_i λ_i ∇_θ L_i without a graph and g = ∂D/∂S from the full S; pass 2
+  recomputes each chunk's Σλ∇L with a graph and backpropagates ⟨g, S_chunk⟩ plus the chunk's primal
+  terms (all separable over candidates). The gradients w.r.t. x and λ equal the one-shot path's; the
+  returned total is a surrogate with the exact value and those gradients.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +42,11 @@ from dsv.train import soft_cross_entropy
 DISTANCES = ("l1", "l2")
 PRIMALS = ("gated", "ungated")
 PARAM_SUBSETS = ("all", "last")
+IMPLS = ("fast", "reference")
+# Peak bytes of a one-shot DeepKKT step per candidate ≈ this factor × the float bytes of one candidate's
+# forward activations (the double-backward graph keeps several copies of every activation). Calibrated
+# against the measured peak RSS in benchmarks/results/perf.md (measured/estimated ratio is reported there).
+GRAPH_BYTES_FACTOR = 12.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +67,12 @@ class KKTConfig:
         beta_norm: β3, squared-norm prior. Paper: 0 (CIFAR-10), 1e-6 (ImageNet).
         eta: η, weight of the KKT terms on the augmented candidates. Paper: 5.
         augment: the augmentation A; paper: translate 0.125, crop 0.2, flip 0.5, noise (0.01 likely).
+        impl: "fast" (default: norms as primitive ops, see module docstring) or "reference" (the plain
+            model; the naive path kept for tests and benchmarks). Same function, same gradients.
+        chunk_size: candidates per chunk of the memory-bounded exact path; 0 = decide from
+            ``memory_budget_mb`` (all at once when that is 0 too).
+        memory_budget_mb: peak memory allowed for the step's graph, in MiB; 0 = unlimited. Used only when
+            ``chunk_size`` is 0: chunk = budget // :func:`estimate_bytes_per_candidate`.
     """
 
     distance: str = "l1"
@@ -55,16 +83,20 @@ class KKTConfig:
     beta_norm: float = 0.0
     eta: float = 5.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    impl: str = "fast"
+    chunk_size: int = 0
+    memory_budget_mb: float = 0.0
 
     def __post_init__(self) -> None:
         for key, val, allowed in (
+            ("impl", self.impl, IMPLS),
             ("distance", self.distance, DISTANCES),
             ("primal", self.primal, PRIMALS),
             ("param_subset", self.param_subset, PARAM_SUBSETS),
         ):
             if val not in allowed:
                 raise ValueError(f"kkt.{key} = {val!r} is not one of {', '.join(allowed)}")
-        for key in ("beta_primal", "beta_tv", "beta_norm", "eta"):
+        for key in ("beta_primal", "beta_tv", "beta_norm", "eta", "chunk_size", "memory_budget_mb"):
             if getattr(self, key) < 0:
                 raise ValueError(f"kkt.{key} must be >= 0, got {getattr(self, key)}")
 
@@ -190,6 +222,11 @@ def kkt_objective(
 ) -> tuple[Tensor, KKTTerms]:
     """L_total = L_kkt(x) + η·L_kkt(A(x)) + β2·L_tv(x) + β3·L_norm(x) (Algorithm 1), with graph.
 
+    Dispatches on ``cfg.impl`` (teacher as is, or through :func:`primitive_norm_view`) and on the chunk
+    size (:func:`resolve_chunk_size`): one shot when all candidates fit, else the memory-bounded exact
+    path of :func:`_kkt_chunked`. Every path returns the same value and the same gradients w.r.t. ``x``
+    and ``lam`` for the same generator state.
+
     Args:
         model: frozen teacher (eval mode).
         params: θ from :func:`stationarity_params`.
@@ -202,12 +239,29 @@ def kkt_objective(
     Returns:
         (differentiable total, detached :class:`KKTTerms`).
     """
+    net = primitive_norm_view(model) if cfg.impl == "fast" else model
+    chunk = resolve_chunk_size(model, x, cfg)
+    if chunk >= x.shape[0]:
+        return _kkt_one_shot(net, params, x, y, lam, cfg, generator)
+    return _kkt_chunked(net, params, x, y, lam, cfg, generator, chunk)
+
+
+def _kkt_one_shot(
+    net: nn.Module,
+    params: list[nn.Parameter],
+    x: Tensor,
+    y: Tensor,
+    lam: Tensor,
+    cfg: KKTConfig,
+    generator: torch.Generator,
+) -> tuple[Tensor, KKTTerms]:
+    """All candidates in one graph: two double-backward passes (x and A(x)). See :func:`kkt_objective`."""
     gated = cfg.primal == "gated"
 
     def kkt(inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        logits = model(inputs)  # (K, C)
+        logits = net(inputs)  # (K, C)
         losses = soft_cross_entropy(logits, y)  # (K,)
-        s = weighted_grad_sum(model, params, losses, lam, create_graph=True)
+        s = weighted_grad_sum(net, params, losses, lam, create_graph=True)
         stat = stationarity_distance(params, s, cfg.distance)
         return stat, primal_loss(logits, y, gated), logits
 
@@ -226,6 +280,215 @@ def kkt_objective(
         primal_aug=primal_a.detach(), tv=tv.detach(), norm=nrm.detach(), logits=logits.detach(),
     )
     return total, terms
+
+
+def _kkt_chunked(
+    net: nn.Module,
+    params: list[nn.Parameter],
+    x: Tensor,
+    y: Tensor,
+    lam: Tensor,
+    cfg: KKTConfig,
+    generator: torch.Generator,
+    chunk: int,
+) -> tuple[Tensor, KKTTerms]:
+    """Memory-bounded exact path: at most ``chunk`` candidates' double-backward graph alive at once.
+
+    Pass 1 (no graph): S = Σ_chunks Σ_i λ_i ∇_θ L_i for x and for A(x), the distances and g = ∂D/∂S.
+    Pass 2 (per chunk, graph freed after each): ∇_{x,λ} of w·⟨g, S_chunk⟩ + w·β1·(chunk's share of
+    L_primal), w = 1 for x and η for A(x). The gradient w.r.t. A(x) is pulled back through the
+    augmentation once at the end, and the priors are taken on the full x (cheap, separable).
+
+    Returns:
+        (surrogate total whose value is L_total and whose gradients w.r.t. x and λ are L_total's,
+        detached :class:`KKTTerms`).
+    """
+    gated = cfg.primal == "gated"
+    k = x.shape[0]
+    spans = [(a, min(a + chunk, k)) for a in range(0, k, chunk)]
+    total_entries = sum(p.numel() for p in params)
+    xl = x.detach().requires_grad_(True)  # leaf standing in for the caller's x
+    lam_d = lam.detach()
+    copies: list[tuple[Tensor, float]] = [(xl, 1.0)]
+    xa_graph = None
+    if cfg.eta > 0 and x.dim() == 4:
+        xa_graph = augment(xl, cfg.augment, generator)  # (K, C, H, W), graph to xl
+        copies.append((xa_graph.detach(), cfg.eta))
+
+    stats, primals, directions, logits_x = [], [], [], None
+    for inputs, weight in copies:  # pass 1
+        s_full = [torch.zeros_like(p) for p in params]
+        logits_parts = []
+        for a, b in spans:
+            logits = net(inputs[a:b])
+            losses = soft_cross_entropy(logits, y[a:b])
+            for acc, gp in zip(s_full, weighted_grad_sum(net, params, losses, lam_d[a:b], create_graph=False)):
+                acc.add_(gp)
+            logits_parts.append(logits.detach())
+        logits_all = torch.cat(logits_parts)
+        logits_x = logits_all if logits_x is None else logits_x
+        stats.append(stationarity_distance(params, s_full, cfg.distance).detach())
+        primals.append(primal_loss(logits_all, y, gated))
+        resid = [p.detach() + sp for p, sp in zip(params, s_full)]
+        # g = w·∂D/∂S: l1 → sign(r)/P (sign(0) = 0, as autograd's abs), l2 → 2r/P.
+        scale = weight / total_entries
+        directions.append([(r.sign() if cfg.distance == "l1" else 2.0 * r) * scale for r in resid])
+
+    grad_inputs = [torch.zeros_like(xl), torch.zeros_like(xl) if xa_graph is not None else None]
+    grad_lam = torch.zeros_like(lam_d)
+    for c, ((inputs, weight), gdir) in enumerate(zip(copies, directions)):  # pass 2
+        gin = grad_inputs[c]
+        for a, b in spans:
+            xi = inputs[a:b].detach().requires_grad_(True)
+            li = lam_d[a:b].clone().requires_grad_(True)
+            logits = net(xi)
+            losses = soft_cross_entropy(logits, y[a:b])
+            s = weighted_grad_sum(net, params, losses, li, create_graph=True)
+            obj = sum((gp * sp).sum() for gp, sp in zip(gdir, s))
+            if cfg.beta_primal > 0:
+                obj = obj + (weight * cfg.beta_primal * (b - a) / k) * primal_loss(logits, y[a:b], gated)
+            gx_c, gl_c = torch.autograd.grad(obj, [xi, li], allow_unused=True)
+            if gx_c is not None:
+                gin[a:b] += gx_c
+            if gl_c is not None:
+                grad_lam[a:b] += gl_c
+    gx = grad_inputs[0]
+    if xa_graph is not None:
+        (ga,) = torch.autograd.grad(xa_graph, xl, grad_outputs=grad_inputs[1])
+        gx = gx + ga
+    zero = x.new_zeros(())
+    tv = nrm = zero
+    if cfg.beta_tv > 0 or cfg.beta_norm > 0:
+        with torch.enable_grad():
+            tv = tv_loss(xl) if cfg.beta_tv > 0 else zero
+            nrm = norm_loss(xl) if cfg.beta_norm > 0 else zero
+            (gp,) = torch.autograd.grad(cfg.beta_tv * tv + cfg.beta_norm * nrm, xl)
+        gx = gx + gp
+        tv, nrm = tv.detach(), nrm.detach()
+    stat, primal = stats[0], primals[0]
+    stat_a, primal_a = (stats[1], primals[1]) if xa_graph is not None else (zero, zero)
+    value = stat + cfg.beta_primal * primal
+    if xa_graph is not None:
+        value = value + cfg.eta * (stat_a + cfg.beta_primal * primal_a)
+    value = value + cfg.beta_tv * tv + cfg.beta_norm * nrm
+    link = (x * gx).sum() + (lam * grad_lam).sum()  # carries the exact gradients back to x and λ
+    total = link - link.detach() + value
+    terms = KKTTerms(
+        total=value, stat=stat, primal=primal, stat_aug=stat_a, primal_aug=primal_a, tv=tv, norm=nrm,
+        logits=logits_x,
+    )
+    return total, terms
+
+
+def group_norm_primitive(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """GroupNorm (instance norm when ``groups`` = channels) from primitive ops, (B, C, ...) -> same.
+
+    y = x·a + (b − μ·a) with a = w / sqrt(σ² + eps) per (sample, channel): one full-size op in the
+    forward, and a double backward made of reductions and elementwise ops (no fused-kernel composite).
+    """
+    b, c = x.shape[:2]
+    bshape = (1, c) + (1,) * (x.dim() - 2)
+    if groups == c:
+        var, mu = torch.var_mean(x, dim=tuple(range(2, x.dim())), correction=0, keepdim=True)  # (B, C, 1, 1)
+    else:
+        var, mu = torch.var_mean(x.reshape(b, groups, -1), dim=2, correction=0, keepdim=True)  # (B, G, 1)
+        shape = (b, c) + (1,) * (x.dim() - 2)
+        var = var.repeat_interleave(c // groups, dim=1).reshape(shape)
+        mu = mu.repeat_interleave(c // groups, dim=1).reshape(shape)
+    a = torch.rsqrt(var + eps)
+    if weight is not None:
+        a = a * weight.view(bshape)
+    shift = -mu * a
+    if bias is not None:
+        shift = shift + bias.view(bshape)
+    return torch.addcmul(shift, x, a)
+
+
+class _PrimitiveNorm(nn.Module):
+    """Wraps an InstanceNorm2d/GroupNorm and evaluates it with :func:`group_norm_primitive`."""
+
+    def __init__(self, norm: nn.Module, groups: int) -> None:
+        super().__init__()
+        self.norm = norm
+        self.groups = groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = self.norm
+        return group_norm_primitive(x, self.groups, n.weight, n.bias, n.eps)
+
+
+def primitive_norm_view(model: nn.Module) -> nn.Module:
+    """The same function as ``model`` with its instance/group norms written as primitive ops.
+
+    A shallow view: containers on the path to a norm are shallow copies whose child lists point to the
+    original submodules (so parameters, buffers and train/eval flags are the teacher's own objects);
+    ``model`` itself is not modified. Norms that use running statistics are left as they are. Rebuilt
+    per call (microseconds), so it never goes stale.
+    """
+    if isinstance(model, nn.InstanceNorm2d) and not model.track_running_stats:
+        return _PrimitiveNorm(model, model.num_features)
+    if isinstance(model, nn.GroupNorm):
+        return _PrimitiveNorm(model, model.num_groups)
+    children = model._modules
+    new = {n: (primitive_norm_view(m) if m is not None else None) for n, m in children.items()}
+    if all(new[n] is children[n] for n in children):
+        return model
+    view = copy.copy(model)
+    view.__dict__["_modules"] = new
+    return view
+
+
+_BYTES_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+
+
+def estimate_bytes_per_candidate(model: nn.Module, x: Tensor, impl: str = "fast") -> int:
+    """Estimated peak bytes of a one-shot DeepKKT step per candidate (graph + double-backward buffers).
+
+    Counts the bytes autograd saves for one candidate's forward (parameters excluded) and multiplies by
+    :data:`GRAPH_BYTES_FACTOR`. Cached per (model, input shape, dtype, device).
+
+    Args:
+        model: the teacher.
+        x: (K, ...) candidates; only shape, dtype and device are used.
+        impl: "fast" (through :func:`primitive_norm_view`) or "reference".
+    """
+    cache = _BYTES_CACHE.setdefault(model, {})
+    key = (tuple(x.shape[1:]), x.dtype, str(x.device), impl)
+    if key in cache:
+        return cache[key]
+    net = primitive_norm_view(model) if impl == "fast" else model
+    param_ptrs = {p.data_ptr() for p in model.parameters()}
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        if t.data_ptr() not in param_ptrs:
+            saved += t.numel() * t.element_size()
+        return t
+
+    probe = torch.zeros((1, *x.shape[1:]), dtype=x.dtype, device=x.device, requires_grad=True)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(probe)
+    est = max(1, int(math.ceil(GRAPH_BYTES_FACTOR * saved)))
+    cache[key] = est
+    return est
+
+
+def resolve_chunk_size(model: nn.Module, x: Tensor, cfg: KKTConfig) -> int:
+    """Candidates per chunk: ``cfg.chunk_size``, else the memory budget's, else all K (one shot).
+
+    Args:
+        model: the teacher (not the view).
+        x: (K, ...) candidates.
+        cfg: ``chunk_size``, ``memory_budget_mb`` and ``impl``.
+    """
+    k = x.shape[0]
+    if cfg.chunk_size > 0:
+        return min(cfg.chunk_size, k)
+    if cfg.memory_budget_mb > 0:
+        per = estimate_bytes_per_candidate(model, x, cfg.impl)
+        return max(1, min(k, int(cfg.memory_budget_mb * 2**20 // per)))
+    return k
 
 
 def stationarity_residual(
