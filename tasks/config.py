@@ -516,8 +516,8 @@ def build(cls: type[T], raw: Any, prefix: str, errors: list[str], base: T | None
     n_errors = len(errors)
     for key in raw:
         if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1)
-            extra = f" (did you mean {_join(prefix, hint[0])!r}?)" if hint else ""
+            hint = _suggest(str(key), cls)
+            extra = f" (did you mean {_join(prefix, hint)!r}?)" if hint else ""
             errors.append(f"unknown key {_join(prefix, str(key))!r}{extra}; allowed keys in {where}: "
                           f"{', '.join(fields)}")
     values: dict[str, Any] = {}
@@ -548,6 +548,25 @@ def build(cls: type[T], raw: Any, prefix: str, errors: list[str], base: T | None
     except (ValueError, TypeError) as exc:
         errors.append(_qualify(str(exc), prefix, list(fields)))
         return None
+
+
+def _suggest(key: str, cls: type) -> str | None:
+    """Closest field name to ``key``; also looks one level down ("steps" -> "solver.steps")."""
+    own = _field_names(cls)
+    hint = difflib.get_close_matches(key, own, n=1, cutoff=0.75)
+    if hint:
+        return hint[0]
+    nested: dict[str, str] = {}
+    for name, hint_type in _hints(cls).items():
+        sub = _dataclass_in(hint_type)
+        if sub is not None:
+            for leaf in _field_names(sub):
+                nested.setdefault(leaf, f"{name}.{leaf}")
+    deep = difflib.get_close_matches(key, list(nested), n=1, cutoff=0.75)
+    if deep:
+        return nested[deep[0]]
+    loose = difflib.get_close_matches(key, own, n=1)
+    return loose[0] if loose else None
 
 
 def _field_names(cls: type) -> list[str]:

@@ -1,0 +1,123 @@
+"""params.yaml validation: types, ranges, unknown keys, overrides, YAML 1.2 floats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.config import (
+    ConfigError,
+    PipelineConfig,
+    apply_overrides,
+    config_from_dict,
+    dump_yaml,
+    load_config,
+    params_hash,
+    parse_yaml,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_yaml12_floats_are_floats() -> None:
+    data = parse_yaml("a: 5e-4\nb: 1E3\nc: 1.0e-3\nd: 7\ne: '5e-4'\nf: .5\n")
+    assert data == {"a": 5e-4, "b": 1000.0, "c": 1e-3, "d": 7, "e": "5e-4", "f": 0.5}
+    assert isinstance(data["a"], float) and isinstance(data["d"], int)
+
+
+def test_float_in_scientific_notation_reaches_the_dataclass(tmp_path: Path) -> None:
+    p = tmp_path / "p.yaml"
+    p.write_text("pretrain:\n  fit: {lr: 5e-4, weight_decay: 1e-2}\n")
+    cfg = load_config(p)
+    assert cfg.pretrain.fit.lr == 5e-4 and cfg.pretrain.fit.weight_decay == 1e-2
+    # untouched keys keep the section's defaults
+    assert cfg.pretrain.fit.epochs == PipelineConfig().pretrain.fit.epochs
+
+
+def test_shipped_params_files_are_valid() -> None:
+    for name in ("params.yaml", "params.smoke.yaml"):
+        cfg = load_config(ROOT / name)
+        assert cfg.prepare.data.name == "fashion_mnist"
+    smoke = load_config(ROOT / "params.smoke.yaml")
+    assert set(smoke.distill.methods) == set(PipelineConfig().distill.methods)  # every method
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("extract.stpes=3", r"unknown key 'extract\.stpes' \(did you mean 'extract\.solver\.steps'\?\); allowed"),
+        ("extract.solver.stpes=3", r"unknown key 'extract\.solver\.stpes' \(did you mean 'extract\.solver\.steps'\?\)"),
+        ("pretrain.model.width=0", r"pretrain\.model\.width must be >= 1, got 0"),
+        ("pretrain.model.width=abc", r"pretrain\.model\.width = 'abc'.*expected int"),
+        ("pretrain.fit.lr=-1", r"pretrain\.fit\.lr must be > 0"),
+        ("pretrain.fit.lr=true", r"pretrain\.fit\.lr = True.*expected float"),
+        ("pretrain.model.name=convnett", r"pretrain\.model\.name = 'convnett' is not one of .*did you mean 'convnet'"),
+        ("extract.ipcs=[0]", r"extract\.ipcs must all be >= 1"),
+        ("extract.ipcs=5", r"extract\.ipcs = 5.*expected tuple"),
+        ("extract.inits=[nshot, zeroshot]", r"extract\.inits = 'zeroshot' is not one of nshot, 0shot, noise"),
+        ("extract.solver.kkt.distance=l3", r"extract\.solver\.kkt\.distance = 'l3' is not one of l1, l2"),
+        ("extract.solver.dual=relu", r"extract\.solver\.dual = 'relu' is not one of drop, clamp, softplus"),
+        ("distill.methods=[random, herdin]", r"distill\.methods = 'herdin'.*did you mean 'herding'"),
+        ("evaluate.protocol.n_runs=0", r"evaluate\.protocol\.n_runs must be >= 1"),
+        ("prepare.data.name=cifar11", r"prepare\.data\.name = 'cifar11'.*did you mean 'cifar10'|'cifar100'"),
+        ("runtime.device=tpu", r"runtime\.device = 'tpu' is not one of cpu, cuda, auto"),
+        ("nosuchsection.key=1", r"unknown key 'nosuchsection'; allowed keys in the top level: prepare"),
+        ("pretrain=3", r"pretrain = 3.*expected a mapping"),
+        ("extract.shards=20", r"extract\.shards = 20 exceeds the smallest IPC"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key(override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_all_problems_in_one_message() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["pretrain.model.width=0", "extract.stpes=1", "coreset.lam.lr=-1"])
+    msg = str(info.value)
+    assert "pretrain.model.width" in msg and "extract.stpes" in msg and "coreset.lam.lr" in msg
+
+
+def test_cross_section_checks() -> None:
+    with pytest.raises(ConfigError, match=r"distill\.ipcs \[20\] are not in extract\.ipcs = \[10\]"):
+        load_config(None, ["distill.ipcs=[20]"])
+    with pytest.raises(ConfigError, match=r"exceed the 10 training images per class"):
+        load_config(None, ["prepare.data.n_per_class=20", "prepare.val_per_class=10", "extract.ipcs=[50]",
+                           "distill.ipcs=[50]"])
+    with pytest.raises(ConfigError, match=r"distill\.methods lists \['dsv_noise'\]"):
+        load_config(None, ["extract.inits=[nshot]", "distill.methods=[dsv_noise]"])
+
+
+def test_overrides_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+        apply_overrides({}, ["extract"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prepare: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_partial_nested_override_keeps_the_parent_default() -> None:
+    # ProxyConfig's default fit is SGD lr 0.01; overriding only its epochs must keep SGD.
+    cfg = load_config(None, ["distill.proxy.fit.epochs=3"])
+    assert cfg.distill.proxy.fit.epochs == 3
+    assert cfg.distill.proxy.fit.optimizer == "sgd" and cfg.distill.proxy.fit.lr == 0.01
+
+
+def test_roundtrip_dump_and_hash_are_stable() -> None:
+    cfg = load_config(None, ["extract.ipcs=[1, 2]", "distill.ipcs=[1]"])
+    assert isinstance(cfg.extract.ipcs, tuple) and cfg.extract.ipcs == (1, 2)
+    again = config_from_dict(parse_yaml(dump_yaml(cfg.to_dict())))
+    assert again == cfg
+    assert params_hash(cfg.section_dict("extract")) == params_hash(again.section_dict("extract"))
+    assert params_hash(cfg.section_dict("extract")) != params_hash(PipelineConfig().section_dict("extract"))
+
+
+def test_restricted_view_resets_other_sections() -> None:
+    cfg = load_config(None, ["pretrain.seed=7", "extract.seed=3"])
+    view = cfg.restricted(["extract"])
+    assert view.extract.seed == 3 and view.pretrain.seed == 0 and view.runtime == cfg.runtime

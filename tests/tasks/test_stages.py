@@ -1,0 +1,65 @@
+"""The stage registry: code closures (cache keys, dvc.yaml deps), output verification, shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tasks.extract import ShardJob
+from tasks.paths import Paths
+from tasks.stages import STAGES, StageOutput, code_files, code_hash, dvc_yaml, hash_files, verify
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_code_closures_follow_dsv_imports_of_the_stage_only() -> None:
+    extract = set(code_files("extract", ROOT))
+    assert {"tasks/extract.py", "dsv/extract.py", "dsv/kkt.py", "dsv/augment.py"} <= extract
+    # tasks.config imports every component's config, but extract does not call DM or the baselines.
+    assert "dsv/dm.py" not in extract and "dsv/baselines.py" not in extract and "dsv/lam.py" not in extract
+    assert "tasks/tracking.py" not in extract  # logging-only modules never change artifacts
+    distill = set(code_files("distill", ROOT))
+    assert {"dsv/dm.py", "dsv/baselines.py", "dsv/protocols.py"} <= distill
+    assert "dsv/extract.py" not in distill
+    assert "dsv/lam.py" in set(code_files("coreset", ROOT))
+
+
+def test_code_hash_is_stable_and_per_stage() -> None:
+    assert code_hash("extract") == code_hash("extract")
+    assert code_hash("extract") != code_hash("distill")
+
+
+def test_dvc_yaml_is_current_and_lists_each_stages_params() -> None:
+    text = (ROOT / "dvc.yaml").read_text()
+    assert text == dvc_yaml(ROOT), "dvc.yaml is stale: regenerate it (see its header)"
+    stages = yaml.safe_load(text)["stages"]
+    assert list(stages) == list(STAGES)
+    for name, spec in STAGES.items():
+        assert stages[name]["cmd"] == f"dsv stage {name}"
+        assert stages[name]["params"] == list(spec.sections)
+        assert f"tasks/{name}.py" in stages[name]["deps"]
+        assert stages[name]["outs"] == [f"artifacts/{name}"]
+
+
+def test_verify_detects_missing_and_changed_files(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    a, b = tmp_path / "artifacts" / "x.bin", tmp_path / "artifacts" / "y.bin"
+    a.parent.mkdir(parents=True)
+    a.write_bytes(b"1")
+    b.write_bytes(b"2")
+    out = StageOutput("prepare", hash_files(paths, [a, b]), {})
+    assert verify(paths, out) == []
+    b.write_bytes(b"3")
+    assert verify(paths, out) == ["artifacts/y.bin"]
+    a.unlink()
+    assert verify(paths, out) == ["artifacts/x.bin", "artifacts/y.bin"]
+
+
+def test_shards_partition_the_ipc() -> None:
+    for ipc in (1, 5, 10, 11):
+        for shards in range(1, ipc + 1):
+            jobs = [ShardJob("nshot", ipc, s, shards) for s in range(shards)]
+            assert sum(j.per_class for j in jobs) == ipc
+            assert all(j.per_class >= 1 for j in jobs)
+            assert [j.offset for j in jobs] == [sum(k.per_class for k in jobs[:i]) for i in range(shards)]
