@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["teacher.py", *argv])
+    commit = _git_commit()  # at start: the code that actually ran
 
     t0 = time.perf_counter()
     ds = load_dataset(DataConfig(name="fashion_mnist", root=args.root, n_per_class=args.n_per_class))
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed,
         "tag": args.tag,
         "command": command,
-        "git_commit": _git_commit(),
+        "git_commit": commit,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
