@@ -46,7 +46,7 @@ IMPLS = ("fast", "reference")
 # Peak bytes of a one-shot DeepKKT step per candidate ≈ this factor × the float bytes of one candidate's
 # forward activations (the double-backward graph keeps several copies of every activation). Calibrated
 # against the measured peak RSS in benchmarks/results/perf.md (measured/estimated ratio is reported there).
-GRAPH_BYTES_FACTOR = 12.0
+GRAPH_BYTES_FACTOR = 5.0
 
 
 @dataclass(frozen=True)
