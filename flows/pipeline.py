@@ -183,7 +183,7 @@ def run_stage(
     return StageOutput.from_dict(result), all_cached and cached
 
 
-@flow(name=FLOW_NAME, log_prints=True, validate_parameters=False)
+@flow(name=FLOW_NAME, log_prints=True, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(
     params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".", track: bool = True
 ) -> dict[str, Any]:

@@ -41,10 +41,16 @@ class ArtifactError(RuntimeError):
 
 
 def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """Atomically save named tensors (contiguous CPU copies) as safetensors."""
+    """Atomically save named tensors (contiguous CPU copies) as safetensors.
+
+    ``metadata`` is stored as ONE header entry (``dsv.meta``, sorted-key JSON): safetensors keeps
+    metadata in a hash map whose order varies between calls, so several entries would make the
+    file's bytes (and so its content hash and every cache key downstream) nondeterministic.
+    """
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"dsv.meta": json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(path) as tmp:
-        save_file(data, str(tmp), metadata=metadata)
+        save_file(data, str(tmp), metadata=header)
     return Path(path)
 
 

@@ -47,19 +47,20 @@ def markdown(teacher_acc: float, rows: list[dict[str, Any]]) -> str:
     lines = [
         f"Teacher test accuracy: {100 * teacher_acc:.2f}%",
         "",
-        "| method | IPC | shots | protocol | labels | test acc (%) | runs | val acc (%) | wall (s) |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|",
+        "| method | IPC | shots | protocol | labels | test acc (%) | runs | val acc (%) |",
+        "|---|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         if r["n_runs"] == 0:
             lines.append(f"| {r['method']} | {r['ipc']} | {r['shots']} | {r['protocol']} | {r['label_type']} | "
-                         f"n/a ({r.get('note', 'no runs')}) | 0 | n/a | {r['wall_s'] or 0:.1f} |")
+                         f"n/a ({r.get('note', 'no runs')}) | 0 | n/a |")
             continue
         lines.append(
             f"| {r['method']} | {r['ipc']} | {r['shots']} | {r['protocol']} | {r['label_type']} | "
             f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | {r['n_runs']} | "
-            f"{100 * r['val_acc_mean']:.2f} | {r['wall_s']:.1f} |"
+            f"{100 * r['val_acc_mean']:.2f} |"
         )
+    lines += ["", "Mean ± population std over runs; wall times per cell: metrics/evaluate.json (`wall_s`)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,319 @@
+"""End to end: the Prefect flow with real caching, MLflow on SQLite, DVC in a git repo, a schedule.
+
+The tests of this module share one tiny project and run in order: first run, unchanged re-run,
+evaluation-param change, deleted artifact. The DVC/code-edit and schedule tests work on copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from tests.integration.conftest import ROOT, TINY_DSV_ROWS, TINY_TRAIN, copy_project
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("prepare", "pretrain", "extract", "coreset", "distill", "evaluate")
+
+
+def _stage_of(task_run_name: str) -> str:
+    return task_run_name.split("-")[0]
+
+
+def task_states(flow_run_id: Any) -> list[tuple[str, str]]:
+    """(task run name, state name) of every task run of a flow run, from the Prefect API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted((r.name, r.state.name if r.state else "?") for r in runs)
+
+
+def stages_by_state(states: list[tuple[str, str]]) -> dict[str, set[str]]:
+    """stage -> set of state names of its task runs."""
+    out: dict[str, set[str]] = {}
+    for name, state in states:
+        out.setdefault(_stage_of(name), set()).add(state)
+    return out
+
+
+def run_in_process(project: Path, overrides: tuple[str, ...] = ()) -> tuple[dict, list[tuple[str, str]]]:
+    from flows.pipeline import pipeline
+
+    state = pipeline(params_path="params.yaml", overrides=list(overrides), root=str(project), return_state=True)
+    assert state.is_completed(), state.message
+    return state.result(), task_states(state.state_details.flow_run_id)
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of the files under ``folder`` (DVC's own .gitignore files excluded)."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".gitignore"
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Path:
+    return copy_project(tmp_path_factory.mktemp("inproc"))
+
+
+@pytest.fixture(scope="module")
+def first(project: Path) -> dict:
+    t0 = time.perf_counter()
+    summary, states = run_in_process(project)
+    return {"summary": summary, "states": states, "seconds": time.perf_counter() - t0}
+
+
+def test_first_run_end_to_end(project: Path, first: dict) -> None:
+    by_stage = stages_by_state(first["states"])
+    assert set(by_stage) == set(STAGES)
+    assert all(s == {"Completed"} for s in by_stage.values()), by_stage
+    # extraction mapped over 3 inits x 1 IPC x 2 shards, distill over 12 cells, plus the merges
+    names = [n for n, _ in first["states"]]
+    assert sum(n.startswith("extract-") and not n.endswith("merge") for n in names) == 6
+    assert sum(n.startswith("distill-") and not n.endswith("merge") for n in names) == 12
+
+    dsv = pd.read_parquet(project / "artifacts/extract/dsv.parquet")
+    assert len(dsv) == TINY_DSV_ROWS
+    assert sorted(dsv["init"].unique()) == ["0shot", "noise", "nshot"]
+    assert dsv.groupby(["init", "label"]).size().eq(2).all()
+    lam = pd.read_parquet(project / "artifacts/coreset/lambdas.parquet")
+    assert len(lam) == TINY_TRAIN and lam.groupby("label")["rank"].min().eq(0).all()
+
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    assert 0.0 < ev["teacher_acc"] <= 1.0
+    from dsv.protocols import METHOD_NAMES
+
+    assert sorted(r["method"] for r in ev["rows"]) == sorted(METHOD_NAMES)
+    for r in ev["rows"]:
+        assert {"method", "ipc", "shots", "protocol", "acc_mean", "acc_std", "n_runs"} <= set(r)
+        assert r["n_runs"] == 2 and 0.0 <= r["acc_mean"] <= 1.0
+    assert (project / "artifacts/evaluate/results.md").read_text().count("| dd | hard |") == 12
+    for stage in STAGES:
+        assert (project / f"artifacts/{stage}/params.resolved.yaml").is_file()
+
+
+def test_mlflow_has_parent_nested_runs_metrics_and_images(project: Path, first: dict) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dsv")
+    assert exp is not None and exp.artifact_location.startswith("file://")
+    parent_id = first["summary"]["mlflow_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["git.commit"]
+    assert "teacher_acc" in parent.data.metrics and "extract.solver.steps" in parent.data.params
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert set(by_name) == set(STAGES)
+    for stage, run in by_name.items():
+        assert run.info.status == "FINISHED" and run.data.tags["cached"] == "false", stage
+    assert len(client.get_metric_history(by_name["pretrain"].info.run_id, "train_loss")) >= 2
+    assert any(k.endswith("/entropy") for k in by_name["extract"].data.metrics)
+    extract_files = [f.path for f in client.list_artifacts(by_name["extract"].info.run_id, "extract")]
+    assert any(p.endswith(".png") and "dsv_grid" in p for p in extract_files)
+    coreset_files = [f.path for f in client.list_artifacts(by_name["coreset"].info.run_id, "coreset")]
+    assert {"coreset/lambda_hist.png", "coreset/sum_lambda_vs_acc.png"} <= set(coreset_files)
+    assert "params.resolved.yaml" in [f.path for f in client.list_artifacts(by_name["distill"].info.run_id)]
+
+
+def test_unchanged_rerun_is_all_cache_hits(project: Path, first: dict) -> None:
+    before = tree_hashes(project / "artifacts")
+    t0 = time.perf_counter()
+    summary, states = run_in_process(project)
+    seconds = time.perf_counter() - t0
+    assert all(state == "Cached" for _, state in states), states
+    assert all(v["cached"] for v in summary["stages"].values())
+    assert tree_hashes(project / "artifacts") == before
+    print(f"first run {first['seconds']:.1f} s, cached re-run {seconds:.1f} s")
+    # a cache hit still leaves a trace run, tagged cached
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    children = client.search_runs(
+        [client.get_experiment_by_name("dsv").experiment_id],
+        f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'",
+    )
+    assert len(children) == 6 and all(r.data.tags["cached"] == "true" for r in children)
+
+
+def test_evaluation_param_change_reruns_only_distill_and_evaluate(project: Path, first: dict) -> None:
+    summary, states = run_in_process(project, ("evaluate.protocol.n_runs=1",))
+    by_stage = stages_by_state(states)
+    for stage in ("prepare", "pretrain", "extract", "coreset"):
+        assert by_stage[stage] == {"Cached"}, (stage, by_stage)
+    for stage in ("distill", "evaluate"):
+        assert by_stage[stage] == {"Completed"}, (stage, by_stage)
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    assert {r["n_runs"] for r in ev["rows"]} == {1}
+
+
+def test_deleted_or_corrupted_artifact_is_rebuilt(project: Path, first: dict) -> None:
+    teacher = project / "artifacts/pretrain/teacher.safetensors"
+    digest = hashlib.sha256(teacher.read_bytes()).hexdigest()
+    teacher.unlink()
+    shard = project / "artifacts/extract/shards/noise_ipc2_shard1.safetensors"
+    shard_digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    summary, states = run_in_process(project)
+    by_name: dict[str, set[str]] = {}
+    for name, state in states:
+        by_name.setdefault(name, set()).add(state)
+    assert by_name["pretrain"] == {"Cached", "Completed"}  # hit, verified as missing, recomputed
+    assert by_name["extract-noise_2_1_2"] == {"Cached", "Completed"}
+    assert hashlib.sha256(teacher.read_bytes()).hexdigest() == digest  # deterministic rebuild
+    assert hashlib.sha256(shard.read_bytes()).hexdigest() == shard_digest
+    assert by_name["coreset"] == {"Cached"}  # its inputs (the teacher's hash) did not change
+    assert not summary["stages"]["pretrain"]["cached"]
+
+
+# ------------------------------------------------------------------------------- DVC + code edit
+
+
+def _env(project: Path, api_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "PYTHONPATH": str(project),
+        "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        "PREFECT_API_URL": api_url,
+        "PREFECT_HOME": str(project / ".dsv/prefect"),
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(project / ".dvc-site-cache"),
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+    })
+    return env
+
+
+def _sh(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> str:
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+def _latest_flow_run_states(api_url: str) -> list[tuple[str, str]]:
+    from prefect import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+    return task_states(runs[0].id)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Path:
+    project = copy_project(tmp_path_factory.mktemp("dvcrepo"))
+    (project / ".gitignore").write_text("/.dsv/\n/mlflow.db\n/mlartifacts/\n/.dvc-site-cache/\n__pycache__/\n")
+    env = _env(project, prefect_api)
+    _sh(["git", "init", "-q"], project, env)
+    _sh([sys.executable, "-m", "dvc", "init", "-q"], project, env)
+    _sh(["git", "add", "-A"], project, env)
+    _sh(["git", "commit", "-q", "-m", "tiny project"], project, env)
+    return project
+
+
+def test_dvc_repro_matches_the_flow_and_skips_when_unchanged(repo: Path, prefect_api: str) -> None:
+    env = _env(repo, prefect_api)
+    _sh([sys.executable, "-m", "flows.cli", "run"], repo, env)
+    flow_artifacts = tree_hashes(repo / "artifacts")
+    assert len(flow_artifacts) > 20
+    out = _sh([sys.executable, "-m", "dvc", "repro"], repo, env, timeout=600)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out
+    assert tree_hashes(repo / "artifacts") == flow_artifacts  # same code path, identical bytes
+    out = _sh([sys.executable, "-m", "dvc", "repro"], repo, env)
+    assert "Running stage" not in out
+    assert "up to date" in out or "didn't change" in out
+    assert len(pd.read_parquet(repo / "artifacts/extract/dsv.parquet")) == TINY_DSV_ROWS
+
+
+def test_editing_a_dsv_function_reruns_extract_and_dependants(repo: Path, prefect_api: str) -> None:
+    env = _env(repo, prefect_api)
+    _sh([sys.executable, "-m", "flows.cli", "run"], repo, env)  # warm (cache hits or not)
+    before = pd.read_parquet(repo / "artifacts/extract/dsv.parquet")["entropy"].to_numpy()
+    target = repo / "dsv/extract.py"
+    src = target.read_text()
+    old = "    return -(logp.exp() * logp).sum(dim=1)\n"
+    assert old in src, "dsv.extract.entropy_of changed; update this test's edit"
+    # A real change of behaviour: the recorded entropies change, so dsv.parquet's bytes change.
+    target.write_text(src.replace(old, "    return -(logp.exp() * logp).sum(dim=1) * 1.5\n"))
+    _sh([sys.executable, "-m", "flows.cli", "run"], repo, env)
+    by_stage = stages_by_state(_latest_flow_run_states(prefect_api))
+    for stage in ("prepare", "pretrain", "coreset"):
+        assert by_stage[stage] == {"Cached"}, (stage, by_stage)
+    for stage in ("extract", "distill", "evaluate"):
+        assert "Completed" in by_stage[stage] and "Cached" not in by_stage[stage], (stage, by_stage)
+    after = pd.read_parquet(repo / "artifacts/extract/dsv.parquet")["entropy"].to_numpy()
+    assert (after != before).any()  # the edited function's values reached the artifact
+    assert ROOT.joinpath("dsv/extract.py").read_text() == src  # the real project is untouched
+
+
+# ----------------------------------------------------------------------------------- schedule
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_served_flow_fires_on_schedule(repo: Path, tmp_path: Path) -> None:
+    import urllib.request
+
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = _env(repo, api)
+    server_env = {**env, "PREFECT_HOME": str(tmp_path / "server-home"),
+                  "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
+    env["PREFECT_RUNNER_POLL_FREQUENCY"] = "2"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    served = None
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "prefect server did not start"
+                time.sleep(1)
+        served = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--interval", "5", "--name", "it"],
+            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        body = json.dumps({"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}, "limit": 5}).encode()
+        deadline = time.monotonic() + 180
+        completed: list[dict] = []
+        while not completed:
+            assert served.poll() is None, "dsv serve exited"
+            assert time.monotonic() < deadline, "no scheduled flow run completed within 180 s"
+            time.sleep(3)
+            req = urllib.request.Request(f"{api}/flow_runs/filter", data=body,
+                                         headers={"Content-Type": "application/json"})
+            completed = [r for r in json.loads(urllib.request.urlopen(req, timeout=10).read())
+                         if r.get("deployment_id")]
+        assert completed[0]["state"]["type"] == "COMPLETED"
+    finally:
+        for proc in (served, server):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
