@@ -209,10 +209,15 @@ def run(args: argparse.Namespace) -> None:
     res_batches = [10, 100] if not args.resnet_small else [10]
     if args.quick:
         cases, batches, res_batches = [Case("convnet", 64, (1, 28, 28))], [10, 100], []
-    plan = [(c, k) for c in cases for k in batches]
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
+    timed = [c for c in cases if not args.cases or f"{c.label}/{c.input}" in args.cases.split(",")]
+    plan = [(c, k) for c in timed for k in batches]
     if res_batches:
         plan += [(Case("resnet18", 64, (3, 32, 32)), k) for k in res_batches]
     rows = []
+    if args.append and (Path(args.out) / "perf.json").exists():
+        rows = json.loads((Path(args.out) / "perf.json").read_text())
     for case, k in plan:
         teacher = _teacher(case)
         reps = args.repeats if k <= 100 else max(2, args.repeats // 2)
@@ -277,7 +282,10 @@ def run(args: argparse.Namespace) -> None:
 def write(rows: list[dict], chunked: list[dict], lam: dict | None, args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "  ".join([".venv/bin/python benchmarks/perf.py", *map(shlex.quote, sys.argv[1:])]),
+    command = " ".join([".venv/bin/python benchmarks/perf.py", *map(shlex.quote, sys.argv[1:])])
+    if args.append and (out / "perf_extra.json").exists():
+        command = json.loads((out / "perf_extra.json").read_text())["meta"]["command"] + "` then `" + command
+    meta = {"command": command,
             "git_commit": _git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "loadavg_end": os.getloadavg()[0]}
     (out / "perf.json").write_text(json.dumps(rows, indent=1) + "\n")
@@ -329,6 +337,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one model, batches 10/100 (development)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--resnet-small", action="store_true", help="ResNet-18 at batch 10 only")
+    ap.add_argument("--batches", help="comma-separated batch sizes (default 10,100,500)")
+    ap.add_argument("--cases", help="comma-separated label/input to time, e.g. convnet3-w64/32x32x3")
+    ap.add_argument("--append", action="store_true", help="keep the rows already in perf.json (a run in parts)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-lambda", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
