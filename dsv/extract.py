@@ -32,12 +32,15 @@ class ExtractConfig:
     Attributes:
         steps: optimisation steps. Unreported in the paper.
         lr_x: learning rate of the candidates (normalised input units). Unreported; draft notes say 1e-3.
-        lr_lam: learning rate of λ, relative to its scale s (see module docstring). Draft notes: 0.1.
+        lr_lam: learning rate of λ, relative to its scale s (see module docstring). Draft notes say 0.1
+            (absolute); relative 1.0 lets λ grow to the ~30x its initial scale that the measured runs
+            needed within 150 steps (at 0.1 the stationarity residual had barely moved).
         optimizer: "adam" or "sgd" (momentum 0.9) for both x and λ. Unreported; Adam chosen.
         lam_init: initial λ for every candidate; None = the best uniform λ for the initial candidates.
         dual: how λ ≥ 0 is enforced. "drop" = the paper's Algorithm 1 (a candidate whose λ turns
-            negative is discarded); "clamp" (λ projected to 0, candidate kept) and "softplus"
-            (λ = softplus(ρ)) are deviations from the paper.
+            negative is discarded); "clamp" (λ projected to 0, candidate kept; the shipped default, a
+            deviation: on Fashion-MNIST IPC 10 "drop" kept 84/100 candidates and its students scored
+            74.6% vs 78.3% for "clamp") and "softplus" (λ = softplus(ρ), also a deviation).
         spare: extra candidates per class as a fraction of IPC (used by :func:`init_candidates`);
             survivors beyond IPC are trimmed by highest λ.
         clamp_pixels: keep candidates inside the valid pixel range [0, 1] (mapped to normalised space).
@@ -49,10 +52,10 @@ class ExtractConfig:
 
     steps: int = 200
     lr_x: float = 0.01
-    lr_lam: float = 0.1
+    lr_lam: float = 1.0
     optimizer: str = "adam"
     lam_init: float | None = None
-    dual: str = "drop"
+    dual: str = "clamp"
     spare: float = 0.0
     clamp_pixels: bool = True
     kkt: KKTConfig = field(default_factory=KKTConfig)
