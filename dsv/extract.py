@@ -306,7 +306,7 @@ def extract(
             x.grad, u.grad = gx, gu
             opt.step()
             with torch.no_grad():
-                if lo is not None:
+                if lo is not None and hi is not None:
                     x.copy_(torch.maximum(torch.minimum(x, hi), lo))
                 if cfg.dual == "drop":
                     alive &= u >= 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,13 +59,14 @@ def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _activation(name: str) -> nn.Module:
-    return {
+    makers: dict[str, Callable[[], nn.Module]] = {
         "relu": nn.ReLU,
         "leaky_relu": lambda: nn.LeakyReLU(0.01),
         "gelu": nn.GELU,
         "silu": nn.SiLU,
         "tanh": nn.Tanh,
-    }[name]()
+    }
+    return makers[name]()
 
 
 def _norm(name: str, channels: int) -> nn.Module:
@@ -154,7 +156,7 @@ class ResNet18(nn.Module):
         return self.classifier(self.embed(x))
 
 
-def _tiny(cls: type[nn.Module], **over: object) -> Callable[[tuple[int, ...], int, ModelConfig], nn.Module]:
+def _tiny(cls: type[nn.Module], **over: Any) -> Callable[[tuple[int, ...], int, ModelConfig], nn.Module]:
     def build(in_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> nn.Module:
         from dataclasses import replace
 

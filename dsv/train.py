@@ -167,7 +167,8 @@ def fit(
         teacher.eval()
     model.train()
     result = FitResult(model=model)
-    running, count, step = 0.0, 0, 0
+    running = torch.zeros((), device=device)  # summed on the device: no host sync inside the interval
+    count, step = 0, 0
     perm = torch.randperm(n, generator=g)
     cursor = 0
     while step < total:
@@ -192,14 +193,17 @@ def fit(
         loss.backward()
         opt.step()
         step += 1
-        running += loss.detach().item() if step % report_every == 0 or step == total else 0.0
+        running += loss.detach()
         count += 1
         if step % report_every == 0 or step == total:
-            # Only the last batch of each interval is synced to the host, keeping the loop sync-free.
-            result.losses.append(running)
+            mean_loss = float(running) / count  # one host sync per reporting interval
+            if not torch.isfinite(torch.tensor(mean_loss)):
+                raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step} of {total}")
+            result.losses.append(mean_loss)
             if callback is not None:
-                callback(TrainEvent(step=step, total_steps=total, loss=running, lr=lr))
-            running, count = 0.0, 0
+                callback(TrainEvent(step=step, total_steps=total, loss=mean_loss, lr=lr))
+            running.zero_()
+            count = 0
     result.steps = step
     model.eval()
     return result
