@@ -200,6 +200,51 @@ def lambda_throughput(n: int, steps: int) -> dict[str, float]:
             "steps": float(cfg.steps), "source": ds.source}
 
 
+NOTES = [
+    "- **CUDA path not measured**: no GPU was available to this session. The fast and chunked paths contain no "
+    "host-device synchronisation (no `.item()`/`float()`/`bool()` on tensors, chunk sizes are Python ints); "
+    "the same tests run on CPU. Mixed precision and torch.compile were not tried (AOTAutograd does not "
+    "support the double backward this step needs).",
+    "- **What helped**: evaluating the teacher through `dsv.kkt.primitive_norm_view` (instance/group norm "
+    "written as `var_mean` + `rsqrt` + `addcmul`). Profiling one naive stationarity pass (ConvNet-3 w64, "
+    "K=100) put 31% of its CPU time in `NativeBatchNormBackwardBackward0` (the composite double backward "
+    "of the fused norm kernel that nn.InstanceNorm2d uses); with primitives that node is gone and "
+    "convolutions dominate the profile.",
+    "- **What did not help** (single-pass micro-benchmarks during development, same machine): a custom "
+    "autograd.Function with a hand-written backward (slower than plain primitives), channels_last (no "
+    "change), one concatenated forward of x and A(x) with both weighted gradients from one "
+    "`autograd.grad(..., is_grads_batched=True)` (vmapped backward: not faster in wall time, and "
+    "its float32 λ-gradient differed from the two-pass one by up to 0.15, not investigated further); a mean/E[x²] variance (as fast, less stable).",
+    "- **What bounds the ratio**: one stationarity pass needs forward + backward (create_graph) + the double "
+    "backward: ≈7 convolution-sized ops per conv layer against 3 for a training step (≈2.3×), plus the "
+    "elementwise double backward of norm, ReLU and pooling at full resolution, which is memory-bound on "
+    "this CPU. The step does two passes (x and A(x)), so a full step is ≈2× the per-pass ratio.",
+    "- **Noise**: the machine is shared (load average 5-8 on 2 cores during the run); the three variants are "
+    "interleaved, but with 2-3 repeats single rows can still swing by ±30% (a row where naive ≈ fast is "
+    "more likely noise than a regression). CPU-time ratios are given as a cross-check. Calibration: "
+    "ResNet-18 uses BatchNorm with running statistics, which the view leaves alone, so its fast and naive "
+    "steps run identical code, yet its row shows 0.79x. Re-checking the worst row (convnet3-w128 32x32x3 "
+    "K=10, 0.41x) right after the run, 5 interleaved repeats: fast 1.01 s vs naive 1.68 s with 2 threads "
+    "(1.67x), 0.31 s vs 0.39 s with 1 thread (1.24x). With the machine oversubscribed, 1 thread was ~3x "
+    "faster than 2 for the same step (OpenMP barriers wait for descheduled threads; the fast path has more, "
+    "smaller ops, so it suffers more).",
+    "- **Runs in parts**: the first command was stopped after its 28x28x1 rows (convnet3-w128 at K=500 took "
+    "minutes per repeat on the loaded machine); the second timed 32x32x3 at K=10/100 only (K=500 not "
+    "measured there) and ResNet-18 at K=10 only, and measured memory, the chunked path and λ fitting.",
+    "- **Bytes per candidate** are RSS-peak slopes (fresh process per point); `est.` is "
+    "`dsv.kkt.estimate_bytes_per_candidate` (5 × the bytes autograd saves in one candidate's forward), "
+    "which `KKTConfig.memory_budget_mb` uses to pick the chunk size.",
+]
+
+
+def render(args: argparse.Namespace) -> None:
+    """Rewrite perf.md from perf.json and perf_extra.json (no measurement)."""
+    out = Path(args.out)
+    extra = json.loads((out / "perf_extra.json").read_text())
+    rows = json.loads((out / "perf.json").read_text())
+    write(rows, extra["chunked"], extra["lambda"], args, meta=extra["meta"])
+
+
 # -------------------------------------------------------------------------------------------- main
 
 def run(args: argparse.Namespace) -> None:
@@ -279,15 +324,23 @@ def run(args: argparse.Namespace) -> None:
     write(rows, chunked, lam, args)
 
 
-def write(rows: list[dict], chunked: list[dict], lam: dict | None, args: argparse.Namespace) -> None:
+def write(rows: list[dict], chunked: list[dict], lam: dict | None, args: argparse.Namespace,
+          meta: dict | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if meta is not None:
+        _write_files(rows, chunked, lam, out, meta)
+        return
     command = " ".join([".venv/bin/python benchmarks/perf.py", *map(shlex.quote, sys.argv[1:])])
     if args.append and (out / "perf_extra.json").exists():
         command = json.loads((out / "perf_extra.json").read_text())["meta"]["command"] + "` then `" + command
     meta = {"command": command,
             "git_commit": _git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "loadavg_end": os.getloadavg()[0]}
+    _write_files(rows, chunked, lam, out, meta)
+
+
+def _write_files(rows: list[dict], chunked: list[dict], lam: dict | None, out: Path, meta: dict) -> None:
     (out / "perf.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "perf_extra.json").write_text(json.dumps({"meta": meta, "chunked": chunked, "lambda": lam}, indent=1) + "\n")
     lines = [
@@ -323,6 +376,7 @@ def write(rows: list[dict], chunked: list[dict], lam: dict | None, args: argpars
             lines.append(f"| {c['model']} | {c['input']} | {c['batch']} | {c['memory_budget_mb']:.1f} | "
                          f"{c['peak_one_shot_bytes'] / 2**20:.1f} | {c['peak_chunked_bytes'] / 2**20:.1f} | "
                          f"{c['step_one_shot_s']:.3f} | {c['step_chunked_s']:.3f} |")
+    lines += ["", "## Notes", "", *NOTES]
     if lam:
         lines += ["", "## λ fitting throughput", "",
                   f"dsv.lam.fit_lambdas, ConvNet-3 width 64 (seeded, untrained weights: throughput does not depend "
@@ -343,12 +397,16 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-lambda", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--render", action="store_true", help="only rewrite perf.md from the JSON files")
     ap.add_argument("--mem-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mem_probe:
         p = json.loads(args.mem_probe)
         print(json.dumps(mem_probe(p["model"], p["width"], tuple(p["in_shape"]), p["k"], p["impl"],
                                    p["chunk_size"], p["budget_mb"])))
+        return
+    if args.render:
+        render(args)
         return
     run(args)
 
