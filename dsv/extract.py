@@ -281,12 +281,14 @@ def extract(
         d0 = _distance_at_zero(params, cfg.kkt.distance)
         trace: list[dict[str, float]] = []
         last_finite = float("nan")
+        everyone = torch.arange(k, device=device)
         for step in range(cfg.steps + 1):
-            idx = alive.nonzero(as_tuple=True)[0]
-            if idx.numel() == 0:
+            # Only the paper's drop rule changes the candidate set; the other rules need no host sync here.
+            idx = alive.nonzero(as_tuple=True)[0] if cfg.dual == "drop" else everyone
+            if cfg.dual == "drop" and idx.numel() == 0:
                 break
             lam_all = scale * (F.softplus(u) if cfg.dual == "softplus" else u)
-            xs, ys, lams = x[idx], y[idx], lam_all[idx]
+            xs, ys, lams = (x, y, lam_all) if cfg.dual != "drop" else (x[idx], y[idx], lam_all[idx])
             total, terms = kkt_objective(model, params, xs, ys, lams, cfg.kkt, g)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 loss_val = float(terms.total)
@@ -312,7 +314,7 @@ def extract(
                     alive &= u >= 0
                 elif cfg.dual == "clamp":
                     u.clamp_(min=0.0)
-                if bool((u.abs() > cfg.max_lam_ratio).any()):
+                if step % cfg.log_every == 0 and bool((u.abs() > cfg.max_lam_ratio).any()):
                     raise FloatingPointError(
                         f"λ diverged at step {step}: max λ/scale = {float(u.abs().max()):.3g} > "
                         f"{cfg.max_lam_ratio:g}; last finite loss {last_finite:.6g}"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -131,7 +132,7 @@ def weighted_grad_sum(
     return list(torch.autograd.grad((lam * losses).sum(), params, create_graph=create_graph))
 
 
-def stationarity_distance(theta: list[Tensor], grad_sum: list[Tensor], distance: str = "l1") -> Tensor:
+def stationarity_distance(theta: Sequence[Tensor], grad_sum: Sequence[Tensor], distance: str = "l1") -> Tensor:
     """D(θ*, −Σλ∇L) of Eq. 8, averaged over all parameter entries.
 
     The residual is r = θ* + Σ_i λ_i ∇_θ L_i; "l1" returns mean |r|, "l2" returns mean r².
@@ -315,7 +316,10 @@ def _kkt_chunked(
         xa_graph = augment(xl, cfg.augment, generator)  # (K, C, H, W), graph to xl
         copies.append((xa_graph.detach(), cfg.eta))
 
-    stats, primals, directions, logits_x = [], [], [], None
+    stats: list[Tensor] = []
+    primals: list[Tensor] = []
+    directions: list[list[Tensor]] = []
+    logits_x: Tensor | None = None
     for inputs, weight in copies:  # pass 1
         s_full = [torch.zeros_like(p) for p in params]
         logits_parts = []
@@ -334,7 +338,7 @@ def _kkt_chunked(
         scale = weight / total_entries
         directions.append([(r.sign() if cfg.distance == "l1" else 2.0 * r) * scale for r in resid])
 
-    grad_inputs = [torch.zeros_like(xl), torch.zeros_like(xl) if xa_graph is not None else None]
+    grad_inputs = [torch.zeros_like(xl) for _ in copies]
     grad_lam = torch.zeros_like(lam_d)
     for c, ((inputs, weight), gdir) in enumerate(zip(copies, directions)):  # pass 2
         gin = grad_inputs[c]
@@ -344,7 +348,7 @@ def _kkt_chunked(
             logits = net(xi)
             losses = soft_cross_entropy(logits, y[a:b])
             s = weighted_grad_sum(net, params, losses, li, create_graph=True)
-            obj = sum((gp * sp).sum() for gp, sp in zip(gdir, s))
+            obj = torch.stack([(gp * sp).sum() for gp, sp in zip(gdir, s)]).sum()
             if cfg.beta_primal > 0:
                 obj = obj + (weight * cfg.beta_primal * (b - a) / k) * primal_loss(logits, y[a:b], gated)
             gx_c, gl_c = torch.autograd.grad(obj, [xi, li], allow_unused=True)
@@ -373,6 +377,7 @@ def _kkt_chunked(
     value = value + cfg.beta_tv * tv + cfg.beta_norm * nrm
     link = (x * gx).sum() + (lam * grad_lam).sum()  # carries the exact gradients back to x and λ
     total = link - link.detach() + value
+    assert logits_x is not None
     terms = KKTTerms(
         total=value, stat=stat, primal=primal, stat_aug=stat_a, primal_aug=primal_a, tv=tv, norm=nrm,
         logits=logits_x,
@@ -414,7 +419,7 @@ class _PrimitiveNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n = self.norm
-        return group_norm_primitive(x, self.groups, n.weight, n.bias, n.eps)
+        return group_norm_primitive(x, self.groups, n.weight, n.bias, n.eps)  # type: ignore[arg-type]
 
 
 def primitive_norm_view(model: nn.Module) -> nn.Module:
