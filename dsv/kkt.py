@@ -59,8 +59,11 @@ class KKTConfig:
     Attributes:
         distance: D of Eq. 8. "l1" (default, paper text): mean over parameter entries of |θ* + Σλ∇L|;
             "l2" (Algorithm 1): mean of the squared entries.
-        param_subset: parameters θ the stationarity condition is imposed on: "all" or "last" (final
-            linear layer only; the paper inverts a model whose last layer was retrained).
+        param_subset: parameters θ the stationarity condition is imposed on: "all" (the paper's Eq. 8)
+            or "last" (final linear layer only; the paper inverts a model whose last layer was
+            retrained). Default "last", a measured deviation: on a Fashion-MNIST ConvNet teacher the
+            relative stationarity residual stayed at 0.997 after 100 steps with "all" (the term never
+            acts) and fell 0.999 -> 0.758 in 150 steps with "last".
         primal: "gated" (default, Eq. 7: zero loss for candidates already classified as their target)
             or "ungated" (plain cross-entropy, Algorithm 1).
         beta_primal: β1. Paper: 2e-3 (CIFAR-10 distillation), 2e-5 (ImageNet generation).
@@ -77,7 +80,7 @@ class KKTConfig:
     """
 
     distance: str = "l1"
-    param_subset: str = "all"
+    param_subset: str = "last"
     primal: str = "gated"
     beta_primal: float = 2e-3
     beta_tv: float = 0.0

@@ -51,7 +51,7 @@ def test_teacher_parameters_are_bit_identical(teacher: torch.nn.Module) -> None:
 def test_drop_rule_removes_negative_lambda_and_reports(teacher: torch.nn.Module) -> None:
     x0, y0 = _cands(4)
     # A huge λ learning rate makes some λ overshoot below zero within a few steps.
-    res = extract(teacher, x0, y0, ExtractConfig(steps=15, dual="drop", lr_lam=5.0), seed=0)
+    res = extract(teacher, x0, y0, ExtractConfig(steps=15, dual="drop", lr_lam=5.0, kkt=KKTConfig(param_subset="all")), seed=0)
     assert res.dropped > 0
     assert sum(res.survivors_per_class) == 12 - res.dropped == res.x.shape[0]
     assert (res.lam >= 0).all()
