@@ -218,6 +218,9 @@ class DistillConfig:
         proxy: proxy model of the forgetting/EL2N selectors.
         full_epochs: epochs of the ``full`` method's students (the protocol's epoch budget is meant
             for tiny sets; on the whole training split it would take days).
+        dm_real: real images DM may use: "shots" (default; `ipc` per class, the same budget as
+            dsv_nshot, synthetic images start from noise) or "full" (the whole training split, DM's
+            original setting, initialised from real images).
     """
 
     methods: tuple[str, ...] = METHOD_NAMES
@@ -226,9 +229,11 @@ class DistillConfig:
     dm: DMConfig = field(default_factory=DMConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     full_epochs: int = 2
+    dm_real: str = "shots"
 
     def __post_init__(self) -> None:
         _choices("methods", self.methods, METHOD_NAMES)
+        _choices("dm_real", (self.dm_real,), ("shots", "full"))
         _positive_ints("ipcs", self.ipcs)
         if self.full_epochs < 1:
             raise ValueError(f"full_epochs must be >= 1, got {self.full_epochs}")

@@ -116,6 +116,14 @@ def build_set(method: str, ipc: int, inp: _Inputs) -> tuple[Tensor, Tensor, int]
         idx = read_lambdas_parquet(inp.paths.lambdas_parquet).topk(ipc, c)
     elif method == "dm":
         g = torch.Generator().manual_seed(cfg.distill.seed)
+        if cfg.distill.dm_real == "shots":
+            # Few-shot DM (the paper's fair baseline): the real pool is only `ipc` images per class, the
+            # same budget as dsv_nshot. Initialised from those same images DM's loss is exactly zero
+            # (it would return them unchanged), so the synthetic set starts from noise.
+            pool = per_class_indices(y, ipc, c, g)
+            init_x = torch.randn((pool.numel(), *x.shape[1:]), generator=g)
+            res = distribution_matching(x[pool], y[pool], init_x, y[pool], cfg.distill.dm, seed=cfg.distill.seed)
+            return res.x.detach().cpu(), res.y.cpu(), ipc
         init = per_class_indices(y, ipc, c, g)
         res = distribution_matching(x, y, x[init], y[init], cfg.distill.dm, seed=cfg.distill.seed)
         return res.x.detach().cpu(), res.y.cpu(), inp.per_class
