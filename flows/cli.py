@@ -1,17 +1,21 @@
 """The ``dsv`` command line.
 
-    dsv run   [-p params.yaml] [-S section.key=value ...] [--no-mlflow]   the Prefect flow, cached
-    dsv stage NAME [-p params.yaml] [-S ...] [--no-mlflow]                one stage, no Prefect (DVC)
+    dsv run   [-p params.yaml] [-S section.key=value ...] [--no-mlflow] [--wait S]  the Prefect flow, cached
+    dsv stage NAME [-p params.yaml] [-S ...] [--no-mlflow] [--wait S]      one stage, no Prefect (DVC)
     dsv serve (--cron EXPR | --interval SECONDS) [-p ...] [-S ...]         a scheduled deployment
     dsv ui    [--port 5000] [--host 127.0.0.1]                             MLflow UI on the project store
+    dsv report [-p params.yaml] [-o PATH]                                  HTML report of the last run
 
 Bad input (unknown key, bad value, missing file) prints one line ``dsv: error: ...`` and exits 2.
+``run`` and ``stage`` lock the output folder (:mod:`tasks.lock`): a second one in the same folder
+refuses with one line naming the holder's pid (exit 75), or waits up to ``--wait`` seconds.
 Paths are relative to the current directory, which is the project root.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -23,6 +27,7 @@ from tasks.paths import STAGE_NAMES
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,10 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline as a cached Prefect flow")
     _params_args(run)
     run.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    _wait_arg(run)
     stage = sub.add_parser("stage", help="run one stage without Prefect (what dvc.yaml calls)")
     stage.add_argument("name", choices=STAGE_NAMES)
     _params_args(stage)
     stage.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    _wait_arg(stage)
     serve = sub.add_parser("serve", help="serve the flow as a scheduled Prefect deployment")
     _params_args(serve)
     when = serve.add_mutually_exclusive_group(required=True)
@@ -64,7 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="start the MLflow UI on the project's tracking store")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    report = sub.add_parser("report", help="write a self-contained HTML report of the last run (and log it)")
+    _params_args(report)
+    report.add_argument("-o", "--output", default=None,
+                        help="HTML file (default: <output_dir>/report.html)")
+    report.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     return parser
+
+
+def _wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="when another dsv process holds the output folder, wait up to SECONDS (default: refuse)")
+
+
+def _lock(cfg, root: Path, command: str, wait: float):  # noqa: ANN001, ANN202 - PipelineConfig, OutputLock
+    """Take the output folder's lock, or end with one line naming the holder (exit 75)."""
+    from tasks.lock import LockError, OutputLock
+
+    lock = OutputLock((root / cfg.runtime.output_dir).resolve(), command, wait)
+    try:
+        return lock.acquire()
+    except LockError as exc:
+        _fail(str(exc), EXIT_LOCKED)
+    except OSError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    raise AssertionError("unreachable")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - returns PipelineConfig, imported lazily
@@ -84,32 +115,55 @@ def _cmd_run(args: argparse.Namespace, root: Path) -> int:
     from flows.pipeline import pipeline_with_workers
 
     started = time.perf_counter()
+    # Locked before Prefect starts, so a refused run leaves no trace anywhere (the flow re-enters it).
+    lock = _lock(cfg, root, "dsv run", args.wait)
     flow = pipeline_with_workers(cfg.runtime.workers)
     try:
         summary = flow(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides), root=str(root),
                        track=not args.no_mlflow)
     except Exception as exc:  # the flow already logged the traceback; end with one line
         _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
-    _summary(summary, cfg, root, time.perf_counter() - started)
+    finally:
+        lock.release()
+    print(run_summary(summary, cfg, root, time.perf_counter() - started, args.params))
     return 0
 
 
-def _summary(summary: dict, cfg, root: Path, seconds: float) -> None:  # noqa: ANN001
+def mlflow_run_url(experiment_id: str, run_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """The address of a run in ``dsv ui`` (MLflow's UI route ``#/experiments/<id>/runs/<id>``)."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def run_summary(summary: dict, cfg, root: Path, seconds: float, params: str = "params.yaml") -> str:  # noqa: ANN001
+    """The end-of-run summary: stages, teacher accuracy, DSVs per class, the results table, where things are."""
     from tasks.artifacts import read_json
     from tasks.paths import Paths
 
     paths = Paths((root / cfg.runtime.output_dir).resolve())
     cached = [s for s, v in summary["stages"].items() if v["cached"]]
-    print(f"dsv: pipeline finished in {seconds:.1f} s; cached stages: {', '.join(cached) or 'none'}")
-    try:
+    lines = [f"dsv: pipeline finished in {seconds:.1f} s; cached stages: {', '.join(cached) or 'none'}"]
+    try:  # the summary is a courtesy; the artifacts are the record
         ev = read_json(paths.metrics("evaluate"))
-        print(f"teacher test accuracy: {100 * ev['teacher_acc']:.2f}%")
-        print(paths.results_table.read_text().split("\n", 2)[-1].rstrip())
-    except Exception:  # the summary is a courtesy; the artifacts are the record
+        lines.append(f"teacher test accuracy: {100 * ev['teacher_acc']:.2f}%")
+    except Exception:  # noqa: BLE001
         pass
-    print(f"artifacts: {paths.base / 'artifacts'}  metrics: {paths.base / 'metrics'}")
+    try:
+        ex = read_json(paths.metrics("extract"))
+        for key, m in ex.items():
+            if isinstance(m, dict) and "survivors_per_class" in m:
+                per = m["survivors_per_class"]
+                lines.append(f"DSVs kept {key}: {m['survivors']} ({' '.join(str(n) for n in per)} per class)")
+    except Exception:  # noqa: BLE001
+        pass
+    with contextlib.suppress(OSError):
+        lines.append(paths.results_table.read_text().split("\n", 2)[-1].rstrip())
+    lines.append(f"artifacts: {paths.base / 'artifacts'}  metrics: {paths.base / 'metrics'}")
     if summary.get("mlflow_run_id"):
-        print(f"MLflow run: {summary['mlflow_run_id']} (dsv ui to browse)")
+        url = mlflow_run_url(str(summary.get("mlflow_experiment_id")), summary["mlflow_run_id"])
+        lines.append(f"MLflow run: {summary['mlflow_run_id']} in {summary.get('mlflow_uri')}")
+        lines.append(f"  browse: dsv ui, then {url}")
+    lines.append("report: dsv report" + ("" if params == "params.yaml" else f" -p {params}"))
+    return "\n".join(lines)
 
 
 def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
@@ -125,6 +179,7 @@ def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
     view = cfg.restricted(spec.sections)
     paths = Paths((root / cfg.runtime.output_dir).resolve())
     fn = stage_function(args.name)
+    lock = _lock(cfg, root, f"dsv stage {args.name}", args.wait)
     try:
         if args.no_mlflow:
             out = fn(view, paths, NullLog())
@@ -137,6 +192,8 @@ def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
         if os.environ.get("DSV_TRACEBACK"):
             raise
         _fail(f"stage {args.name} failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
+    finally:
+        lock.release()
     print(f"dsv: stage {args.name} wrote {len(out.files)} files in {out.metrics.get('wall_seconds', 0):.1f} s")
     return 0
 
@@ -165,13 +222,25 @@ def _cmd_ui(args: argparse.Namespace, root: Path) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def _cmd_report(args: argparse.Namespace, root: Path) -> int:
+    cfg = _load(args)
+    from tasks.report import ReportError, write_report
+
+    try:
+        out, run_id = write_report(cfg, root, Path(args.output) if args.output else None, track=not args.no_mlflow)
+    except ReportError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    print(f"dsv: report written to {out}" + (f" and logged to MLflow run {run_id}" if run_id else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dsv`` console script."""
     args = build_parser().parse_args(argv)
     root = Path.cwd().resolve()
-    if args.command in ("run", "stage", "serve") and not Path(args.params).is_file():
+    if args.command in ("run", "stage", "serve", "report") and not Path(args.params).is_file():
         _fail(f"params file {args.params!r} not found (run from the project root or pass -p)")
-    handlers = {"run": _cmd_run, "stage": _cmd_stage, "serve": _cmd_serve, "ui": _cmd_ui}
+    handlers = {"run": _cmd_run, "stage": _cmd_stage, "serve": _cmd_serve, "ui": _cmd_ui, "report": _cmd_report}
     try:
         return handlers[args.command](args, root)
     except KeyboardInterrupt:

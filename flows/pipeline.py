@@ -21,6 +21,7 @@ Every pipeline run opens one MLflow parent run; every stage gets a nested run (t
 from __future__ import annotations
 
 import dataclasses
+import errno
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
 from tasks.config import PipelineConfig, config_from_dict, flatten, load_config
+from tasks.lock import OutputLock
 from tasks.paths import STAGE_NAMES, Paths, ProjectPaths
+from tasks.progress import Bar
 from tasks.stages import STAGES, StageOutput, code_hash, restore_metrics, stage_function, verify
 from tasks.tracking import NullLog, StageLog, Tracker
 
@@ -54,12 +57,17 @@ class StageCode(CachePolicy):
 CACHE_POLICY = (INPUTS - "context") + TASK_SOURCE + StageCode()
 
 
+# IO errors that a retry cannot fix: a full disk, a read-only or forbidden output folder.
+_FINAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR})
+
+
 def retry_on_io(task: Any, task_run: Any, state: State) -> bool:
-    """Retry a failed stage task only when it failed on IO (OSError); never on a bug or bad data."""
+    """Retry a failed stage task only when it failed on transient IO; never on a bug, bad data, a
+    full disk or an unwritable folder."""
     try:
         state.result()
-    except OSError:
-        return True
+    except OSError as exc:
+        return exc.errno not in _FINAL_ERRNOS
     except BaseException:  # noqa: BLE001 - any other failure is final
         return False
     return False
@@ -161,6 +169,11 @@ def run_stage(
     futures = _bound(unit_task, context).map(
         unmapped(stage), labels, units, unmapped(params), unmapped(upstream), unmapped(context), return_state=False
     )
+    # One tick per finished unit (shard, cell), in submission order.
+    with Bar(context["runtime"].get("progress", "auto"), len(futures), stage, unit="unit") as bar:
+        for fut in futures:
+            fut.wait()
+            bar.advance()
     wait(futures)
     unit_results, all_cached = [], True
     fresh_unit = _bound(unit_task, context, refresh=True)
@@ -185,26 +198,40 @@ def run_stage(
 
 @flow(name=FLOW_NAME, log_prints=True, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(
-    params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".", track: bool = True
+    params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".", track: bool = True,
+    lock_wait: float = 0.0,
 ) -> dict[str, Any]:
-    """The whole pipeline; returns {"stages": {name: {"cached": bool, "files": {...}}}, "mlflow_run_id"}.
+    """The whole pipeline; returns {"stages": {name: {"cached": bool, "files": {...}}}, "mlflow_run_id",
+    "mlflow_experiment_id", "mlflow_uri", "output_dir"}.
 
     Args:
         params_path: the params file (relative to ``root`` unless absolute).
         overrides: ``section.key=value`` overrides.
         root: project root (MLflow store, Prefect results; output folder from ``runtime.output_dir``).
         track: log to MLflow.
+        lock_wait: seconds to wait when another dsv process holds the output folder's lock
+            (:mod:`tasks.lock`); 0 refuses at once.
     """
     root_path = Path(root).resolve()
     p = Path(params_path)
     cfg = load_config(p if p.is_absolute() else root_path / p, overrides or [])
     paths = Paths((root_path / cfg.runtime.output_dir).resolve())
+    with OutputLock(paths.base, "dsv run", lock_wait):
+        return _pipeline(cfg, params_path, root_path, paths, track)
+
+
+def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Paths, track: bool) -> dict[str, Any]:
     tracker = Tracker(root_path, cfg.runtime.mlflow_experiment, cfg.runtime.log_models) if track else None
     parent = None
     if tracker is not None:
-        parent = tracker.start_run("pipeline", tags={"params_file": str(params_path), "runner": "prefect"})
+        parent = tracker.start_run("pipeline", tags={"params_file": str(params_path), "runner": "prefect",
+                                                     "output_dir": str(paths.base)})
         tracker.log_params_file(parent, cfg.to_dict())
-    summary: dict[str, Any] = {"stages": {}, "mlflow_run_id": parent}
+    summary: dict[str, Any] = {
+        "stages": {}, "mlflow_run_id": parent, "output_dir": str(paths.base),
+        "mlflow_experiment_id": tracker.experiment_id if tracker else None,
+        "mlflow_uri": tracker.uri if tracker else None,
+    }
     outputs: dict[str, StageOutput] = {}
     started = time.perf_counter()
     try:

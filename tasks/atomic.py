@@ -8,13 +8,20 @@ and ignored by every reader).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+# The process umask, read once (os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -37,26 +44,46 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
             save_file(tensors, tmp)
 
     Raises:
-        OSError: with the destination named, when the folder cannot be created or written.
+        OSError: with the destination named, when the folder cannot be created or written, or the
+            disk is full (then with the free space left).
     """
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot write {dest}: {exc.strerror}") from exc
+        raise OSError(exc.errno, _describe(exc, dest)) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates 0600; give the file the mode a plain open() would (0666 minus the umask).
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in _NAMED_ERRNOS and str(dest) not in str(exc):
+            raise OSError(exc.errno, _describe(exc, dest)) from exc
         raise
+
+
+# Write failures whose message must name the file (and, for a full disk, the free space left).
+_NAMED_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM, errno.EIO})
+
+
+def _describe(exc: OSError, dest: Path) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(dest.parent).free
+            room = f"{free / 2**20:.1f} MiB free on {dest.parent}"
+        except OSError:
+            room = f"free space on {dest.parent} unknown"
+        return f"disk full writing {dest}: {exc.strerror or exc} ({room}); free some space and rerun"
+    return f"cannot write {dest}: {exc.strerror or exc}"
 
 
 def write_bytes(dest: str | os.PathLike[str], data: bytes) -> Path:

@@ -20,6 +20,7 @@ from tasks.atomic import write_json
 from tasks.config import PipelineConfig, params_hash
 from tasks.figures import lam_histograms, scatter_labeled
 from tasks.paths import Paths
+from tasks.progress import Bar
 from tasks.stages import StageOutput, device_of, finish
 from tasks.tracking import StageLog
 
@@ -45,11 +46,16 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         x, y = x[index], y[index]
     trace: list[dict[str, float]] = []
 
+    bar = Bar(cfg.runtime.progress, 0, "coreset λ", unit="batch")
+
     def on_batch(ev: LambdaEvent) -> None:
         trace.append({"batch": ev.batch, "residual_rel": ev.residual_rel})
         log.metric("residual_rel", ev.residual_rel, step=ev.batch)
+        bar.total(ev.total_batches)
+        bar.to(ev.batch, residual=ev.residual_rel)
 
-    res = fit_lambdas(teacher, x, y, cfg.coreset.lam, seed=cfg.coreset.seed, callback=on_batch)
+    with bar:
+        res = fit_lambdas(teacher, x, y, cfg.coreset.lam, seed=cfg.coreset.seed, callback=on_batch)
     write_lambdas_parquet(
         paths.lambdas_parquet, index=index, label=y, lam=res.lam, rank=res.rank,
         metadata={PARAMS_HASH_KEY: params_hash(cfg.section_dict("coreset")), "dsv.dataset": meta.name},

@@ -26,7 +26,7 @@ from dsv.data.core import normalize, per_class_indices
 from dsv.dm import distribution_matching
 from dsv.models import build_seeded
 from dsv.protocols import ProtocolConfig, student_fit_config, student_model_config
-from dsv.train import evaluate, fit, predict_logits
+from dsv.train import TrainEvent, evaluate, fit, predict_logits
 from tasks.artifacts import (
     DataMeta,
     load_model,
@@ -41,6 +41,7 @@ from tasks.atomic import write_json
 from tasks.config import PipelineConfig
 from tasks.figures import image_grid
 from tasks.paths import Paths
+from tasks.progress import Bar
 from tasks.stages import StageOutput, device_of, finish, hash_files
 from tasks.tracking import StageLog
 
@@ -173,10 +174,17 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     teacher = inp.teacher if protocol.name == "soft" else None
     runs = []
     key = f"{method}_ipc{ipc}"
+    bar = Bar(cfg.runtime.progress, protocol.n_runs * fit_cfg.steps if fit_cfg.steps else 0, f"distill {key}",
+              unit="step")
     for seed in range(protocol.n_runs):
         model = build_seeded(model_cfg, meta.input_shape, meta.num_classes, seed).to(inp.device)
-        fit(model, x, y, fit_cfg, seed=seed, teacher=teacher,
-            callback=lambda e, s=seed: log.metric(f"{key}/seed{s}/loss", e.loss, step=e.step))
+
+        def on_fit(e: TrainEvent, s: int = seed) -> None:
+            log.metric(f"{key}/seed{s}/loss", e.loss, step=e.step)
+            bar.total(protocol.n_runs * e.total_steps)
+            bar.to(s * e.total_steps + e.step, seed=s, loss=e.loss)
+
+        fit(model, x, y, fit_cfg, seed=seed, teacher=teacher, callback=on_fit)
         test = evaluate(model, x_test, y_test, meta.num_classes, batch_size=protocol.eval_batch_size)
         val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None
         runs.append({"seed": seed, "test_acc": test.accuracy, "val_acc": val.accuracy if val else float("nan"),
@@ -184,6 +192,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
         log.metric(f"{key}/test_acc", test.accuracy, step=seed)
         if seed == 0:
             log.model(model.cpu(), f"student_{key}", x_test[:2].numpy())
+    bar.close()
     cell = {
         "method": method, "ipc": ipc if method != "full" else inp.per_class, "shots": shots,
         "protocol": protocol.name, "label_type": protocol.label_type, "n_train": int(y.shape[0]),

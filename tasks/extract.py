@@ -36,6 +36,7 @@ from tasks.atomic import write_json
 from tasks.config import PipelineConfig, params_hash
 from tasks.figures import curves, image_grid
 from tasks.paths import Paths
+from tasks.progress import Bar
 from tasks.stages import StageOutput, device_of, finish, hash_files
 from tasks.tracking import StageLog
 
@@ -124,15 +125,25 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     hi = (1.0 - mean) / std
 
     prefix = job.tag
+    bar = Bar(cfg.runtime.progress, e.solver.steps, f"extract {prefix}", unit="step")
 
     def on_step(ev: ExtractEvent) -> None:
         log.metrics({f"{prefix}/{k}": v for k, v in ev.metrics.items() if k != "step"}, step=ev.step)
+        bar.to(ev.step, loss=ev.metrics.get("loss", float("nan")), survivors=ev.metrics.get("survivors", 0.0))
 
-    res = extract(
-        teacher, x0.to(device), y0.to(device), e.solver,
-        seed=_seed(e.seed, INITS.index(job.init), job.ipc, job.shard),
-        callback=on_step, pixel_bounds=(lo, hi), keep_per_class=job.per_class,
-    )
+    try:
+        with bar:
+            res = extract(
+                teacher, x0.to(device), y0.to(device), e.solver,
+                seed=_seed(e.seed, INITS.index(job.init), job.ipc, job.shard),
+                callback=on_step, pixel_bounds=(lo, hi), keep_per_class=job.per_class,
+            )
+    except FloatingPointError as exc:
+        # dsv names the step and the last finite loss; the user also needs to know which problem.
+        raise FloatingPointError(
+            f"extract shard {job.shard + 1}/{job.shards} (init {job.init}, IPC {job.ipc}, "
+            f"{job.per_class} per class) diverged: {exc}"
+        ) from exc
     shard_file = paths.extract_shard(job.init, job.ipc, job.shard)
     save_tensors(
         shard_file,

@@ -16,6 +16,7 @@ from tasks.atomic import write_json
 from tasks.config import PipelineConfig, to_plain
 from tasks.figures import curves
 from tasks.paths import Paths
+from tasks.progress import Bar
 from tasks.stages import StageOutput, device_of, finish
 from tasks.tracking import StageLog
 
@@ -32,12 +33,17 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     model = build_seeded(p.model, meta.input_shape, meta.num_classes, p.seed).to(device)
     curve: list[dict[str, float]] = []
 
+    bar = Bar(cfg.runtime.progress, 0, "pretrain", unit="step")
+
     def on_epoch(e: TrainEvent) -> None:
         curve.append({"step": e.step, "loss": e.loss, "lr": e.lr})
         log.metric("train_loss", e.loss, step=e.step)
+        bar.total(e.total_steps)
+        bar.to(e.step, loss=e.loss)
 
     fit_started = time.perf_counter()
-    fit(model, x, y, p.fit, seed=p.seed, callback=on_epoch)
+    with bar:
+        fit(model, x, y, p.fit, seed=p.seed, callback=on_epoch)
     fit_seconds = time.perf_counter() - fit_started
     test = evaluate(model, x_test, y_test, meta.num_classes)
     val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None

@@ -27,7 +27,7 @@ from tasks.config import PipelineConfig, dump_yaml
 from tasks.paths import STAGE_NAMES, Paths
 
 # tasks modules that only log/plot: editing them never changes an artifact.
-LOGGING_ONLY: frozenset[str] = frozenset({"tasks.tracking", "tasks.figures"})
+LOGGING_ONLY: frozenset[str] = frozenset({"tasks.tracking", "tasks.figures", "tasks.progress"})
 PACKAGES = ("tasks", "dsv")
 
 

@@ -1,0 +1,160 @@
+"""One writer per output folder: an advisory ``fcntl.flock`` on ``<output>/.dsv/output.lock``.
+
+``dsv run`` and ``dsv stage`` hold the lock for their whole run, so two of them in the same output
+folder never interleave writes: the second one refuses at once (naming the holder's pid) or, with
+``--wait SECONDS``, waits for the first to finish. The kernel releases a ``flock`` when its holder
+dies (SIGKILL included), so a *stale* lock file (its recorded pid dead) is simply taken over.
+
+The lock is re-entrant within one process (the CLI takes it before starting the flow, and the flow
+takes it again for in-process and scheduled runs): a nested acquire only counts.
+
+While the lock is held nobody else can be writing, so :func:`OutputLock.acquire` also removes the
+temp files (``.<name>.<random>.tmp``, see :mod:`tasks.atomic`) a killed writer left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+LOCK_NAME = ".dsv/output.lock"
+
+
+# lock file (resolved) -> [fd, depth] of the locks this process holds.
+_HELD: dict[str, list[int]] = {}
+
+
+class LockError(RuntimeError):
+    """The output folder is in use by another dsv process (or cannot be locked)."""
+
+
+def _holder(path: Path) -> dict[str, object]:
+    """What the lock file says about its holder (best effort: the file may be mid-rewrite)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") or "{}")
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def sweep_temp_files(base: Path) -> list[Path]:
+    """Delete the atomic writer's leftover temp files under ``base`` (call only while locked).
+
+    Returns:
+        The removed paths.
+    """
+    removed = []
+    for sub in ("artifacts", "metrics"):
+        folder = base / sub
+        if not folder.is_dir():
+            continue
+        for tmp in folder.rglob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+class OutputLock:
+    """Exclusive lock on an output folder.
+
+    Args:
+        base: the output folder (created if missing).
+        command: what holds the lock (recorded in the lock file for the refusal message).
+        wait: seconds to wait for a busy lock; 0 refuses at once.
+    """
+
+    def __init__(self, base: Path, command: str = "dsv", wait: float = 0.0) -> None:
+        self.base = Path(base)
+        self.path = self.base / LOCK_NAME
+        self.command = command
+        self.wait = wait
+        self._fd: int | None = None
+        self.swept: list[Path] = []
+
+    def acquire(self) -> OutputLock:
+        """Take the lock (waiting up to ``wait`` seconds).
+
+        Raises:
+            LockError: the folder is locked by another process (its pid and command named).
+            OSError: the folder cannot be created or the lock file written (the path named).
+        """
+        key = str(self.path.resolve())
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self._fd = _HELD[key][0]
+            return self
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write to the output folder {self.base}: {exc.strerror}") from exc
+        deadline = time.monotonic() + max(0.0, self.wait)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    h = _holder(self.path)
+                    who = f"pid {h.get('pid', '?')}" + (f" ({h['command']})" if h.get("command") else "")
+                    waited = f" after waiting {self.wait:g} s" if self.wait > 0 else ""
+                    raise LockError(
+                        f"output folder {self.base} is locked by {who} on {h.get('host', '?')} "
+                        f"(lock file {self.path}){waited}; wait for it to finish or pass --wait SECONDS"
+                    ) from None
+                time.sleep(0.2)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        # The previous holder's record (a dead pid at worst: its flock died with it) is overwritten.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._fd = fd
+        _HELD[key] = [fd, 1]
+        self.swept = sweep_temp_files(self.base)
+        return self
+
+    def release(self) -> None:
+        """Release the lock (the lock file stays; its content is only informative)."""
+        if self._fd is None:
+            return
+        key = str(self.path.resolve())
+        held = _HELD.get(key)
+        if held is not None and held[1] > 1:
+            held[1] -= 1
+            self._fd = None
+            return
+        _HELD.pop(key, None)
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def locked(base: Path, command: str = "dsv", wait: float = 0.0) -> Iterator[OutputLock]:
+    """``with locked(paths.base, "dsv run"): ...`` (see :class:`OutputLock`)."""
+    lock = OutputLock(base, command, wait)
+    with lock:
+        yield lock
