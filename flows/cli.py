@@ -93,8 +93,8 @@ def _lock(cfg, root: Path, command: str, wait: float):  # noqa: ANN001, ANN202 -
         return lock.acquire()
     except LockError as exc:
         _fail(str(exc), EXIT_LOCKED)
-    except OSError as exc:
-        _fail(str(exc), EXIT_FAILED)
+    except OSError as exc:  # the message names the folder (see OutputLock.acquire)
+        _fail(exc.strerror or str(exc), EXIT_FAILED)
     raise AssertionError("unreachable")
 
 
@@ -112,12 +112,13 @@ def _cmd_run(args: argparse.Namespace, root: Path) -> int:
     from flows.environment import configure
 
     configure(root)
-    from flows.pipeline import pipeline_with_workers
+    from flows.pipeline import pipeline
+    from flows.runners import with_runner
 
     started = time.perf_counter()
     # Locked before Prefect starts, so a refused run leaves no trace anywhere (the flow re-enters it).
     lock = _lock(cfg, root, "dsv run", args.wait)
-    flow = pipeline_with_workers(cfg.runtime.workers)
+    flow = with_runner(pipeline, cfg.runtime)  # runtime.task_runner: threads or Dask for the mapped units
     try:
         summary = flow(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides), root=str(root),
                        track=not args.no_mlflow)
@@ -199,15 +200,16 @@ def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, root: Path) -> int:
-    _load(args)
+    cfg = _load(args)
     from flows.environment import configure
 
     configure(root)
     from flows.pipeline import pipeline
+    from flows.runners import with_runner
 
     params = {"params_path": str(Path(args.params).resolve()), "overrides": list(args.overrides), "root": str(root)}
     kwargs = {"cron": args.cron} if args.cron else {"interval": args.interval}
-    pipeline.serve(name=args.name, parameters=params, limit=args.limit, **kwargs)
+    with_runner(pipeline, cfg.runtime).serve(name=args.name, parameters=params, limit=args.limit, **kwargs)
     return 0
 
 

@@ -25,6 +25,9 @@ def configure(root: Path) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    # Prefect's temporary local server (and `prefect server start` run from this environment) listens
+    # on the loopback interface only, unless the user set another host.
+    os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")
     # The temporary server's SQLite database lives in PREFECT_HOME; keep it from timing out when
     # several tasks report at once.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")

@@ -1,0 +1,101 @@
+"""Bad params: every case ends with ONE line ``dsv: error: ...`` naming the key, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from tests.faults.conftest import FAULT_PARAMS
+
+CASES = [
+    # (command, override, regex the message must match: it names the key)
+    ("run", "extract.solver.stpes=5", r"unknown key 'extract\.solver\.stpes' \(did you mean 'extract\.solver\.steps'\?\)"),
+    ("run", "pretrain.fti.lr=1", r"unknown key 'pretrain\.fti' \(did you mean 'pretrain\.fit'\?\)"),
+    ("run", "nosection.x=1", r"unknown key 'nosection'"),
+    ("run", "extract.ipcs=[-1]", r"extract\.ipcs must all be >= 1"),
+    ("run", "pretrain.fit.lr=0", r"pretrain\.fit\.lr must be > 0, got 0"),
+    ("run", "pretrain.fit.lr=-1e-3", r"pretrain\.fit\.lr must be > 0, got -0\.001"),
+    ("run", "extract.solver.lr_x=-1", r"extract\.solver\.lr_x must be > 0"),
+    ("run", "extract.solver.lr_lam=0", r"extract\.solver\.lr_lam must be > 0"),
+    ("run", "distill.ipcs=[50]", r"distill\.ipcs \[50\] exceed the 35 training images per class"),
+    ("run", "distill.ipcs=[3]", r"distill\.ipcs \[3\] are not in extract\.ipcs"),
+    ("run", "prepare.data.n_per_class=-3", r"prepare\.data\.n_per_class must be >= 1"),
+    ("run", "prepare.val_per_class=100", r"prepare\.val_per_class = 100 leaves no training images"),
+    ("run", "extract.solver.steps=abc", r"extract\.solver\.steps = 'abc'.*expected int"),
+    ("run", "pretrain.fit.epochs=1.5", r"pretrain\.fit\.epochs = 1\.5.*expected int"),
+    ("run", "extract.solver.dual=relu", r"extract\.solver\.dual = 'relu' is not one of drop, clamp, softplus"),
+    ("run", "distill.methods=[herdin]", r"distill\.methods = 'herdin'.*did you mean 'herding'"),
+    ("run", "pretrain.model.name=resnet", r"pretrain\.model\.name = 'resnet'.*did you mean 'resnet18'"),
+    ("run", "extract.solver.kkt.beta_tv=-1", r"extract\.solver\.kkt\.beta_tv must be >= 0"),
+    ("run", "evaluate.protocol.n_runs=0", r"evaluate\.protocol\.n_runs must be >= 1"),
+    ("run", "runtime.workers=0", r"runtime\.workers must be >= 1"),
+    ("run", "runtime.progress=maybe", r"runtime\.progress = 'maybe' is not one of auto, on, off"),
+    ("run", "extract", r"override 'extract' is not of the form section\.key=value"),
+    ("stage extract", "extract.shards=0", r"extract\.shards must be >= 1"),
+    ("stage pretrain", "pretrain.fit.batch_size=0", r"pretrain\.fit\.batch_size must be >= 1"),
+    ("stage coreset", "coreset.lam.steps=-1", r"coreset\.lam\.steps must be >= 1"),
+]
+
+
+def _snapshot(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "params.yaml").write_text(FAULT_PARAMS)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("command", "override", "match"), CASES, ids=[c[1] for c in CASES])
+def test_bad_param_is_one_line_and_writes_nothing(
+    project: Path, capsys: pytest.CaptureFixture[str], command: str, override: str, match: str
+) -> None:
+    before = _snapshot(project)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command.split(), "-S", override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsv: error: "), err
+    import re
+
+    assert re.search(match, lines[0]), lines[0]
+    assert _snapshot(project) == before  # nothing written: no artifacts, no .dsv, no mlflow.db, no lock
+
+
+BAD_FILES = [
+    ("extract: {solver: {steps: [1, 2}\n", r"not valid YAML"),
+    ("extract:\n  solver:\n    stpes: 5\n", r"unknown key 'extract\.solver\.stpes'"),
+    ("- just\n- a list\n", r"params"),
+]
+
+
+@pytest.mark.parametrize(("text", "match"), BAD_FILES, ids=["invalid-yaml", "unknown-key-in-file", "not-a-mapping"])
+def test_bad_params_file_is_one_line_and_writes_nothing(
+    project: Path, capsys: pytest.CaptureFixture[str], text: str, match: str
+) -> None:
+    (project / "params.yaml").write_text(text)
+    before = _snapshot(project)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("dsv: error: params.yaml"), err
+    import re
+
+    assert re.search(match, err), err
+    assert _snapshot(project) == before
+
+
+def test_missing_params_file(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    os.remove(project / "params.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "-p", "nope.yaml"])
+    assert exit_info.value.code == 2
+    assert "params file 'nope.yaml' not found" in capsys.readouterr().err
+    assert list(project.iterdir()) == []
