@@ -84,7 +84,15 @@ def _open(stage: str, params: dict[str, Any], context: dict[str, Any]) -> tuple[
     if context.get("run_id"):
         key = (context["root"], cfg.runtime.mlflow_experiment)
         if key not in _TRACKERS:
-            _TRACKERS[key] = Tracker(Path(context["root"]), cfg.runtime.mlflow_experiment, cfg.runtime.log_models)
+            try:
+                _TRACKERS[key] = Tracker(Path(context["root"]), cfg.runtime.mlflow_experiment,
+                                         cfg.runtime.log_models)
+            except Exception as exc:  # noqa: BLE001 - e.g. a Dask worker that cannot reach the store
+                # Logging is a courtesy; the artifacts are the record: warn and run the unit unlogged.
+                from prefect.logging import get_run_logger
+
+                get_run_logger().warning(f"MLflow logging skipped in this worker process: {type(exc).__name__}: {exc}")
+                return cfg, paths, log
         log = _TRACKERS[key].log(context["run_id"])
     return cfg, paths, log
 
@@ -285,7 +293,8 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
 
 
 def pipeline_with_workers(workers: int) -> Any:
-    """The flow with a thread pool of ``workers`` for the mapped units."""
+    """The flow with a thread pool of ``workers`` for the mapped units (see :func:`flows.runners.with_runner`
+    for the runner ``runtime.task_runner`` names)."""
     return pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
 
 

@@ -45,6 +45,7 @@ T = TypeVar("T")
 
 DEVICES = ("cpu", "cuda", "auto")
 PROGRESS = ("auto", "on", "off")
+TASK_RUNNERS = ("thread", "dask")
 
 
 class ConfigError(ValueError):
@@ -66,7 +67,14 @@ class RuntimeConfig:
         log_models: log the teacher and one student per (method, IPC) with ``mlflow.pytorch``.
         progress: progress bars: "auto" (only on a terminal), "on" or "off".
         workers: Prefect task-runner threads for the mapped units (shards, cells). Keep 1 for
-            bit-reproducible artifacts: model initialisation seeds torch's global RNG.
+            bit-reproducible artifacts: model initialisation seeds torch's global RNG. With
+            ``task_runner: dask`` and no ``dask_address``: the number of local worker processes.
+        task_runner: what runs the mapped units: "thread" (a thread pool of ``workers`` in this
+            process) or "dask" (prefect-dask's DaskTaskRunner: worker processes, one unit at a time
+            each; see :mod:`flows.runners`).
+        dask_address: scheduler address of an existing Dask cluster (e.g. "tcp://127.0.0.1:8786")
+            for ``task_runner: dask``; null starts a LocalCluster of ``workers`` processes on
+            127.0.0.1 for the run.
     """
 
     device: str = "cpu"
@@ -76,10 +84,20 @@ class RuntimeConfig:
     log_models: bool = True
     progress: str = "auto"
     workers: int = 1
+    task_runner: str = "thread"
+    dask_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        _choice("task_runner", self.task_runner, TASK_RUNNERS)
+        if self.dask_address is not None:
+            if not self.dask_address.strip() or any(c.isspace() for c in self.dask_address):
+                raise ValueError(f"dask_address must be a scheduler address like 'tcp://host:8786' or null, "
+                                 f"got {self.dask_address!r}")
+            if self.task_runner != "dask":
+                raise ValueError(f"dask_address is set ({self.dask_address!r}) but task_runner = "
+                                 f"{self.task_runner!r}; set runtime.task_runner=dask")
         _choice("device", self.device, DEVICES)
         _choice("progress", self.progress, PROGRESS)
         if self.threads < 0:

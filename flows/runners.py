@@ -1,0 +1,121 @@
+"""Task runners for the mapped units (extract shards, distill cells): a thread pool or Dask.
+
+``runtime.task_runner``:
+
+- ``thread`` (default): Prefect's ThreadPoolTaskRunner with ``runtime.workers`` threads, in this process.
+- ``dask``: prefect-dask's DaskTaskRunner. With ``runtime.dask_address: null`` the run starts a
+  LocalCluster of ``runtime.workers`` worker processes (one thread each) listening on 127.0.0.1 only,
+  without a dashboard, and stops it at the end; with an address it connects to that existing cluster
+  (e.g. one worker per GPU, see the README).
+
+Only the mapped units go to the runner; whole stages and merges run in the flow's own thread. Every
+unit is deterministic given its seed and reads/writes files under the output folder, so the merged
+result does not depend on the runner; a remote worker must see the project root at the same path.
+
+Worker processes get the main process's Prefect/MLflow/DVC/telemetry environment (the variables
+:func:`flows.environment.configure` sets, plus any ``PREFECT_*``/``MLFLOW_*`` the user set): a local
+cluster's processes start with it, a remote cluster's workers receive it through a worker plugin.
+When the flow uses Prefect's temporary local server (no ``PREFECT_API_URL``), its address is handed to
+the workers with each task, so they report to the same server instead of each starting their own.
+Torch threads are set per unit from ``runtime.threads`` (:func:`tasks.stages.device_of`); Dask itself
+starts workers with ``OMP_NUM_THREADS=1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from tasks.config import RuntimeConfig
+
+# Environment handed to Dask workers: what flows.environment.configure sets, and the tools' own settings.
+ENV_PREFIXES = ("PREFECT_", "MLFLOW_", "DVC_")
+ENV_NAMES = ("DO_NOT_TRACK",)
+
+
+def worker_environment() -> dict[str, str]:
+    """The variables of this process that Dask workers must share (Prefect, MLflow, DVC, telemetry)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
+
+
+def task_runner(runtime: RuntimeConfig) -> TaskRunner[Any]:
+    """The task runner named by ``runtime.task_runner`` (see the module docstring).
+
+    Args:
+        runtime: the run's runtime section (``task_runner``, ``workers``, ``dask_address``).
+    """
+    if runtime.task_runner == "thread":
+        return ThreadPoolTaskRunner(max_workers=runtime.workers)
+    if runtime.task_runner == "dask":
+        return _dask_runner(runtime)
+    raise ValueError(f"runtime.task_runner = {runtime.task_runner!r} is not one of thread, dask")
+
+
+def with_runner(flow_obj: Any, runtime: RuntimeConfig) -> Any:
+    """``flow_obj`` whose mapped units run on :func:`task_runner` (``runtime``)."""
+    return flow_obj.with_options(task_runner=task_runner(runtime))
+
+
+def _dask_runner(runtime: RuntimeConfig) -> TaskRunner[Any]:
+    from flows.dask_runner import DaskRunner  # distributed is imported only when asked for
+
+    env = worker_environment()
+    if runtime.dask_address:
+        return DaskRunner(address=runtime.dask_address, worker_env=env)
+    return DaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": runtime.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",  # scheduler, nannies and workers listen on the loopback interface only
+            "dashboard_address": None,  # no dashboard
+            "worker_dashboard_address": None,
+            "env": env,  # set in each worker process before it imports anything
+            "silence_logs": logging.ERROR,
+        },
+        worker_env=env,
+    )
+
+
+@flow(name="dsv-stages", log_prints=True, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def pipeline_until(params_path: str, overrides: list[str] | None = None, root: str = ".",
+                   until: str = "extract") -> dict[str, Any]:
+    """The pipeline's stages up to and including ``until``, without MLflow (for tests and benchmarks).
+
+    Same tasks, cache keys and output folder lock as :func:`flows.pipeline.pipeline`.
+
+    Returns:
+        {stage: {"cached": bool, "files": {relative path: sha256}, "seconds": wall time}}.
+    """
+    from flows.pipeline import run_stage
+    from tasks.config import load_config
+    from tasks.lock import OutputLock
+    from tasks.paths import STAGE_NAMES, Paths
+    from tasks.stages import STAGES, StageOutput
+
+    if until not in STAGE_NAMES:
+        raise ValueError(f"until = {until!r} is not one of {', '.join(STAGE_NAMES)}")
+    import time
+
+    root_path = Path(root).resolve()
+    p = Path(params_path)
+    cfg = load_config(p if p.is_absolute() else root_path / p, overrides or [])
+    paths = Paths((root_path / cfg.runtime.output_dir).resolve())
+    outputs: dict[str, StageOutput] = {}
+    summary: dict[str, Any] = {}
+    with OutputLock(paths.base, "dsv stages", 0.0):
+        for stage in STAGE_NAMES[: STAGE_NAMES.index(until) + 1]:
+            upstream = {rel: sha for up in STAGES[stage].upstream for rel, sha in outputs[up].files.items()}
+            context = {"root": str(root_path), "base": str(paths.base), "runtime": cfg.section_dict("runtime"),
+                       "run_id": None}
+            t0 = time.perf_counter()
+            out, cached = run_stage(stage, cfg, upstream, context, paths)
+            outputs[stage] = out
+            summary[stage] = {"cached": cached, "files": out.files, "seconds": time.perf_counter() - t0}
+    return summary
