@@ -36,9 +36,15 @@ def quiet_environment() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
+# The user's MLFLOW_TRACKING_URI, read at import: mlflow.set_tracking_uri (called by Tracker for the
+# fluent model-logging API) also writes that variable, which would send a later Tracker for another
+# project root in the same process to the first project's store.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(root: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` or the project-local SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ProjectPaths(root).mlflow_db.resolve()}"
+    """``MLFLOW_TRACKING_URI`` (as set by the user) or the project-local SQLite store."""
+    return _USER_TRACKING_URI or f"sqlite:///{ProjectPaths(root).mlflow_db.resolve()}"
 
 
 def git_commit(root: Path) -> str:
