@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default=None, help="pipeline output folder (default outputs/bench/<dataset>)")
     ap.add_argument("-S", "--set", dest="extra", action="append", default=[], help="more pipeline overrides")
     ap.add_argument("--reuse-from", default=None,
-                    help="copy prepare/pretrain outputs from this pipeline output folder (identical params give "
-                         "identical bytes, so the hash-checked cache reuses them instead of retraining)")
+                    help="copy the prepare/pretrain/extract/coreset outputs of this pipeline output folder (the "
+                         "hash-checked cache then reuses them when their params are identical)")
     args = ap.parse_args(argv)
 
     out_dir = args.output or f"outputs/bench/{args.dataset}"
@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse_from:
         import shutil
 
-        for stage in ("prepare", "pretrain"):
+        for stage in ("prepare", "pretrain", "extract", "coreset"):
             src, dst = ROOT / args.reuse_from, ROOT / out_dir
+            if not (src / "metrics" / f"{stage}.json").exists():
+                continue
             shutil.copytree(src / "artifacts" / stage, dst / "artifacts" / stage, dirs_exist_ok=True)
             (dst / "metrics").mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / "metrics" / f"{stage}.json", dst / "metrics" / f"{stage}.json")
