@@ -1,0 +1,101 @@
+"""Corrupt or truncated artifacts: detected by the hash check (and rebuilt byte-identical by the next
+run) or by the format check (an ArtifactError naming the file); never silently used."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.artifacts import (
+    ArtifactError,
+    load_tensors,
+    read_data_meta,
+    read_dsv_parquet,
+    read_json,
+    read_lambdas_parquet,
+    save_tensors,
+)
+from tests.faults.conftest import tmp_leftovers
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: max(1, p.stat().st_size // 3)])
+
+
+def _flip(p: Path) -> None:  # same size, one byte changed: only a hash can tell
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
+def _garbage(p: Path) -> None:
+    p.write_bytes(b"\x00garbage" * 20)
+
+
+def _empty(p: Path) -> None:
+    p.write_bytes(b"")
+
+
+REBUILD_CASES = [
+    ("artifacts/pretrain/teacher.safetensors", _truncate, "pretrain"),
+    ("artifacts/extract/shards/noise_ipc2_shard1.safetensors", _flip, "extract-noise_2_1_2"),
+    ("artifacts/extract/dsv.parquet", _truncate, "extract-merge"),
+    ("artifacts/coreset/lambdas.parquet", _garbage, "coreset"),
+    ("artifacts/prepare/meta.json", _empty, "prepare"),
+    ("artifacts/distill/cells/random_ipc2.json", _flip, "distill-random_2"),
+    ("artifacts/prepare/train.safetensors", _flip, "prepare"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("rel", "damage", "task"), REBUILD_CASES, ids=[f"{c[1].__name__[1:]}-{Path(c[0]).name}"
+                                                                     for c in REBUILD_CASES])
+def test_damaged_artifact_is_detected_and_rebuilt(
+    completed_project: tuple[Path, dict], rel: str, damage: Callable[[Path], None], task: str
+) -> None:
+    from flows.pipeline import pipeline
+    from tests.integration.test_pipeline import task_states
+
+    project, _ = completed_project
+    target = project / rel
+    good = hashlib.sha256(target.read_bytes()).hexdigest()
+    damage(target)
+    assert hashlib.sha256(target.read_bytes()).hexdigest() != good
+    state = pipeline(params_path="params.yaml", root=str(project), track=False, return_state=True)
+    assert state.is_completed(), state.message
+    states: dict[str, set[str]] = {}
+    for name, s in task_states(state.state_details.flow_run_id):
+        states.setdefault(name, set()).add(s)
+    assert states[task] == {"Cached", "Completed"}, states  # cache hit rejected by the hash check, rerun
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == good  # rebuilt byte-identical
+    assert tmp_leftovers(project) == []
+
+
+def _shard(tmp: Path) -> Path:
+    return save_tensors(tmp / "s.safetensors", {"x": torch.randn(4, 1, 8, 8), "y": torch.arange(4)})
+
+
+READ_CASES = [
+    ("truncated safetensors", lambda t: (_truncate(_shard(t)), load_tensors(t / "s.safetensors"))[1],
+     r"s\.safetensors is corrupt or not a safetensors file"),
+    ("safetensors lacking a tensor", lambda t: load_tensors(_shard(t), ("x", "lam")),
+     r"s\.safetensors lacks tensors \['lam'\]"),
+    ("garbage dsv.parquet", lambda t: (_garbage(t / "dsv.parquet"), read_dsv_parquet(t / "dsv.parquet"))[1],
+     r"dsv\.parquet is corrupt or not a Parquet file"),
+    ("missing lambdas.parquet", lambda t: read_lambdas_parquet(t / "lambdas.parquet"),
+     r"lambdas\.parquet is missing; rerun the stage"),
+    ("truncated json", lambda t: ((t / "m.json").write_text('{"a": [1, 2'), read_json(t / "m.json"))[1],
+     r"m\.json is corrupt JSON"),
+    ("meta.json without fields", lambda t: ((t / "meta.json").write_text('{"name": "x"}'),
+                                            read_data_meta(t / "meta.json"))[1], r"meta\.json lacks field"),
+]
+
+
+@pytest.mark.parametrize(("case", "read", "match"), READ_CASES, ids=[c[0] for c in READ_CASES])
+def test_damaged_file_read_directly_raises_naming_it(tmp_path: Path, case: str, read: Callable, match: str) -> None:
+    with pytest.raises(ArtifactError, match=match):
+        read(tmp_path)
