@@ -1,0 +1,64 @@
+"""The user's view: the end-of-run summary, ``dsv report`` (self-contained HTML logged to MLflow and
+rendered headless by Chromium), progress bars quiet off a terminal."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tasks.progress import Bar, enabled
+
+
+def test_progress_is_quiet_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    assert not enabled("auto")  # pytest captures stderr: not a TTY
+    assert not enabled("off") and enabled("on")
+    with Bar("auto", 10, "x") as bar:
+        bar.to(5, loss=1.0)
+        assert not bar.active
+    with Bar("on", 10, "shown") as bar:
+        bar.to(10)
+    assert "shown" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_summary_and_report(completed_project: tuple[Path, dict], tmp_path: Path) -> None:
+    from flows.cli import run_summary
+    from tasks.config import load_config
+    from tasks.report import write_report
+
+    project, summary = completed_project
+    cfg = load_config(project / "params.yaml")
+    text = run_summary(summary, cfg, project, 1.0)
+    assert "teacher test accuracy: " in text and "DSVs kept nshot_ipc2: 20 (2 2 2 2 2 2 2 2 2 2 per class)" in text
+    assert "| dsv_nshot | 2 |" in text and f"artifacts: {project / 'artifacts'}" in text
+    assert f"#/experiments/{summary['mlflow_experiment_id']}/runs/{summary['mlflow_run_id']}" in text
+
+    out, run_id = write_report(cfg, project, tmp_path / "report.html")
+    html = out.read_text()
+    assert run_id == summary["mlflow_run_id"]  # logged to the parent pipeline run
+    assert html.count('src="data:image/png;base64,') >= 4 and "DSVs: nshot, IPC 2" not in html  # grids are images
+    assert "<td>dsv_nshot</td>" in html and "http" not in html.replace(f"http://127.0.0.1:5000/#/experiments/"
+                                                                       f"{summary['mlflow_experiment_id']}", "")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    assert [f.path for f in client.list_artifacts(run_id, "report")] == ["report/report.html"]
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--no-first-run", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'chrome'}", f"--screenshot={shot}", "--window-size=1200,2000",
+                    out.as_uri()], capture_output=True, timeout=120, check=False)
+    assert shot.is_file()
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    lo, hi = img.getextrema()
+    assert hi - lo > 100  # not blank
+    assert len(set(img.resize((120, 200)).getdata())) > 20  # text, tables and images, not a flat page
