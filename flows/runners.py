@@ -83,7 +83,8 @@ def _dask_runner(runtime: RuntimeConfig) -> TaskRunner[Any]:
     )
 
 
-@flow(name="dsv-stages", log_prints=True, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="dsv-stages", log_prints=True, validate_parameters=False,
+      task_runner=ThreadPoolTaskRunner(max_workers=1))  # type: ignore[arg-type]
 def pipeline_until(params_path: str, overrides: list[str] | None = None, root: str = ".",
                    until: str = "extract") -> dict[str, Any]:
     """The pipeline's stages up to and including ``until``, without MLflow (for tests and benchmarks).
