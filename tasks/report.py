@@ -17,7 +17,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,7 @@ def _figures(paths: Paths, classes: list[str]) -> tuple[str, str]:
                                      "teacher training loss")))
     if paths.extract_trace.is_file():
         trace = read_json(paths.extract_trace)
-        series: dict[str, tuple[list[float], list[float]]] = {}
+        series: dict[str, tuple[Sequence[float], Sequence[float]]] = {}
         for key in sorted({(r["init"], r["ipc"]) for r in trace}):
             rows = [r for r in trace if (r["init"], r["ipc"]) == key and "entropy" in r]
             steps = sorted({r["step"] for r in rows})
