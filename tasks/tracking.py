@@ -205,6 +205,9 @@ class Tracker:
                 self.experiment_id = exp.experiment_id
         else:
             self.experiment_id = exp.experiment_id
+        # mlflow.pytorch.log_model files its LoggedModel under the fluent *active* experiment before it
+        # looks at the run's: without this, models land in experiment 0 ("Default", ./mlruns).
+        mlflow.set_experiment(experiment_id=self.experiment_id)
         self.commit = git_commit(self.root)
 
     def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
