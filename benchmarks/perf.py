@@ -270,12 +270,13 @@ def run(args: argparse.Namespace) -> None:
             reps = 2
         fns = {
             "train": TrainStep(teacher, case, k),
-            "naive": KKTStep(teacher, case, k, KKTConfig(impl="reference")),
-            "fast": KKTStep(teacher, case, k, KKTConfig(impl="fast")),
+            "naive": KKTStep(teacher, case, k, KKTConfig(impl="reference", param_subset=args.param_subset)),
+            "fast": KKTStep(teacher, case, k, KKTConfig(impl="fast", param_subset=args.param_subset)),
         }
         t = time_interleaved(fns, reps)  # type: ignore[arg-type]
         row = {
             "model": case.label, "input": case.input, "batch": k, "device": "cpu",
+            "param_subset": args.param_subset,
             "step_time_ratio": t["fast"][0] / t["train"][0],
             "step_time_ratio_naive": t["naive"][0] / t["train"][0],
             "ratio_per_pass": t["fast"][0] / t["train"][0] / 2,
@@ -397,6 +398,8 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-lambda", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--param-subset", default="all", choices=["all", "last"],
+                    help="stationarity parameters (the rows in results/perf.json were measured with 'all')")
     ap.add_argument("--render", action="store_true", help="only rewrite perf.md from the JSON files")
     ap.add_argument("--mem-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
