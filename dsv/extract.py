@@ -39,8 +39,8 @@ class ExtractConfig:
         lam_init: initial λ for every candidate; None = the best uniform λ for the initial candidates.
         dual: how λ ≥ 0 is enforced. "drop" = the paper's Algorithm 1 (a candidate whose λ turns
             negative is discarded); "clamp" (λ projected to 0, candidate kept; the shipped default, a
-            deviation: on Fashion-MNIST IPC 10 "drop" kept 84/100 candidates and its students scored
-            74.6% vs 78.3% for "clamp") and "softplus" (λ = softplus(ρ), also a deviation).
+            deviation: on Fashion-MNIST IPC 10 the paper's rules kept 21/100 candidates and their
+            students scored 47.98% vs 71.98%, benchmarks/results/ablation-fashion_mnist.md) and "softplus" (λ = softplus(ρ), also a deviation).
         spare: extra candidates per class as a fraction of IPC (used by :func:`init_candidates`);
             survivors beyond IPC are trimmed by highest λ.
         clamp_pixels: keep candidates inside the valid pixel range [0, 1] (mapped to normalised space).
