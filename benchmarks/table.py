@@ -134,7 +134,7 @@ def render(p: dict[str, Any], args: argparse.Namespace) -> str:
         f"- Teacher: test accuracy {100 * p['teacher_acc']:.2f}% ({_teacher_desc(p)}).",
         f"- Students: ConvNet-3 width {args.student_width}, protocol `{args.protocol}` "
         f"({_protocol_desc(args)}), {label} labels, mean ± std over {args.n_runs} student seeds "
-        "(the random baseline also redraws nothing per seed: one selection, several students).",
+        "(selection methods, random included, draw one selection with `distill.seed`; the seeds vary the students).",
         f"- DSV solver: {_solver_desc(p)}.",
         "- `shots` = real training images per class the method saw (0 for dsv_0shot/dsv_noise; all for the "
         "selectors, which rank the whole training set).",
