@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     if stem.with_suffix(".json").exists():  # merge with cells of earlier invocations (other IPCs)
         old = json.loads(stem.with_suffix(".json").read_text())
         fresh = {(r["method"], r["ipc"]) for r in rows}
-        previous = [r for r in old.get("rows", []) if (r["method"], r["ipc"]) not in fresh and r["method"] != "full"]
-        args.ipcs = sorted(set(args.ipcs) | {r["ipc"] for r in previous})
+        fresh_methods = {r["method"] for r in rows}
+        previous = [r for r in old.get("rows", []) if (r["method"], r["ipc"]) not in fresh
+                    and not (r["method"] == "full" and "full" in fresh_methods)]
+        args.ipcs = sorted(set(args.ipcs) | {r["ipc"] for r in previous if r["method"] != "full"})
     rows = sorted(previous + rows, key=lambda r: (r["method"], r["ipc"]))
     command = "python benchmarks/table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     commit = _sh("git", "rev-parse", "HEAD")
