@@ -187,18 +187,42 @@ def train_students(
     """
     if not seeds:
         raise ValueError("train_students needs at least one seed")
-    kd_teacher = teacher if protocol_cfg.name == "soft" else None
-    if protocol_cfg.name == "soft" and teacher is None:
-        raise ValueError("protocol 'soft' needs the teacher (its logits are the soft targets)")
-    fit_cfg = student_fit_config(protocol_cfg, int(x.shape[0]))
-    model_cfg = student_model_config(protocol_cfg)
     results = []
     for seed in seeds:
-        model = build_seeded(model_cfg, in_shape, num_classes, seed).to(device)
         cb = None if callback is None else (lambda e, s=seed: callback(s, e))
-        fit(model, x, y, fit_cfg, seed=seed, callback=cb, teacher=kd_teacher)
+        model = train_student(x, y, teacher, protocol_cfg, in_shape, num_classes, seed, device, cb)
         results.append(evaluate(model, x_test, y_test, num_classes, batch_size=protocol_cfg.eval_batch_size))
     return results
+
+
+def train_student(
+    x: Tensor,
+    y: Tensor,
+    teacher: nn.Module | None,
+    protocol_cfg: ProtocolConfig,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    callback: Callable[[TrainEvent], None] | None = None,
+) -> nn.Module:
+    """Train one fresh student (initialisation, batch order and augmentation fixed by ``seed``).
+
+    Args: as :func:`train_students`, for one seed; ``callback`` receives each :class:`TrainEvent`.
+
+    Returns:
+        The trained student (eval mode), on ``device``.
+
+    Raises:
+        ValueError: ``soft`` without a teacher.
+    """
+    if protocol_cfg.name == "soft" and teacher is None:
+        raise ValueError("protocol 'soft' needs the teacher (its logits are the soft targets)")
+    kd_teacher = teacher if protocol_cfg.name == "soft" else None
+    fit_cfg = student_fit_config(protocol_cfg, int(x.shape[0]))
+    model = build_seeded(student_model_config(protocol_cfg), in_shape, num_classes, seed).to(device)
+    fit(model, x, y, fit_cfg, seed=seed, callback=callback, teacher=kd_teacher)
+    return model
 
 
 @dataclass(frozen=True)

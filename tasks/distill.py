@@ -24,9 +24,8 @@ from torch import Tensor, nn
 from dsv.baselines import select
 from dsv.data.core import normalize, per_class_indices
 from dsv.dm import distribution_matching
-from dsv.models import build_seeded
-from dsv.protocols import ProtocolConfig, student_fit_config, student_model_config
-from dsv.train import TrainEvent, evaluate, fit, predict_logits
+from dsv.protocols import ProtocolConfig, student_fit_config, train_student
+from dsv.train import TrainEvent, evaluate, predict_logits
 from tasks.artifacts import (
     DataMeta,
     load_model,
@@ -168,23 +167,20 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
                 "select_seconds": round(select_seconds, 3), "unit": unit}
     x_test, y_test = load_split(paths.test, meta)
     x_val, y_val = load_split(paths.val, meta)
-    # The loop of dsv.protocols.train_students, kept here so the first student can be logged as a model.
+    # One student per seed through dsv.protocols.train_student, so the first can be logged as a model.
     fit_cfg = student_fit_config(protocol, int(x.shape[0]))
-    model_cfg = student_model_config(protocol)
     teacher = inp.teacher if protocol.name == "soft" else None
     runs = []
     key = f"{method}_ipc{ipc}"
     bar = Bar(cfg.runtime.progress, protocol.n_runs * fit_cfg.steps if fit_cfg.steps else 0, f"distill {key}",
               unit="step")
     for seed in range(protocol.n_runs):
-        model = build_seeded(model_cfg, meta.input_shape, meta.num_classes, seed).to(inp.device)
-
         def on_fit(e: TrainEvent, s: int = seed) -> None:
             log.metric(f"{key}/seed{s}/loss", e.loss, step=e.step)
             bar.total(protocol.n_runs * e.total_steps)
             bar.to(s * e.total_steps + e.step, seed=s, loss=e.loss)
 
-        fit(model, x, y, fit_cfg, seed=seed, teacher=teacher, callback=on_fit)
+        model = train_student(x, y, teacher, protocol, meta.input_shape, meta.num_classes, seed, inp.device, on_fit)
         test = evaluate(model, x_test, y_test, meta.num_classes, batch_size=protocol.eval_batch_size)
         val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None
         runs.append({"seed": seed, "test_acc": test.accuracy, "val_acc": val.accuracy if val else float("nan"),
