@@ -10,7 +10,9 @@ the same students on each result:
 - `no L_primal`: β1 = 0;
 - `no augmentation`: η = 0;
 - `paper rules`: dual=drop, param_subset=all (the paper's literal choices), other settings as default;
-- `paper rules + lr 0.1`: as above with the draft notes' λ learning rate 0.1.
+- `paper rules + lr 0.1`: as above with the draft notes' λ learning rate 0.1;
+- budget variants (run with `--only`): 5x the steps, 5x the image learning rate, η = 20, and both of the
+  first two together: does a stronger optimisation move the DSVs further from their real init and help?
 
 Writes benchmarks/results/ablation-<dataset>.md/.json and DSV image grids (n-shot and noise) as PNGs.
 
@@ -52,7 +54,15 @@ def variants(base: ExtractConfig) -> dict[str, ExtractConfig]:
             base, dual="drop", kkt=dataclasses.replace(kkt, param_subset="all")),
         "paper rules + lr_lam 0.1": dataclasses.replace(
             base, dual="drop", lr_lam=0.1, kkt=dataclasses.replace(kkt, param_subset="all")),
+        "steps x5 (1000)": dataclasses.replace(base, steps=5 * base.steps),
+        "lr_x x5": dataclasses.replace(base, lr_x=5 * base.lr_x),
+        "η 20": dataclasses.replace(base, kkt=dataclasses.replace(kkt, eta=20.0)),
+        "steps x5 + lr_x x5": dataclasses.replace(base, steps=5 * base.steps, lr_x=5 * base.lr_x),
     }
+
+
+DEFAULT_SET = ("default", "no L_stat", "no L_primal", "no augmentation (η=0)", "paper rules (drop, all params)",
+               "paper rules + lr_lam 0.1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student-width", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--min-steps", type=int, default=400)
-    ap.add_argument("--only", nargs="*", default=None, help="run only these variant names")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="run only these variant names (default: the term ablation, without the budget variants)")
+    ap.add_argument("--name", default=None,
+                    help="results file stem under benchmarks/results (default ablation-<dataset>)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -94,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(rows[-1], flush=True)
     grids: dict[str, Any] = {}
     for name, cfg in variants(base).items():
-        if args.only and name not in args.only:
+        if name not in (args.only if args.only else DEFAULT_SET):
             continue
         t0 = time.perf_counter()
         res = extract(teacher, x0, y0, cfg, seed=0, pixel_bounds=bounds, keep_per_class=args.ipc)
@@ -119,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     grids["noise"] = res_noise
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     command = "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    stem = RESULTS / f"ablation-{meta.name}"
+    stem = RESULTS / (args.name or f"ablation-{meta.name}")
+    grid_prefix = f"dsv-grid-{meta.name}" if args.name is None else f"{args.name}-grid"
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"dataset": meta.name, "ipc": args.ipc, "command": command, "git_commit": commit,
                "solver_default": dataclasses.asdict(base), "protocol": dataclasses.asdict(protocol), "rows": rows}
@@ -127,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind, res in grids.items():
         fig = image_grid(_pixels(res.x, mean, std), res.y, meta.classes, f"{meta.name} DSVs ({kind}, IPC {args.ipc})",
                          per_class=min(args.ipc, 10))
-        fig.savefig(RESULTS / f"dsv-grid-{meta.name}-{kind}.png", dpi=90)
-    stem.with_suffix(".md").write_text(render(payload, args))
+        fig.savefig(RESULTS / f"{grid_prefix}-{kind}.png", dpi=90)
+    stem.with_suffix(".md").write_text(render(payload, args, grid_prefix))
     print(stem.with_suffix(".md").read_text())
     return 0
 
@@ -137,16 +151,16 @@ def _pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Ten
     return (x * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)).clamp(0, 1)
 
 
-def render(p: dict[str, Any], args: argparse.Namespace) -> str:
+def render(p: dict[str, Any], args: argparse.Namespace, grid_prefix: str) -> str:
     def acc(r: dict[str, Any]) -> str:
         a = torch.tensor(r["accs"], dtype=torch.float64)
         return "n/a" if not len(a) else f"{100 * a.mean():.2f} ± {100 * a.std(unbiased=False):.2f}"
 
     lines = [
-        f"# Ablation: what each DeepKKT term contributes ({p['dataset']}, n-shot, IPC {p['ipc']})",
+        f"# Ablation: DeepKKT variants at one budget ({p['dataset']}, n-shot, IPC {p['ipc']})",
         "",
-        f"Command: `{p['command']}` at commit `{p['git_commit']}`. Same teacher, same initial real images, same "
-        f"budget ({p['solver_default']['steps']} steps) for every variant; students: ConvNet-3 width "
+        f"Command: `{p['command']}` at commit `{p['git_commit']}`. Same teacher, same initial real images, "
+        f"{p['solver_default']['steps']} steps unless the variant says otherwise; students: ConvNet-3 width "
         f"{args.student_width}, protocol `paper` (Adam lr 1e-4, DSA, max({args.epochs} epochs, {args.min_steps} steps)), "
         f"{args.n_runs} seeds, mean ± std.",
         "",
@@ -164,7 +178,7 @@ def render(p: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {r['variant']} | {r['n']} | {acc(r)} | {100 * r['acc_target']:.0f}% | "
             f"{r['entropy_start']:.3f} → {r['entropy_end']:.3f} | {r['residual_rel_start']:.3f} → "
             f"{r['residual_rel_end']:.3f} | {r['s_per_step']:.2f} |")
-    lines += ["", f"DSV grids: `dsv-grid-{p['dataset']}-nshot.png`, `dsv-grid-{p['dataset']}-noise.png`."]
+    lines += ["", f"DSV grids: `{grid_prefix}-nshot.png` (when `default` ran), `{grid_prefix}-noise.png`."]
     return "\n".join(lines) + "\n"
 
 
