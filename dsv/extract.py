@@ -294,7 +294,7 @@ def extract(
                 loss_val = float(terms.total)
                 if not math.isfinite(loss_val):
                     raise FloatingPointError(
-                        f"non-finite DeepKKT loss ({loss_val}) at step {step}; last finite loss {last_finite:.6g}"
+                        f"non-finite DeepKKT loss ({loss_val}) at step {step}; {_last_finite(last_finite)}"
                     )
                 last_finite = loss_val
                 row = _trace_row(step, terms, ys, lams, d0)
@@ -317,7 +317,7 @@ def extract(
                 if step % cfg.log_every == 0 and bool((u.abs() > cfg.max_lam_ratio).any()):
                     raise FloatingPointError(
                         f"λ diverged at step {step}: max λ/scale = {float(u.abs().max()):.3g} > "
-                        f"{cfg.max_lam_ratio:g}; last finite loss {last_finite:.6g}"
+                        f"{cfg.max_lam_ratio:g}; {_last_finite(last_finite)}"
                     )
         with torch.no_grad():
             lam_all = scale * (F.softplus(u) if cfg.dual == "softplus" else u)
@@ -341,6 +341,11 @@ def extract(
                 lam_scale=float(scale),
                 dual=cfg.dual,
             )
+
+
+def _last_finite(loss: float) -> str:
+    """The error-message tail naming the last finite loss, or that none was logged (failure at step 0)."""
+    return f"last finite loss {loss:.6g}" if math.isfinite(loss) else "no finite loss was logged before it"
 
 
 def _distance_at_zero(params: list[nn.Parameter], distance: str) -> float:

@@ -65,7 +65,8 @@ class RuntimeConfig:
         output_dir: folder holding ``artifacts/`` and ``metrics/``, relative to the project root.
         mlflow_experiment: MLflow experiment name.
         log_models: log the teacher and one student per (method, IPC) with ``mlflow.pytorch``.
-        progress: progress bars: "auto" (only on a terminal), "on" or "off".
+        progress: progress bars: "auto" (only on a terminal), "on" or "off" (YAML's unquoted on/off and
+            true/false booleans mean the same).
         workers: Prefect task-runner threads for the mapped units (shards, cells). Keep 1 for
             bit-reproducible artifacts: model initialisation seeds torch's global RNG. With
             ``task_runner: dask`` and no ``dask_address``: the number of local worker processes.
@@ -82,7 +83,7 @@ class RuntimeConfig:
     output_dir: str = "."
     mlflow_experiment: str = "dsv"
     log_models: bool = True
-    progress: str = "auto"
+    progress: str | bool = "auto"
     workers: int = 1
     task_runner: str = "thread"
     dask_address: str | None = None
@@ -99,7 +100,9 @@ class RuntimeConfig:
                 raise ValueError(f"dask_address is set ({self.dask_address!r}) but task_runner = "
                                  f"{self.task_runner!r}; set runtime.task_runner=dask")
         _choice("device", self.device, DEVICES)
-        _choice("progress", self.progress, PROGRESS)
+        if isinstance(self.progress, bool):  # YAML 1.1 reads an unquoted on/off as a boolean
+            object.__setattr__(self, "progress", "on" if self.progress else "off")
+        _choice("progress", str(self.progress), PROGRESS)
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if not self.mlflow_experiment:

@@ -101,6 +101,15 @@ def test_overrides_and_missing_file(tmp_path: Path) -> None:
         load_config(bad)
 
 
+def test_yaml_on_off_booleans_are_accepted_for_progress() -> None:
+    # YAML 1.1 (and so `-S runtime.progress=off`) reads unquoted on/off as booleans.
+    assert load_config(None, ["runtime.progress=off"]).runtime.progress == "off"
+    assert load_config(None, ["runtime.progress=on"]).runtime.progress == "on"
+    assert load_config(None, ["runtime.progress='auto'"]).runtime.progress == "auto"
+    with pytest.raises(ConfigError, match="runtime.progress"):
+        load_config(None, ["runtime.progress=sometimes"])
+
+
 def test_partial_nested_override_keeps_the_parent_default() -> None:
     # ProxyConfig's default fit is SGD lr 0.01; overriding only its epochs must keep SGD.
     cfg = load_config(None, ["distill.proxy.fit.epochs=3"])
