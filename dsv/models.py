@@ -7,6 +7,7 @@ The default ConvNet is the dataset-distillation benchmark network (DC/DSA/DM pap
 from __future__ import annotations
 
 import difflib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -193,9 +194,17 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -
     return _BUILDERS[cfg.name](tuple(in_shape), num_classes, cfg)
 
 
+# torch's layer initialisers draw from the global RNG; one lock makes seeded construction safe when
+# several threads (the pipeline's thread task runner with workers > 1) build models at once.
+_SEEDED_BUILD = threading.Lock()
+
+
 def build_seeded(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
-    """:func:`build_model` with initial weights fixed by ``seed`` (the global RNG state is restored)."""
-    with torch.random.fork_rng(devices=[]):
+    """:func:`build_model` with initial weights fixed by ``seed`` (the global RNG state is restored).
+
+    Thread-safe: concurrent calls are serialised, so each model's weights depend on its seed only.
+    """
+    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(cfg, in_shape, num_classes)
 

@@ -67,8 +67,8 @@ class RuntimeConfig:
         log_models: log the teacher and one student per (method, IPC) with ``mlflow.pytorch``.
         progress: progress bars: "auto" (only on a terminal), "on" or "off" (YAML's unquoted on/off and
             true/false booleans mean the same).
-        workers: Prefect task-runner threads for the mapped units (shards, cells). Keep 1 for
-            bit-reproducible artifacts: model initialisation seeds torch's global RNG. With
+        workers: Prefect task-runner threads for the mapped units (shards, cells). Seeded model
+            construction is serialised, so a unit's result does not depend on what runs beside it. With
             ``task_runner: dask`` and no ``dask_address``: the number of local worker processes.
         task_runner: what runs the mapped units: "thread" (a thread pool of ``workers`` in this
             process) or "dask" (prefect-dask's DaskTaskRunner: worker processes, one unit at a time

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -133,9 +134,19 @@ def _closure(start: list[str], follow: tuple[str, ...]) -> dict[str, Path]:
     return seen
 
 
-@cache
+# Mapped units run on threads (runtime.workers > 1): the closure is computed once per stage, under a lock
+# (concurrent first calls of find_spec/ast.parse once raised SystemError and lost a cache record).
+_CLOSURE_LOCK = threading.Lock()
+
+
 def code_modules(stage: str) -> dict[str, Path]:
     """Module name -> source file of everything in ``stage``'s code closure (see module docstring)."""
+    with _CLOSURE_LOCK:
+        return dict(_code_modules(stage))
+
+
+@cache
+def _code_modules(stage: str) -> dict[str, Path]:
     spec = STAGES[stage]
     own = _closure([spec.module], ("tasks",))
     own = {k: v for k, v in own.items() if k not in LOGGING_ONLY or k == spec.module}
