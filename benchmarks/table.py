@@ -43,11 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--output", default=None, help="pipeline output folder (default outputs/bench/<dataset>)")
     ap.add_argument("-S", "--set", dest="extra", action="append", default=[], help="more pipeline overrides")
+    ap.add_argument("--render-only", action="store_true",
+                    help="re-render benchmarks/results/<dataset>-<protocol>.md from its .json; runs nothing")
     ap.add_argument("--reuse-from", default=None,
                     help="copy the prepare/pretrain/extract/coreset outputs of this pipeline output folder (the "
                          "hash-checked cache then reuses them when their params are identical)")
     args = ap.parse_args(argv)
 
+    stem = RESULTS / f"{args.dataset}-{args.protocol}"
+    if args.render_only:
+        payload = json.loads(stem.with_suffix(".json").read_text())
+        stem.with_suffix(".md").write_text(render(payload, _with_students(args, payload)))
+        print(stem.with_suffix(".md").read_text())
+        return 0
     out_dir = args.output or f"outputs/bench/{args.dataset}"
     ipcs = "[" + ",".join(str(i) for i in args.ipcs) + "]"
     overrides = [
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         f"runtime.output_dir={out_dir}",
         *args.extra,
     ]
-    if args.reuse_from:
+    if args.reuse_from and (ROOT / args.reuse_from).resolve() != (ROOT / out_dir).resolve():
         import shutil
 
         for stage in ("prepare", "pretrain", "extract", "coreset"):
@@ -88,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     extract = json.loads((base / "metrics" / "extract.json").read_text())
     pretrain = json.loads((base / "metrics" / "pretrain.json").read_text())
     rows = [r for r in evaluate["rows"] if r["method"] == "full" or r["ipc"] in args.ipcs]
-    stem = RESULTS / f"{args.dataset}-{args.protocol}"
     previous: list[dict[str, Any]] = []
-    if stem.with_suffix(".json").exists():  # merge with cells of earlier invocations (other IPCs)
+    history: list[dict[str, Any]] = []
+    if stem.with_suffix(".json").exists():  # merge with cells of earlier invocations (other IPCs, methods)
         old = json.loads(stem.with_suffix(".json").read_text())
+        history = _invocations(old)
         fresh = {(r["method"], r["ipc"]) for r in rows}
         fresh_methods = {r["method"] for r in rows}
         previous = [r for r in old.get("rows", []) if (r["method"], r["ipc"]) not in fresh
@@ -100,9 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = sorted(previous + rows, key=lambda r: (r["method"], r["ipc"]))
     command = "python benchmarks/table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     commit = _sh("git", "rev-parse", "HEAD")
+    this = {"command": command, "git_commit": commit, "pipeline_wall_s": wall,
+            "cells": sorted(f"{r['method']}@{r['ipc']}" for r in evaluate["rows"] if r in rows)}
     payload: dict[str, Any] = {
         "dataset": args.dataset, "protocol": args.protocol, "command": command, "git_commit": commit,
         "teacher_acc": evaluate["teacher_acc"], "pipeline_wall_s": wall, "pipeline_overrides": overrides,
+        "students": {"width": args.student_width, "epochs": args.epochs, "min_steps": args.min_steps,
+                     "n_runs": args.n_runs},
+        "invocations": history + [this],
         "extract": extract, "pretrain": pretrain, "rows": rows,
         "solver": _solver(base),
     }
@@ -112,6 +126,38 @@ def main(argv: list[str] | None = None) -> int:
     _log_mlflow(stem, payload)
     print(stem.with_suffix(".md").read_text())
     return 0
+
+
+def _invocations(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The commands whose cells a results file holds (files from before this field: its one command)."""
+    if "invocations" in payload:
+        return list(payload["invocations"])
+    return [{"command": payload["command"], "git_commit": payload["git_commit"],
+             "pipeline_wall_s": payload.get("pipeline_wall_s"), "cells": None}]
+
+
+def _with_students(args: argparse.Namespace, payload: dict[str, Any]) -> argparse.Namespace:
+    """``args`` with the student settings and IPCs recorded in ``payload`` (for ``--render-only``)."""
+    st = payload.get("students", {})
+    ipcs = sorted({r["ipc"] for r in payload["rows"] if r["method"] != "full"})
+    return argparse.Namespace(**{**vars(args), "ipcs": ipcs, "student_width": st.get("width", args.student_width),
+                                 "epochs": st.get("epochs", args.epochs),
+                                 "min_steps": st.get("min_steps", args.min_steps),
+                                 "n_runs": st.get("n_runs", args.n_runs)})
+
+
+def _commands(p: dict[str, Any]) -> list[str]:
+    inv = _invocations(p)
+    if len(inv) == 1:
+        return [f"- Command: `{inv[0]['command']}` at commit `{inv[0]['git_commit']}`; pipeline wall time "
+                f"{inv[0]['pipeline_wall_s']:.0f} s (including cached stages; each cell's own time is below)."]
+    out = [f"- Commands ({len(inv)} invocations merged, later cells replace earlier ones; finished stages and cells "
+           "are cached and shared through `--reuse-from`):"]
+    for i, c in enumerate(inv, 1):
+        wall = "" if c.get("pipeline_wall_s") is None else f", pipeline wall time {c['pipeline_wall_s']:.0f} s"
+        note = f" {c['note']}" if c.get("note") else ""
+        out.append(f"  {i}. `{c['command']}` (commit `{c['git_commit'][:7]}`{wall}).{note}")
+    return out
 
 
 def _fmt(r: dict[str, Any] | None) -> str:
@@ -131,8 +177,7 @@ def render(p: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"# {p['dataset']}: test accuracy (%) of students trained on each set, protocol `{args.protocol}`",
         "",
-        f"- Command: `{p['command']}` at commit `{p['git_commit']}`; pipeline wall time {p['pipeline_wall_s']:.0f} s "
-        "(including cached stages; each cell's own time is below).",
+        *_commands(p),
         f"- Teacher: test accuracy {100 * p['teacher_acc']:.2f}% ({_teacher_desc(p)}).",
         f"- Students: ConvNet-3 width {args.student_width}, protocol `{args.protocol}` "
         f"({_protocol_desc(args)}), {label} labels, mean ± std over {args.n_runs} student seeds "
