@@ -214,7 +214,12 @@ def _protocol_desc(args: argparse.Namespace) -> str:
         return f"Adam lr 1e-4, DSA augmentation, max({args.epochs} epochs, {args.min_steps} steps)"
     if args.protocol == "dd":
         return f"SGD lr 0.01 momentum 0.9 wd 5e-4, lr x0.1 at half, DSA, max({args.epochs} epochs, {args.min_steps} steps)"
-    return f"dd/paper base + KD, max({args.epochs} epochs, {args.min_steps} steps)"
+    from dsv.protocols import ProtocolConfig
+
+    d = ProtocolConfig(name="soft")  # the table sets no base/temperature/alpha: the defaults apply
+    return (f"base `{d.base}` (SGD lr 0.01 momentum 0.9 wd 5e-4, lr x0.1 at half, DSA) + knowledge distillation "
+            f"from the teacher's logits on every augmented batch, T = {d.kd_temperature:g}, "
+            f"loss = {1 - d.kd_alpha:g}·CE(hard) + {d.kd_alpha:g}·T²·KL, max({args.epochs} epochs, {args.min_steps} steps)")
 
 
 def _solver(base: Path) -> dict[str, Any]:
