@@ -113,7 +113,8 @@ def lam_vs_accuracy(output: Path):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--table", required=True, help="benchmarks/results/<dataset>-<protocol>.json")
-    ap.add_argument("--from", dest="output", required=True, help="the pipeline output folder the table ran in")
+    ap.add_argument("--from", dest="output", default=None,
+                    help="the pipeline output folder the table ran in (without it: only the accuracy-vs-IPC plot)")
     ap.add_argument("--ipc", type=int, default=10, help="IPC of the DSV vs top-λ grid")
     ap.add_argument("--init", default="nshot", help="DSV init kind of the grid")
     ap.add_argument("--per-class", type=int, default=10, help="columns of the grid")
@@ -128,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         out / f"{stem}-acc-vs-ipc.png": accuracy_vs_ipc(
             table["rows"], f"{table['dataset']}, protocol {table['protocol']}: accuracy vs IPC",
             table.get("teacher_acc")),
-        out / f"{table['dataset']}-dsv-vs-topk-ipc{args.ipc}.png": dsv_vs_topk(
-            Path(args.output), args.ipc, args.init, args.per_class),
-        out / f"{table['dataset']}-lambda-vs-acc.png": lam_vs_accuracy(Path(args.output)),
     }
+    if args.output is not None:
+        figs[out / f"{table['dataset']}-dsv-vs-topk-ipc{args.ipc}.png"] = dsv_vs_topk(
+            Path(args.output), args.ipc, args.init, args.per_class)
+        figs[out / f"{table['dataset']}-lambda-vs-acc.png"] = lam_vs_accuracy(Path(args.output))
     for path, fig in figs.items():
         fig.savefig(path, dpi=80 if "dsv-vs-topk" in path.name else 110)
         close(fig)
