@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -27,6 +28,9 @@ from tasks.config import flatten
 from tasks.paths import ProjectPaths
 
 MAX_PARAM_CHARS = 6000
+# mlflow.pytorch.log_model runs torch.export, whose FX tracer keeps process-global state: two threads
+# logging models at once (runtime.workers > 1) crash with "CURRENT_PATCHER is None". One at a time.
+_MODEL_LOGGING = threading.Lock()
 
 
 def quiet_environment() -> None:
@@ -156,9 +160,10 @@ class MlflowStageLog:
             return
         import mlflow.pytorch
 
-        mlflow.pytorch.log_model(
-            model, name=name, input_example=input_example, pip_requirements=[], run_id=self.run_id
-        )
+        with _MODEL_LOGGING:
+            mlflow.pytorch.log_model(
+                model, name=name, input_example=input_example, pip_requirements=[], run_id=self.run_id
+            )
 
     def tags(self, values: Mapping[str, str]) -> None:
         for k, v in values.items():
