@@ -336,12 +336,14 @@ def save_model(weights: str | Path, spec: str | Path, model: torch.nn.Module, sp
 def load_model(weights: str | Path, spec: str | Path, device: str = "cpu") -> torch.nn.Module:
     """Rebuild a model from its spec (``model`` = ModelConfig fields, ``in_shape``, ``num_classes``)
     and load its safetensors weights (strict), in eval mode."""
-    from dsv.models import ModelConfig, build_model
+    from dsv.models import ModelConfig, build_seeded
 
     s = read_json(spec)
     try:
         cfg = ModelConfig(**s["model"])
-        model = build_model(cfg, tuple(s["in_shape"]), int(s["num_classes"]))
+        # The initial weights are overwritten below; build_seeded only keeps construction from drawing on
+        # the global RNG while another thread (runtime.workers > 1) is building a seeded model.
+        model = build_seeded(cfg, tuple(s["in_shape"]), int(s["num_classes"]), seed=0)
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{spec} does not describe a model ({exc}); rerun the pretrain stage") from exc
     state = load_tensors(weights)

@@ -34,10 +34,11 @@ from tasks.artifacts import (
     read_dsv_parquet,
     read_json,
     read_lambdas_parquet,
+    save_model,
     save_tensors,
 )
 from tasks.atomic import write_json
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, to_plain
 from tasks.figures import image_grid
 from tasks.paths import Paths
 from tasks.progress import Bar
@@ -187,7 +188,11 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
                      "per_class": test.per_class})
         log.metric(f"{key}/test_acc", test.accuracy, step=seed)
         if seed == 0:
-            log.model(model.cpu(), f"student_{key}", x_test[:2].numpy())
+            # Saved here, logged to MLflow by merge(): mlflow.pytorch.log_model runs torch.export, which
+            # changes the numerics of students training on other threads (runtime.workers > 1).
+            spec = {"model": to_plain(protocol.model), "in_shape": list(meta.input_shape),
+                    "num_classes": meta.num_classes}
+            save_model(paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc), model.cpu(), spec)
     bar.close()
     cell = {
         "method": method, "ipc": ipc if method != "full" else inp.per_class, "shots": shots,
@@ -195,7 +200,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
         "steps": fit_cfg.steps, "runs": runs,
     }
     cell_file = write_json(paths.distill_cell(method, ipc), cell)
-    files = [cell_file]
+    files = [cell_file, paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc)]
     if method != "full":
         files.append(save_tensors(paths.distill_set(method, ipc), {"x": x, "y": y}))
         if len(meta.input_shape) == 3:
@@ -225,9 +230,18 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
         if accs:
             metrics[f"{c['method']}_ipc{c['ipc']}_acc_mean"] = sum(accs) / len(accs)
     log.metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+    meta = read_data_meta(paths.data_meta)
+    x_example = load_split(paths.test, meta)[0][:2].numpy()
+    for r in unit_results:  # cells computed in this run (cached cells were logged when they ran)
+        method, ipc = str(r["unit"]["method"]), int(r["unit"]["ipc"])
+        if paths.distill_student(method, ipc).exists():
+            student = load_model(paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc))
+            log.model(student, f"student_{method}_ipc{ipc}", x_example)
     files = [paths.distill_runs]
     for u in units(cfg):
         files.append(paths.distill_cell(u["method"], u["ipc"]))
+        if paths.distill_student(u["method"], u["ipc"]).exists():
+            files += [paths.distill_student(u["method"], u["ipc"]), paths.distill_student_spec(u["method"], u["ipc"])]
         if u["method"] != "full":
             files.append(paths.distill_set(u["method"], u["ipc"]))
     return finish("distill", cfg, paths, files, metrics, started, extra_seconds=sum(seconds.values()))

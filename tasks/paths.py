@@ -140,6 +140,13 @@ class Paths:
     def distill_set(self, method: str, ipc: int) -> Path:
         return self.stage_dir("distill") / "sets" / f"{method}_ipc{ipc}.safetensors"
 
+    def distill_student(self, method: str, ipc: int) -> Path:
+        """The first-seed student of a cell (safetensors), logged to MLflow by the merge step."""
+        return self.stage_dir("distill") / "students" / f"{method}_ipc{ipc}.safetensors"
+
+    def distill_student_spec(self, method: str, ipc: int) -> Path:
+        return self.stage_dir("distill") / "students" / f"{method}_ipc{ipc}.json"
+
     @property
     def distill_runs(self) -> Path:
         return self.stage_dir("distill") / "runs.json"

@@ -142,6 +142,9 @@ def test_mlflow_has_parent_nested_runs_metrics_and_images(project: Path, first: 
     coreset_files = [f.path for f in client.list_artifacts(by_name["coreset"].info.run_id, "coreset")]
     assert {"coreset/lambda_hist.png", "coreset/sum_lambda_vs_acc.png"} <= set(coreset_files)
     assert "params.resolved.yaml" in [f.path for f in client.list_artifacts(by_name["distill"].info.run_id)]
+    # Each cell's first-seed student is an artifact (logged to MLflow by the merge step when log_models).
+    students = sorted(p.stem for p in (project / "artifacts" / "distill" / "students").glob("*.safetensors"))
+    assert students and all((project / "artifacts" / "distill" / "students" / f"{s}.json").exists() for s in students)
 
 
 def test_unchanged_rerun_is_all_cache_hits(project: Path, first: dict) -> None:
