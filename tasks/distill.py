@@ -230,11 +230,12 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
         if accs:
             metrics[f"{c['method']}_ipc{c['ipc']}_acc_mean"] = sum(accs) / len(accs)
     log.metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
-    meta = read_data_meta(paths.data_meta)
-    x_example = load_split(paths.test, meta)[0][:2].numpy()
-    for r in unit_results:  # cells computed in this run (cached cells were logged when they ran)
-        method, ipc = str(r["unit"]["method"]), int(r["unit"]["ipc"])
-        if paths.distill_student(method, ipc).exists():
+    # Students of the cells computed in this run (cached cells were logged when they ran).
+    computed = [(str(r["unit"]["method"]), int(r["unit"]["ipc"])) for r in unit_results]
+    computed = [(m, k) for m, k in computed if paths.distill_student(m, k).exists()]
+    if computed:
+        x_example = load_split(paths.test, read_data_meta(paths.data_meta))[0][:2].numpy()
+        for method, ipc in computed:
             student = load_model(paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc))
             log.model(student, f"student_{method}_ipc{ipc}", x_example)
     files = [paths.distill_runs]
