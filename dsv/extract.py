@@ -10,6 +10,7 @@ the initial candidates (closed form of the l2 stationarity problem) unless ``lam
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,10 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsv.certificate import scale_invariant_names
 from dsv.data.core import per_class_indices
 from dsv.kkt import KKTConfig, kkt_objective, soft_cross_entropy, stationarity_params, weighted_grad_sum
+from dsv.lam import margins, per_sample_grads, solve_nnls
 
 DUALS = ("drop", "clamp", "softplus")
+LAM_SOLVERS = ("adam", "nnls")
+KEEP_BY = ("support", "lambda")
 INITS = ("nshot", "0shot", "noise")
 OPTIMIZERS = ("adam", "sgd")
 
@@ -41,8 +46,17 @@ class ExtractConfig:
             negative is discarded); "clamp" (λ projected to 0, candidate kept; the shipped default, a
             deviation: on Fashion-MNIST IPC 10 the paper's rules kept 21/100 candidates and their
             students scored 47.98% vs 71.98%, benchmarks/results/ablation-fashion_mnist.md) and "softplus" (λ = softplus(ρ), also a deviation).
-        spare: extra candidates per class as a fraction of IPC (used by :func:`init_candidates`);
-            survivors beyond IPC are trimmed by highest λ.
+        lam_solver: "adam" (λ = s·u optimised jointly with x by ``optimizer``, with ``lr_lam``; the dual
+            rule applies) or "nnls" (every ``lam_every`` steps λ is set to the exact solution of the
+            non-negative least-squares problem min_{λ≥0} ‖θ* + Σ_i λ_i ∇_θ L_i‖² for the current
+            candidates, warm-started from the current λ; x then follows the gradient of L_stat at that
+            λ: λ ≥ 0 by construction, no learning rate, no drift).
+        lam_every: steps between two NNLS solves ("nnls" only).
+        lam_steps: iterations of one NNLS solve ("nnls" only).
+        spare: extra candidates per class as a multiple of IPC (used by :func:`init_candidates`:
+            IPC·(1 + spare) are optimised); survivors beyond IPC are trimmed by ``keep_by``.
+        keep_by: how survivors beyond IPC are chosen: "support" (largest support score λ_i·‖∇_θ L_i‖,
+            see :mod:`dsv.lam`) or "lambda" (largest λ, the paper's ranking).
         clamp_pixels: keep candidates inside the valid pixel range [0, 1] (mapped to normalised space).
         kkt: the objective's weights and variants.
         log_every: trace interval in steps.
@@ -56,7 +70,11 @@ class ExtractConfig:
     optimizer: str = "adam"
     lam_init: float | None = None
     dual: str = "clamp"
+    lam_solver: str = "adam"
+    lam_every: int = 1
+    lam_steps: int = 100
     spare: float = 0.0
+    keep_by: str = "support"
     clamp_pixels: bool = True
     kkt: KKTConfig = field(default_factory=KKTConfig)
     log_every: int = 10
@@ -75,6 +93,14 @@ class ExtractConfig:
             raise ValueError(f"extract.dual = {self.dual!r} is not one of {', '.join(DUALS)}")
         if self.lam_init is not None and not self.lam_init > 0:
             raise ValueError(f"extract.lam_init must be > 0 (or null for automatic), got {self.lam_init}")
+        if self.lam_solver not in LAM_SOLVERS:
+            raise ValueError(f"extract.lam_solver = {self.lam_solver!r} is not one of {', '.join(LAM_SOLVERS)}")
+        if self.keep_by not in KEEP_BY:
+            raise ValueError(f"extract.keep_by = {self.keep_by!r} is not one of {', '.join(KEEP_BY)}")
+        if self.lam_every < 1:
+            raise ValueError(f"extract.lam_every must be >= 1, got {self.lam_every}")
+        if self.lam_steps < 1:
+            raise ValueError(f"extract.lam_steps must be >= 1, got {self.lam_steps}")
         if self.spare < 0:
             raise ValueError(f"extract.spare must be >= 0, got {self.spare}")
         if self.log_every < 1:
@@ -97,12 +123,14 @@ class DSVResult:
     Attributes:
         x: (M, C, H, W) DSVs in normalised input space.
         y: (M,) int targets or (M, C) soft targets.
-        lam: (M,) multipliers λ.
+        lam: (M,) multipliers λ (> 0 unless the caller asked to keep λ = 0 candidates).
+        support: (M,) support scores λ_i·‖∇_θ L_i‖ (θ = the stationarity subset).
+        margin: (M,) teacher margin towards the (hard) target: its logit minus the largest other.
         probs: (M, C) teacher probabilities.
         entropy: (M,) teacher prediction entropy (nats).
         source_index: (M,) index of each survivor in the initial candidate tensor.
         survivors_per_class: candidates left per (hard) target class, after trimming.
-        dropped: candidates removed by the dual rule ("drop").
+        dropped: candidates removed by the dual rule ("drop") or, at the end, for λ = 0.
         trace: one dict per logged step (step, loss, stat, primal, stat_aug, tv, norm, entropy,
             acc_target, survivors, lam_mean, residual_rel).
         lam_scale: the λ scale s used.
@@ -114,6 +142,8 @@ class DSVResult:
     lam: Tensor
     probs: Tensor
     entropy: Tensor
+    support: Tensor
+    margin: Tensor
     source_index: Tensor
     survivors_per_class: list[int]
     dropped: int
@@ -190,7 +220,7 @@ def best_uniform_lambda(teacher: nn.Module, x: Tensor, y: Tensor, subset: str = 
 
     This is the λ every candidate would share if all had the same multiplier; it sets the scale of λ.
     """
-    params = stationarity_params(teacher, subset)
+    params = stationarity_params(teacher, subset, x[:8])
     losses = soft_cross_entropy(teacher(x), y)
     g = weighted_grad_sum(teacher, params, losses, torch.ones_like(losses), create_graph=False)
     num = -sum(float((p.detach() * gi).sum()) for p, gi in zip(params, g))
@@ -237,6 +267,7 @@ def extract(
     callback: Callable[[ExtractEvent], None] | None = None,
     pixel_bounds: tuple[Tensor, Tensor] | None = None,
     keep_per_class: int | None = None,
+    keep_zero_lambda: bool = False,
 ) -> DSVResult:
     """Optimise candidates and λ under the DeepKKT objective (Algorithm 1).
 
@@ -249,7 +280,9 @@ def extract(
         callback: receives an :class:`ExtractEvent` every ``cfg.log_every`` steps.
         pixel_bounds: per-channel (lo, hi) of the valid range in normalised space, shape (C,) each;
             used when ``cfg.clamp_pixels``.
-        keep_per_class: trim survivors to at most this many per class (highest λ first); None keeps all.
+        keep_per_class: trim survivors to at most this many per class (by ``cfg.keep_by``); None keeps all.
+        keep_zero_lambda: also return candidates whose λ ended at 0 (generation and editing, where the
+            image is the product); by default a candidate with λ = 0 supports nothing and is not a DSV.
 
     Returns:
         :class:`DSVResult`.
@@ -264,31 +297,45 @@ def extract(
     g = torch.Generator().manual_seed(seed)
     k = x0.shape[0]
     num_classes_hint = int(y0.shape[1]) if y0.dim() == 2 else None
+    nnls = cfg.lam_solver == "nnls"
     with _FrozenTeacher(teacher) as model:
-        params = stationarity_params(model, cfg.kkt.param_subset)
-        x = x0.detach().clone().to(device).requires_grad_(True)
+        x = x0.detach().clone().to(device=device, dtype=next(teacher.parameters()).dtype).requires_grad_(True)
+        params = stationarity_params(model, cfg.kkt.param_subset, x.detach()[:8])
+        if cfg.kkt.param_subset == "all":
+            _warn_invariant(model, x.detach()[:8])
         y = y0.to(device)
         scale = cfg.lam_init if cfg.lam_init is not None else best_uniform_lambda(model, x.detach(), y, cfg.kkt.param_subset)
-        # u parameterises λ = scale·u (drop/clamp) or λ = scale·softplus(u) (softplus).
-        u0 = 1.0 if cfg.dual != "softplus" else math.log(math.e - 1.0)
-        u = torch.full((k,), u0, device=device, requires_grad=True)
-        opt = _optimizer([{"params": [x], "lr": cfg.lr_x}, {"params": [u], "lr": cfg.lr_lam}], cfg.optimizer)
+        # u parameterises λ = scale·u (drop/clamp/nnls) or λ = scale·softplus(u) (softplus).
+        u0 = 1.0 if cfg.dual != "softplus" or nnls else math.log(math.e - 1.0)
+        u = torch.full((k,), u0, device=device, dtype=x.dtype, requires_grad=True)
+        groups = [{"params": [x], "lr": cfg.lr_x}] + ([] if nnls else [{"params": [u], "lr": cfg.lr_lam}])
+        opt = _optimizer(groups, cfg.optimizer)
         alive = torch.ones(k, dtype=torch.bool, device=device)
         lo = hi = None
         if cfg.clamp_pixels and pixel_bounds is not None and x.dim() == 4:
             lo = pixel_bounds[0].to(device).view(1, -1, 1, 1)
             hi = pixel_bounds[1].to(device).view(1, -1, 1, 1)
         d0 = _distance_at_zero(params, cfg.kkt.distance)
+        theta = torch.cat([p.detach().flatten() for p in params])
         trace: list[dict[str, float]] = []
         last_finite = float("nan")
         everyone = torch.arange(k, device=device)
+        drop = cfg.dual == "drop" and not nnls
+        softplus = cfg.dual == "softplus" and not nnls
         for step in range(cfg.steps + 1):
             # Only the paper's drop rule changes the candidate set; the other rules need no host sync here.
-            idx = alive.nonzero(as_tuple=True)[0] if cfg.dual == "drop" else everyone
-            if cfg.dual == "drop" and idx.numel() == 0:
+            idx = alive.nonzero(as_tuple=True)[0] if drop else everyone
+            if drop and idx.numel() == 0:
                 break
-            lam_all = scale * (F.softplus(u) if cfg.dual == "softplus" else u)
-            xs, ys, lams = (x, y, lam_all) if cfg.dual != "drop" else (x[idx], y[idx], lam_all[idx])
+            if nnls and step % cfg.lam_every == 0:
+                with torch.no_grad():
+                    gm = per_sample_grads(model, x.detach(), y, cfg.kkt.param_subset, chunk=256)
+                    lam_now = solve_nnls(gm, theta, cfg.lam_steps, lam0=scale * u.detach())
+                    u.copy_(lam_now / scale)
+            lam_all = scale * (F.softplus(u) if softplus else u)
+            if nnls:
+                lam_all = lam_all.detach()
+            xs, ys, lams = (x, y, lam_all) if not drop else (x[idx], y[idx], lam_all[idx])
             total, terms = kkt_objective(model, params, xs, ys, lams, cfg.kkt, g)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 loss_val = float(terms.total)
@@ -303,44 +350,76 @@ def extract(
                     callback(ExtractEvent(step=step, total_steps=cfg.steps, metrics=row))
             if step == cfg.steps:
                 break
-            gx, gu = torch.autograd.grad(total, [x, u])
-            opt.zero_grad(set_to_none=True)
-            x.grad, u.grad = gx, gu
+            if nnls:
+                (gx,) = torch.autograd.grad(total, [x])
+                opt.zero_grad(set_to_none=True)
+                x.grad = gx
+            else:
+                gx, gu = torch.autograd.grad(total, [x, u])
+                opt.zero_grad(set_to_none=True)
+                x.grad, u.grad = gx, gu
             opt.step()
             with torch.no_grad():
                 if lo is not None and hi is not None:
                     x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-                if cfg.dual == "drop":
+                if drop:
                     alive &= u >= 0
-                elif cfg.dual == "clamp":
+                elif cfg.dual == "clamp" and not nnls:
                     u.clamp_(min=0.0)
-                if step % cfg.log_every == 0 and bool((u.abs() > cfg.max_lam_ratio).any()):
+                # NaN compares false: test "not finite or too large" so a NaN λ cannot switch the guard off.
+                if step % cfg.log_every == 0 and not bool((u.abs() <= cfg.max_lam_ratio).all()):
                     raise FloatingPointError(
                         f"λ diverged at step {step}: max λ/scale = {float(u.abs().max()):.3g} > "
                         f"{cfg.max_lam_ratio:g}; {_last_finite(last_finite)}"
                     )
         with torch.no_grad():
-            lam_all = scale * (F.softplus(u) if cfg.dual == "softplus" else u)
+            lam_all = scale * (F.softplus(u) if softplus else u)
+            if not keep_zero_lambda:
+                alive &= lam_all > 0
             idx = alive.nonzero(as_tuple=True)[0]
-            hard = y0.argmax(1) if y0.dim() == 2 else y0
+            hard = (y0.argmax(1) if y0.dim() == 2 else y0).to(device)
+            logits_all = model(x.detach())
+            gnorm = torch.zeros(k, dtype=x.dtype, device=device)
+            if idx.numel():
+                gm = per_sample_grads(model, x.detach()[idx], y[idx], cfg.kkt.param_subset, chunk=256)
+                gnorm[idx] = gm.norm(dim=1)
+            support = lam_all * gnorm
             if keep_per_class is not None:
-                idx = _trim(idx, hard.to(device), lam_all, keep_per_class)
-            logits = model(x[idx]) if idx.numel() else x.new_zeros((0, num_classes_hint or 1))
-            ncls = logits.shape[1] if idx.numel() else (num_classes_hint or int(hard.max()) + 1)
-            counts = torch.bincount(hard[idx.cpu()], minlength=ncls).tolist()
+                idx = _trim(idx, hard, support if cfg.keep_by == "support" else lam_all, keep_per_class)
+            logits = logits_all[idx] if idx.numel() else x.new_zeros((0, num_classes_hint or 1))
+            ncls = logits_all.shape[1]
+            counts = torch.bincount(hard[idx].cpu(), minlength=ncls).tolist()
             return DSVResult(
                 x=x[idx].detach().cpu(),
                 y=y0[idx.cpu()].clone(),
                 lam=lam_all[idx].detach().cpu(),
                 probs=F.softmax(logits, dim=1).cpu(),
                 entropy=entropy_of(logits).cpu(),
+                support=support[idx].cpu(),
+                margin=margins(logits, hard[idx]).cpu() if idx.numel() else x.new_zeros(0).cpu(),
                 source_index=idx.cpu(),
                 survivors_per_class=counts,
                 dropped=int((~alive).sum()),
                 trace=trace,
                 lam_scale=float(scale),
-                dual=cfg.dual,
+                dual=cfg.dual if not nnls else "nnls",
             )
+
+
+def _warn_invariant(model: nn.Module, example: Tensor) -> None:
+    """Warn once per model when θ = all parameters includes scale-invariant ones (no λ can fit them)."""
+    names = scale_invariant_names(model, example)
+    if names and id(model) not in _WARNED:
+        _WARNED.add(id(model))
+        warnings.warn(
+            f"param_subset='all' on a normalised network: {len(names)} parameter tensors (e.g. {names[0]}) are "
+            "scale-invariant, so their gradients are orthogonal to them and stationarity cannot hold for any λ; "
+            "use param_subset 'free' or 'last', or a norm-free teacher (see dsv.certificate)",
+            stacklevel=3,
+        )
+
+
+_WARNED: set[int] = set()
 
 
 def _last_finite(loss: float) -> str:
@@ -406,7 +485,7 @@ def generate(
     out = []
     for delta in deltas:
         y = soft_targets(class_a, class_b, delta, num_classes).expand(x0.shape[0], -1).clone()
-        out.append(extract(teacher, x0, y, cfg, seed=seed, pixel_bounds=pixel_bounds))
+        out.append(extract(teacher, x0, y, cfg, seed=seed, pixel_bounds=pixel_bounds, keep_zero_lambda=True))
     return out
 
 
@@ -421,4 +500,4 @@ def edit(
     """Editing: start from a real image (C, H, W) and optimise it towards ``target_class`` (paper §5.4)."""
     x0 = image.unsqueeze(0) if image.dim() == 3 else image
     y0 = torch.full((x0.shape[0],), target_class, dtype=torch.long)
-    return extract(teacher, x0, y0, cfg, seed=seed, pixel_bounds=pixel_bounds)
+    return extract(teacher, x0, y0, cfg, seed=seed, pixel_bounds=pixel_bounds, keep_zero_lambda=True)

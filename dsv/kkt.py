@@ -38,11 +38,12 @@ import torch
 from torch import Tensor, nn
 
 from dsv.augment import AugmentConfig, augment
+from dsv.certificate import final_linear, scale_invariant_names
 from dsv.train import soft_cross_entropy
 
 DISTANCES = ("l1", "l2")
 PRIMALS = ("gated", "ungated")
-PARAM_SUBSETS = ("all", "last")
+PARAM_SUBSETS = ("all", "last", "free")
 IMPLS = ("auto", "fast", "reference")
 # Peak bytes of a one-shot DeepKKT step per candidate ≈ this factor × the float bytes of one candidate's
 # forward activations (the double-backward graph keeps several copies of every activation). Calibrated
@@ -59,9 +60,10 @@ class KKTConfig:
     Attributes:
         distance: D of Eq. 8. "l1" (default, paper text): mean over parameter entries of |θ* + Σλ∇L|;
             "l2" (Algorithm 1): mean of the squared entries.
-        param_subset: parameters θ the stationarity condition is imposed on: "all" (the paper's Eq. 8)
-            or "last" (final linear layer only; the paper inverts a model whose last layer was
-            retrained). Default "last", a measured deviation: on a Fashion-MNIST ConvNet teacher the
+        param_subset: parameters θ the stationarity condition is imposed on: "all" (the paper's Eq. 8),
+            "last" (final linear layer only, found by structure; the paper inverts a model whose last
+            layer was retrained) or "free" (all but the parameters a following instance/group norm
+            makes scale-invariant, for which no λ can satisfy stationarity: see dsv.certificate). Default "last", a measured deviation: on a Fashion-MNIST ConvNet teacher the
             relative stationarity residual stayed at 0.998 after 200 steps with "all" (the term never
             acts) and fell 0.997 -> 0.756 with "last" (benchmarks/results/ablation-fashion_mnist.md).
         primal: "gated" (default, Eq. 7: zero loss for candidates already classified as their target)
@@ -107,15 +109,42 @@ class KKTConfig:
                 raise ValueError(f"kkt.{key} must be >= 0, got {getattr(self, key)}")
 
 
-def stationarity_params(model: nn.Module, subset: str = "all") -> list[nn.Parameter]:
-    """The parameters θ the stationarity condition is imposed on ("all" or "last" = classifier layer)."""
-    named = list(model.named_parameters())
+def stationarity_params(model: nn.Module, subset: str = "all", example: Tensor | None = None) -> list[nn.Parameter]:
+    """The parameters θ the stationarity condition is imposed on.
+
+    Args:
+        model: the teacher.
+        subset: "all"; "last" (the final linear layer, found by structure: the last ``nn.Linear``); or
+            "free" (every parameter except those a following instance/group norm makes scale-invariant,
+            found numerically by :func:`dsv.certificate.scale_invariant_names`; needs ``example``).
+        example: (B, ...) a few inputs, for "free".
+    """
     if subset == "last":
-        chosen = [p for n, p in named if n.startswith("classifier.")]
-        if not chosen:
-            raise ValueError("param_subset='last' needs a model with a `classifier` layer")
-        return chosen
-    return [p for _, p in named]
+        _, layer = final_linear(model)
+        return [p for p in layer.parameters()]
+    if subset == "free":
+        if example is None:
+            raise ValueError("param_subset='free' needs example inputs to find the scale-invariant parameters")
+        skip = set(scale_invariant_names(model, example))
+        return [p for n, p in model.named_parameters() if n not in skip]
+    if subset != "all":
+        raise ValueError(f"param_subset = {subset!r} is not one of {', '.join(PARAM_SUBSETS)}")
+    return [p for _, p in model.named_parameters()]
+
+
+class eval_mode:  # noqa: N801 (a context manager used like a function)
+    """Context: the model in eval mode (BatchNorm uses, never updates, its running statistics); restored after."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self.was = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was)
 
 
 def weighted_grad_sum(
@@ -163,9 +192,10 @@ def stationarity_loss(
         distance: "l1" or "l2".
         subset: "all" or "last".
     """
-    params = stationarity_params(model, subset)
-    losses = soft_cross_entropy(model(x), y)
-    return stationarity_distance(params, weighted_grad_sum(model, params, losses, lam, True), distance)
+    with eval_mode(model):
+        params = stationarity_params(model, subset, x.detach())
+        losses = soft_cross_entropy(model(x), y)
+        return stationarity_distance(params, weighted_grad_sum(model, params, losses, lam, True), distance)
 
 
 def target_classes(y: Tensor) -> Tensor:
@@ -519,9 +549,10 @@ def stationarity_residual(
     Returns:
         (D(θ*, −Σλ∇L), D(θ*, −Σλ∇L) / D(θ*, 0)).
     """
-    params = stationarity_params(model, subset)
-    losses = soft_cross_entropy(model(x), y)
-    s = weighted_grad_sum(model, params, losses, lam, create_graph=False)
+    with eval_mode(model), torch.enable_grad():
+        params = stationarity_params(model, subset, x.detach())
+        losses = soft_cross_entropy(model(x), y)
+        s = weighted_grad_sum(model, params, losses, lam, create_graph=False)
     d = float(stationarity_distance(params, s, distance))
     d0 = float(stationarity_distance(params, [torch.zeros_like(p) for p in params], distance))
     return d, d / max(d0, 1e-30)

@@ -24,6 +24,8 @@ from torch.func import functional_call, grad, vmap
 from dsv.kkt import DISTANCES, PARAM_SUBSETS, stationarity_params
 from dsv.train import soft_cross_entropy
 
+LAMBDA_SOLVERS = ("nnls", "adam")
+
 
 @dataclass(frozen=True)
 class LambdaConfig:
@@ -32,15 +34,22 @@ class LambdaConfig:
     Attributes:
         batch_size: samples per stationarity problem (stratified); the per-sample gradient matrix of one
             batch (batch_size × P floats) must fit in memory.
-        steps: Adam steps on λ per batch.
-        lr: Adam learning rate, relative to the λ scale (λ = s·u, u initialised to 1).
-        distance: "l1" (paper default) or "l2".
+        solver: "nnls" (default: min_{λ≥0} ‖θ* + Gᵀλ‖², a non-negative least-squares problem, solved by
+            accelerated projected gradient with step 1/‖GGᵀ‖ and adaptive restart; an exact solution is
+            a fixed point, so the solver cannot drift off it) or "adam" (the first release: projected Adam
+            on ``distance``; measured to drift off a known exact solution with the l1 distance:
+            relative residual 2e-5 -> 0.054 in 1000 steps).
+        steps: iterations of the solver per batch (NNLS stops earlier once converged).
+        lr: Adam learning rate, relative to the λ scale (λ = s·u, u initialised to 1); "adam" only.
+        distance: "l1" (paper default) or "l2" for the "adam" solver; "nnls" is the l2 problem. The
+            reported residual uses this distance.
         param_subset: "all" or "last" (use "last" for large models: P is then the classifier's size).
         chunk: samples per vectorised per-sample-gradient call (bounds peak memory).
         max_bytes: refuse batches whose gradient matrix exceeds this many bytes (a clear error, not OOM).
     """
 
     batch_size: int = 1000
+    solver: str = "nnls"
     steps: int = 300
     lr: float = 0.05
     distance: str = "l1"
@@ -49,6 +58,8 @@ class LambdaConfig:
     max_bytes: int = 4 * 1024**3
 
     def __post_init__(self) -> None:
+        if self.solver not in LAMBDA_SOLVERS:
+            raise ValueError(f"coreset.solver = {self.solver!r} is not one of {', '.join(LAMBDA_SOLVERS)}")
         if self.batch_size < 2:
             raise ValueError(f"coreset.batch_size must be >= 2, got {self.batch_size}")
         if self.steps < 1:
@@ -67,22 +78,45 @@ class LambdaConfig:
 
 @dataclass
 class LambdaResult:
-    """λ per real sample and its rank within the sample's class (0 = highest λ)."""
+    """λ per real sample, its support score and margin, and ranks within the sample's class.
 
-    lam: Tensor  # (N,)
-    rank: Tensor  # (N,) int64
-    labels: Tensor  # (N,) int64
-    residual_rel: list[float] = field(default_factory=list)  # per batch, at the end (1.0 = λ explains nothing)
+    Attributes:
+        lam: (N,) multipliers on the full-data scale (see the module docstring).
+        rank: (N,) rank of λ within the class (0 = highest λ).
+        labels: (N,) classes.
+        support: (N,) support score s_i = λ_i·‖∇_θ L_i‖: how much sample i contributes to rebuilding θ*.
+            At a CE + weight-decay stationary point λ is uniform and the support lives in the gradient
+            (‖∇L_i‖ ∝ 1 − p_i for the last layer), so this, not λ, ranks support vectors.
+        margin: (N,) teacher margin, logit of the true class minus the largest other logit.
+        support_rank: (N,) rank of the support score within the class (0 = highest).
+        residual_rel: relative stationarity residual per batch, at the end (1.0 = λ explains nothing).
+    """
 
-    def topk(self, k: int) -> Tensor:
-        """Indices of the k highest-λ samples of every class, class 0 first, (C·k,)."""
-        out = []
-        for c in self.labels.unique().tolist():
-            members = (self.labels == c).nonzero(as_tuple=True)[0]
-            if members.numel() < k:
-                raise ValueError(f"class {c} has only {members.numel()} samples, fewer than k={k}")
-            out.append(members[self.rank[members].argsort()[:k]])
-        return torch.cat(out)
+    lam: Tensor
+    rank: Tensor
+    labels: Tensor
+    support: Tensor | None = None
+    margin: Tensor | None = None
+    support_rank: Tensor | None = None
+    residual_rel: list[float] = field(default_factory=list)
+
+    def topk(self, k: int, by: str = "lambda") -> Tensor:
+        """Indices of the k top samples of every class by "lambda" or "support", class 0 first, (C·k,)."""
+        rank = self.rank if by == "lambda" else self.support_rank
+        if rank is None:
+            raise ValueError(f"no {by!r} ranking in this result")
+        return topk_by_rank(rank, self.labels, k)
+
+
+def topk_by_rank(rank: Tensor, labels: Tensor, k: int) -> Tensor:
+    """Indices of the k best-ranked (rank 0 first) samples of every class, class 0 first, (C·k,)."""
+    out = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero(as_tuple=True)[0]
+        if members.numel() < k:
+            raise ValueError(f"class {c} has only {members.numel()} samples, fewer than k={k}")
+        out.append(members[rank[members].argsort()[:k]])
+    return torch.cat(out)
 
 
 @dataclass(frozen=True)
@@ -104,7 +138,7 @@ def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor, subset: str = "all"
         subset: "all" or "last" parameters.
         chunk: samples per vmap call.
     """
-    chosen = {id(p) for p in stationarity_params(model, subset)}
+    chosen = {id(p) for p in stationarity_params(model, subset, x[:8])}
     names = [n for n, p in model.named_parameters() if id(p) in chosen]
     params = {n: p.detach() for n, p in model.named_parameters() if id(p) in chosen}
     rest = {n: p.detach() for n, p in model.named_parameters() if id(p) not in chosen}
@@ -122,22 +156,88 @@ def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor, subset: str = "all"
     return torch.cat(rows)
 
 
+def solve_nnls(
+    g: Tensor, theta: Tensor, steps: int = 300, lam0: Tensor | None = None, tol: float = 1e-10
+) -> Tensor:
+    """min_{λ ≥ 0} ½‖θ + Gᵀλ‖² (non-negative least squares) by accelerated projected gradient.
+
+    Works on the Gram matrix K = GGᵀ (m × m) and q = Gθ: the gradient is Kλ + q, the step 1/L with L the
+    largest eigenvalue of K (so every plain projected step decreases the objective), momentum restarted
+    whenever the objective would rise (O'Donoghue and Candès' adaptive restart). A solution λ* satisfies
+    λ* = max(0, λ* − (Kλ* + q)/L), so started there the iteration stays there.
+
+    Args:
+        g: (m, P) gradients, one row per candidate.
+        theta: (P,) flattened θ*.
+        steps: iteration budget.
+        lam0: (m,) warm start (clamped at 0); zeros when None.
+        tol: stop when the projected-gradient step moves λ by less than ``tol``·(1 + ‖λ‖) in l∞.
+
+    Returns:
+        λ (m,), in g's dtype.
+    """
+    k = g @ g.t()  # (m, m)
+    q = g @ theta  # (m,)
+    lip = float(torch.linalg.eigvalsh(k.double())[-1]) if k.shape[0] else 0.0
+    lam = torch.zeros_like(q) if lam0 is None else lam0.detach().to(q).clamp_min(0)
+    if lip <= 0:
+        return lam
+    step = 1.0 / lip
+
+    def f(v: Tensor) -> float:
+        return float(0.5 * v @ (k @ v) + q @ v)
+
+    z, t, f_prev = lam.clone(), 1.0, f(lam)
+    for _ in range(steps):
+        nxt = (z - step * (k @ z + q)).clamp_min(0)
+        f_nxt = f(nxt)
+        if f_nxt > f_prev:  # restart: a plain projected step from λ (monotone)
+            z, t = lam.clone(), 1.0
+            nxt = (lam - step * (k @ lam + q)).clamp_min(0)
+            f_nxt = f(nxt)
+        moved = float((nxt - lam).abs().max())
+        t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
+        z = nxt + ((t - 1.0) / t_next) * (nxt - lam)
+        lam, t, f_prev = nxt, t_next, f_nxt
+        if moved <= tol * (1.0 + float(lam.abs().max())):
+            break
+    return lam
+
+
+def relative_residual(g: Tensor, theta: Tensor, lam: Tensor, distance: str) -> float:
+    """D(θ, −Gᵀλ) / D(θ, 0) for D = "l1" (mean |r|) or "l2" (mean r²), r = θ + Gᵀλ."""
+    r = theta + g.t() @ lam
+    if distance == "l1":
+        return float(r.abs().mean() / theta.abs().mean().clamp_min(1e-30))
+    return float((r * r).mean() / (theta * theta).mean().clamp_min(1e-30))
+
+
 def solve_lambdas(
-    g: Tensor, theta: Tensor, distance: str = "l1", steps: int = 300, lr: float = 0.05
+    g: Tensor, theta: Tensor, distance: str = "l1", steps: int = 300, lr: float = 0.05, solver: str = "nnls"
 ) -> tuple[Tensor, float]:
-    """Projected Adam on min_{λ≥0} D(θ, −G^T λ) for a fixed gradient matrix.
+    """min_{λ≥0} D(θ, −G^T λ) for a fixed gradient matrix.
 
     Args:
         g: (m, P) per-sample gradients.
         theta: (P,) flattened θ*.
-        distance: "l1" (mean |r|) or "l2" (mean r²), r = θ + G^T λ.
-        steps, lr: Adam budget; lr is relative to the best uniform λ.
+        distance: "l1" (mean |r|) or "l2" (mean r²), r = θ + G^T λ: the problem for "adam", the
+            reported residual for both.
+        steps: iteration budget.
+        lr: Adam learning rate relative to the best uniform λ ("adam" only).
+        solver: "nnls" (:func:`solve_nnls`, the l2 problem) or "adam" (projected Adam on ``distance``).
 
     Returns:
         (λ (m,), relative residual D(θ, −G^Tλ)/D(θ, 0)).
     """
     s = g.sum(0)
     c = float(-(theta @ s) / (s @ s).clamp_min(1e-30))
+    if solver == "nnls":
+        # Warm start at the best uniform λ: the exact solution at a KKT point (uniform 1/(nω)) is then a
+        # fixed point, and among many solutions the iteration stays near the uniform one instead of
+        # jumping to a sparse vertex (P ≪ m makes the solution set large).
+        with torch.no_grad():
+            lam = solve_nnls(g, theta, steps, lam0=torch.full((g.shape[0],), max(c, 0.0), dtype=g.dtype, device=g.device))
+            return lam, relative_residual(g, theta, lam, distance)
     scale = c if c > 0 else 1.0 / g.shape[0]
     u = torch.ones(g.shape[0], dtype=g.dtype, device=g.device, requires_grad=True)
     opt = torch.optim.Adam([u], lr=lr)
@@ -155,8 +255,14 @@ def solve_lambdas(
             u.clamp_(min=0.0)
     with torch.no_grad():
         lam = scale * u.detach()
-        d0 = theta.abs().mean() if distance == "l1" else (theta * theta).mean()
-        return lam, float(dist(lam) / d0.clamp_min(1e-30))
+        return lam, relative_residual(g, theta, lam, distance)
+
+
+def margins(logits: Tensor, y: Tensor) -> Tensor:
+    """Logit of the true class minus the largest other logit, (N,) (negative = misclassified)."""
+    true = logits.gather(1, y.view(-1, 1)).squeeze(1)
+    other = logits.scatter(1, y.view(-1, 1), float("-inf")).max(dim=1).values
+    return true - other
 
 
 def fit_lambdas(
@@ -166,52 +272,70 @@ def fit_lambdas(
     cfg: LambdaConfig,
     seed: int = 0,
     callback: Callable[[LambdaEvent], None] | None = None,
+    n_train: int | None = None,
 ) -> LambdaResult:
-    """Learn λ for fixed real images under the stationarity loss and rank them within each class.
+    """Learn λ for fixed real images under the stationarity loss; rank them within each class.
 
     Args:
         teacher: trained classifier (frozen; put in eval mode for the duration).
         x: (N, ...) normalised real training images.
         y: (N,) labels.
-        cfg: batch size, steps, distance.
+        cfg: batch size, solver, steps, distance.
         seed: fixes the stratified batch split.
         callback: one :class:`LambdaEvent` per batch.
+        n_train: size of the teacher's training set (the λ scale: a batch of m samples gets λ·m/n_train);
+            defaults to N, right only when x is the whole training set.
 
     Returns:
-        :class:`LambdaResult` with λ on the full-data scale (see module docstring).
+        :class:`LambdaResult` with λ on the full-data scale (see module docstring), support scores and
+        margins.
     """
     n = x.shape[0]
+    n_scale = n if n_train is None else n_train
+    if n_scale < 1:
+        raise ValueError(f"n_train must be >= 1, got {n_scale}")
     device = next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
-    params = stationarity_params(teacher, cfg.param_subset)
+    params = stationarity_params(teacher, cfg.param_subset, x[:8].to(device))
     p_total = sum(p.numel() for p in params)
+    dtype = params[0].dtype
     m = min(cfg.batch_size, n)
-    if m * p_total * 4 > cfg.max_bytes:
-        raise MemoryError(
-            f"coreset: a batch of {m} samples needs {m * p_total * 4 / 1e9:.1f} GB of per-sample gradients "
-            f"(P={p_total}) > max_bytes={cfg.max_bytes / 1e9:.1f} GB; lower coreset.batch_size or set "
-            f"coreset.param_subset: last"
-        )
-    theta = torch.cat([p.detach().flatten() for p in params]).to(device)
     g = torch.Generator().manual_seed(seed)
     # Stratified split: shuffle within each class, then deal samples round-robin into batches.
     order = _stratified_order(y, g)
     n_batches = max(1, round(n / m))
     batches = [order[b::n_batches] for b in range(n_batches)]
-    lam = torch.zeros(n)
+    m_max = max(b.numel() for b in batches)  # up to 1.5·m when n/m rounds down
+    need = m_max * p_total * torch.finfo(dtype).bits // 8
+    if need > cfg.max_bytes:
+        raise MemoryError(
+            f"coreset: a batch of {m_max} samples needs {need / 1e9:.1f} GB of per-sample gradients "
+            f"(P={p_total}) > max_bytes={cfg.max_bytes / 1e9:.1f} GB; lower coreset.batch_size or set "
+            f"coreset.param_subset: last"
+        )
+    theta = torch.cat([p.detach().flatten() for p in params]).to(device)
+    lam = torch.zeros(n, dtype=dtype)
+    gnorm = torch.zeros(n, dtype=dtype)
+    margin = torch.zeros(n, dtype=dtype)
     residuals = []
     try:
         for b, idx in enumerate(batches):
-            gm = per_sample_grads(teacher, x[idx].to(device), y[idx].to(device), cfg.param_subset, cfg.chunk)
-            lam_b, rel = solve_lambdas(gm, theta, cfg.distance, cfg.steps, cfg.lr)
-            lam[idx] = lam_b.cpu() * (idx.numel() / n)
+            xb, yb = x[idx].to(device=device, dtype=dtype), y[idx].to(device)
+            gm = per_sample_grads(teacher, xb, yb, cfg.param_subset, cfg.chunk)
+            lam_b, rel = solve_lambdas(gm, theta, cfg.distance, cfg.steps, cfg.lr, cfg.solver)
+            lam[idx] = lam_b.cpu() * (idx.numel() / n_scale)
+            gnorm[idx] = gm.norm(dim=1).cpu()
+            with torch.no_grad():
+                margin[idx] = margins(teacher(xb), yb).cpu()
             residuals.append(rel)
             if callback is not None:
                 callback(LambdaEvent(batch=b + 1, total_batches=n_batches, residual_rel=rel))
     finally:
         teacher.train(was_training)
-    return LambdaResult(lam=lam, rank=rank_within_class(lam, y), labels=y.clone(), residual_rel=residuals)
+    support = lam * gnorm
+    return LambdaResult(lam=lam, rank=rank_within_class(lam, y), labels=y.clone(), support=support,
+                        margin=margin, support_rank=rank_within_class(support, y), residual_rel=residuals)
 
 
 def _stratified_order(y: Tensor, g: torch.Generator) -> Tensor:

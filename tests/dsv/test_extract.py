@@ -57,16 +57,21 @@ def test_drop_rule_removes_negative_lambda_and_reports(teacher: torch.nn.Module)
     assert (res.lam >= 0).all()
     assert res.trace[-1]["survivors"] == res.x.shape[0]
     clamp = extract(teacher, x0, y0, ExtractConfig(steps=15, dual="clamp", lr_lam=5.0), seed=0)
-    assert clamp.dropped == 0 and clamp.x.shape[0] == 12 and (clamp.lam >= 0).all()
+    # clamp keeps every candidate in the optimisation, but one whose λ ended at 0 is not a DSV
+    assert (clamp.lam > 0).all() and clamp.x.shape[0] == 12 - clamp.dropped
+    kept = extract(teacher, x0, y0, ExtractConfig(steps=15, dual="clamp", lr_lam=5.0), seed=0, keep_zero_lambda=True)
+    assert kept.dropped == 0 and kept.x.shape[0] == 12 and (kept.lam >= 0).all()
+    assert clamp.dropped == int((kept.lam == 0).sum())
     soft = extract(teacher, x0, y0, ExtractConfig(steps=5, dual="softplus", lr_lam=5.0), seed=0)
     assert (soft.lam > 0).all() and soft.x.shape[0] == 12
 
 
 def test_keep_per_class_trims_by_lambda(teacher: torch.nn.Module) -> None:
     x0, y0 = _cands(3)
-    res = extract(teacher, x0, y0, ExtractConfig(steps=3, dual="clamp"), seed=0, keep_per_class=2)
+    cfg = ExtractConfig(steps=3, dual="clamp", keep_by="lambda")
+    res = extract(teacher, x0, y0, cfg, seed=0, keep_per_class=2, keep_zero_lambda=True)
     assert res.survivors_per_class == [2, 2, 2]
-    full = extract(teacher, x0, y0, ExtractConfig(steps=3, dual="clamp"), seed=0)
+    full = extract(teacher, x0, y0, cfg, seed=0, keep_zero_lambda=True)
     for c in range(3):
         kept = set(res.source_index[res.y == c].tolist())
         members = (full.y == c).nonzero(as_tuple=True)[0]
@@ -129,3 +134,26 @@ def test_init_kinds_and_errors() -> None:
         ExtractConfig(dual="nope")
     with pytest.raises(ValueError, match="extract.lr_x"):
         ExtractConfig(lr_x=0)
+
+
+def test_keep_per_class_trims_by_support_score(teacher: torch.nn.Module) -> None:
+    x0, y0 = _cands(3)
+    cfg = ExtractConfig(steps=3, dual="clamp", keep_by="support")
+    res = extract(teacher, x0, y0, cfg, seed=0, keep_per_class=2, keep_zero_lambda=True)
+    full = extract(teacher, x0, y0, cfg, seed=0, keep_zero_lambda=True)
+    for c in range(3):
+        kept = set(res.source_index[res.y == c].tolist())
+        members = (full.y == c).nonzero(as_tuple=True)[0]
+        best = set(full.source_index[members[full.support[members].argsort(descending=True)[:2]]].tolist())
+        assert kept == best
+
+
+def test_nnls_lambda_solver_keeps_lambda_nonnegative_and_lowers_residual(teacher: torch.nn.Module) -> None:
+    x0, y0 = _cands(4)
+    cfg = ExtractConfig(steps=10, lam_solver="nnls", kkt=KKTConfig(param_subset="last", distance="l2"))
+    res = extract(teacher, x0, y0, cfg, seed=0, keep_zero_lambda=True)
+    assert (res.lam >= 0).all() and res.dual == "nnls"
+    adam = extract(teacher, x0, y0, ExtractConfig(steps=10, kkt=KKTConfig(param_subset="last", distance="l2")),
+                   seed=0, keep_zero_lambda=True)
+    # at step 0 both start from the same candidates: NNLS's λ is the exact minimiser, Adam's the uniform one
+    assert res.trace[0]["residual_rel"] < adam.trace[0]["residual_rel"]

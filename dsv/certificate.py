@@ -1,0 +1,355 @@
+"""Is the teacher a KKT point? The certificate, a convergence phase that makes it one, and θ subsets.
+
+DeepKKT's stationarity condition θ* = −Σ_i λ_i ∇_θ L_i only means something when θ* is a stationary
+point of the training objective. For mean cross-entropy plus weight decay ω (coupled, as torch's
+Adam/SGD apply it: the gradient of (ω/2)‖θ‖²),
+
+    ∇_θ [ (1/n) Σ_i L_i + (ω/2)‖θ‖² ] = 0   ⇔   θ* = −(1/(nω)) Σ_i ∇_θ L_i,
+
+i.e. stationarity holds exactly with the uniform multiplier λ_i = 1/(nω) over the training set. The
+**KKT certificate** is the relative l1 residual of that identity,
+
+    c = mean_p |θ*_p + (1/ω) ∂_p mean_i L_i|  /  mean_p |θ*_p|,
+
+0 at a KKT point, ≈ ‖∇ mean L‖/(ω‖θ‖) elsewhere: the identity divides whatever gradient training left
+behind by ω, so a teacher that is merely well trained (Adam, a few epochs) has c of order 10-100.
+
+:func:`converge` drives c down after training. Given frozen features, the final linear layer's problem
+is strongly convex (ω > 0), so full-batch L-BFGS in float64 solves it to near machine precision
+("last"); on small training sets the same can be run on every parameter ("all", non-convex, slower).
+
+Scale invariance. An instance or group norm after a convolution (not a batch norm in eval mode, which
+uses fixed statistics) makes each sample's loss invariant to that convolution's weight scale and bias, so every ∇_θ L_i is orthogonal to those weights and no λ can
+rebuild them: with such a teacher the all-parameter residual has a floor (≥ 0.46 measured for the
+default ConvNet). :func:`scale_invariant_names` finds these parameters numerically (their scaling leaves
+the logits unchanged), for any architecture; the θ subset "free" excludes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from dsv.train import soft_cross_entropy
+
+SCOPES = ("none", "last", "all")
+
+
+def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The model's final linear layer, found by structure: the last ``nn.Linear`` registered.
+
+    Works for the project's models (``classifier``), torchvision's (``fc``, ``classifier.N``) and timm's
+    (``head.fc``, ``fc``). Raises ValueError when the model has no linear layer.
+    """
+    found: tuple[str, nn.Linear] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            found = (name, mod)
+    if found is None:
+        raise ValueError("the model has no nn.Linear layer: the 'last' parameter subset needs a final linear layer")
+    return found
+
+
+def scale_invariant_names(model: nn.Module, example: Tensor, rtol: float = 1e-4) -> list[str]:
+    """Names of parameters whose scaling (×1.5) leaves the logits on ``example`` unchanged.
+
+    Such parameters (a conv's weight and bias before an instance/group norm) get gradients orthogonal
+    to themselves, so stationarity over them cannot hold for any λ. The model is evaluated in eval mode
+    and never modified.
+
+    Args:
+        model: the classifier.
+        example: (B, ...) a few inputs (real or random) of the model's input shape.
+        rtol: largest relative logit change, max|Δ| / max|logits|, still counted as invariant.
+    """
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            base = model(example)
+            scale = base.abs().max().clamp_min(1e-12)
+            out = []
+            for name, p in model.named_parameters():
+                if p.abs().max() == 0:
+                    continue  # a zero tensor scales to itself: nothing to learn from the probe
+                moved = functional_call(model, {name: p * 1.5}, (example,))
+                if float((moved - base).abs().max() / scale) < rtol:
+                    out.append(name)
+            return out
+    finally:
+        model.train(was)
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """KKT certificate of a teacher (see the module docstring).
+
+    Attributes:
+        relative: mean|θ* + (1/ω)∇ mean L| / mean|θ*| over the chosen parameters (0 = a KKT point).
+        grad_norm: l2 norm of the full-batch gradient of mean L + (ω/2)‖θ‖² over those parameters.
+        n: training samples used.
+        weight_decay: ω.
+        subset: the parameter subset.
+    """
+
+    relative: float
+    grad_norm: float
+    n: int
+    weight_decay: float
+    subset: str
+
+
+def full_batch_grad(
+    model: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor, batch_size: int = 1024
+) -> list[Tensor]:
+    """∇_θ of the mean cross-entropy over all of (x, y), accumulated over batches (model in eval mode).
+
+    Returns one tensor per parameter in ``params``, in the parameters' dtype.
+    """
+    device = params[0].device
+    acc = [torch.zeros_like(p) for p in params]
+    n = x.shape[0]
+    was = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for i in range(0, n, batch_size):
+                xb = x[i : i + batch_size].to(device=device, dtype=params[0].dtype)
+                loss = soft_cross_entropy(model(xb), y[i : i + batch_size].to(device)).sum() / n
+                for a, g in zip(acc, torch.autograd.grad(loss, params, allow_unused=True)):
+                    if g is not None:
+                        a.add_(g)
+    finally:
+        model.train(was)
+    return acc
+
+
+def kkt_certificate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    weight_decay: float,
+    params: list[nn.Parameter],
+    subset: str = "all",
+    batch_size: int = 1024,
+) -> Certificate:
+    """The relative stationarity residual of θ* at uniform λ = 1/(nω) (see the module docstring).
+
+    Args:
+        model: the teacher (put in eval mode for the computation, restored after; never modified).
+        x: (n, ...) the teacher's whole training split, normalised as it was trained.
+        y: (n,) labels.
+        weight_decay: ω the teacher was trained with (> 0: without weight decay no finite λ exists).
+        params: the parameters θ to certify (see :func:`dsv.kkt.stationarity_params`).
+        subset: the subset's name, recorded in the result.
+        batch_size: samples per forward (memory only).
+
+    Raises:
+        ValueError: when ``weight_decay`` is not > 0 or x is empty.
+    """
+    if not weight_decay > 0:
+        raise ValueError(f"the KKT certificate needs the teacher's weight decay > 0, got {weight_decay}")
+    if x.shape[0] == 0:
+        raise ValueError("the KKT certificate needs the training split; it is empty")
+    grads = full_batch_grad(model, params, x, y, batch_size)
+    num = sum(float((p.detach() + g / weight_decay).abs().sum()) for p, g in zip(params, grads))
+    den = sum(float(p.detach().abs().sum()) for p in params)
+    gnorm = sum(float((g + weight_decay * p.detach()).pow(2).sum()) for p, g in zip(params, grads)) ** 0.5
+    return Certificate(relative=num / max(den, 1e-30), grad_norm=gnorm, n=int(x.shape[0]),
+                       weight_decay=float(weight_decay), subset=subset)
+
+
+@dataclass(frozen=True)
+class ConvergeConfig:
+    """The optional convergence phase after training (our addition; the paper trains with Adam only).
+
+    Attributes:
+        scope: "none" (keep the trained teacher), "last" (default when enabled: full-batch L-BFGS on the
+            final linear layer given frozen features, a strongly convex problem, solved in float64) or
+            "all" (full-batch L-BFGS on every parameter; for small training sets: each iteration is a
+            pass over the training split).
+        max_iter: L-BFGS iterations (each one or more full-batch gradient evaluations).
+        target: stop once the certificate of the converged parameters is below this.
+        history: L-BFGS memory.
+    """
+
+    scope: str = "none"
+    max_iter: int = 500
+    target: float = 1e-6
+    history: int = 50
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"converge.scope = {self.scope!r} is not one of {', '.join(SCOPES)}")
+        if self.max_iter < 1:
+            raise ValueError(f"converge.max_iter must be >= 1, got {self.max_iter}")
+        if not self.target > 0:
+            raise ValueError(f"converge.target must be > 0, got {self.target}")
+        if self.history < 1:
+            raise ValueError(f"converge.history must be >= 1, got {self.history}")
+
+
+@dataclass
+class ConvergeResult:
+    """What :func:`converge` did: iterations run and the objective's gradient norm per iteration."""
+
+    scope: str
+    iterations: int = 0
+    grad_norms: list[float] = field(default_factory=list)
+
+
+def converge(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    weight_decay: float,
+    cfg: ConvergeConfig,
+    batch_size: int = 1024,
+    callback: Callable[[int, float], None] | None = None,
+) -> ConvergeResult:
+    """Drive ∇[mean CE + (ω/2)‖θ‖²] toward zero with full-batch L-BFGS; modifies ``model`` in place.
+
+    Args:
+        model: the trained teacher; evaluated in eval mode (restored after).
+        x: (n, ...) its whole training split (normalised); y: (n,) labels.
+        weight_decay: ω (> 0; the objective must be the one the certificate checks).
+        cfg: scope and budget.
+        batch_size: samples per forward for the "all" scope and the feature pass.
+        callback: called with (iteration, gradient norm) after every L-BFGS iteration.
+    """
+    if cfg.scope == "none":
+        return ConvergeResult(scope="none")
+    if not weight_decay > 0:
+        raise ValueError(f"converge needs the teacher's weight decay > 0 (the objective's ω), got {weight_decay}")
+    was = model.training
+    model.eval()
+    try:
+        if cfg.scope == "last":
+            return _converge_last(model, x, y, weight_decay, cfg, batch_size, callback)
+        return _converge_all(model, x, y, weight_decay, cfg, batch_size, callback)
+    finally:
+        model.train(was)
+
+
+def _features(model: nn.Module, layer: nn.Linear, x: Tensor, batch_size: int) -> Tensor:
+    """Inputs of ``layer`` for every sample, (n, D), captured with a forward hook."""
+    parts: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, inp, _out: parts.append(inp[0].detach().flatten(1)))
+    device = layer.weight.device
+    try:
+        with torch.no_grad():
+            for i in range(0, x.shape[0], batch_size):
+                model(x[i : i + batch_size].to(device=device, dtype=layer.weight.dtype))
+    finally:
+        handle.remove()
+    return torch.cat(parts)
+
+
+def _lbfgs(
+    params: list[Tensor], objective: Callable[[], Tensor], cfg: ConvergeConfig, stop: Callable[[float], bool],
+    callback: Callable[[int, float], None] | None,
+) -> ConvergeResult:
+    """L-BFGS with a strong-Wolfe line search, one iteration per step; the history is reset when an
+    iteration makes no progress (a failed line search otherwise leaves L-BFGS stuck on ill-conditioned
+    problems, e.g. separable data with a small ω)."""
+
+    def new_opt() -> torch.optim.LBFGS:
+        return torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=cfg.history,
+                                 line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
+
+    opt = new_opt()
+    res = ConvergeResult(scope="")
+
+    def closure() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = objective()
+        loss.backward()
+        return loss
+
+    prev_loss = float("inf")
+    stalled = 0
+    for it in range(cfg.max_iter):
+        loss = float(opt.step(closure).detach())
+        # gradient at the new point (the closure's last evaluation may be a line-search trial point)
+        closure()
+        gn = float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
+        res.iterations, res.grad_norms = it + 1, [*res.grad_norms, gn]
+        if callback is not None:
+            callback(it + 1, gn)
+        if gn != gn or gn == float("inf"):
+            raise FloatingPointError(f"converge: non-finite gradient norm at L-BFGS iteration {it + 1}")
+        if stop(gn):
+            break
+        stalled = stalled + 1 if not loss < prev_loss else 0
+        prev_loss = min(prev_loss, loss)
+        if stalled >= 2:
+            if stalled > 6:
+                break  # at the floating-point floor: no direction decreases the loss any more
+            opt = new_opt()
+    return res
+
+
+def _converge_last(
+    model: nn.Module, x: Tensor, y: Tensor, omega: float, cfg: ConvergeConfig, batch_size: int,
+    callback: Callable[[int, float], None] | None,
+) -> ConvergeResult:
+    _, layer = final_linear(model)
+    h = _features(model, layer, x, batch_size).double()  # (n, D)
+    yt = y.to(h.device)
+    w = layer.weight.detach().double().clone().requires_grad_(True)  # (C, D)
+    b = (layer.bias.detach().double().clone() if layer.bias is not None
+         else torch.zeros(w.shape[0], dtype=torch.float64, device=h.device)).requires_grad_(layer.bias is not None)
+    ps = [w, b] if layer.bias is not None else [w]
+    theta_l1 = float(sum(p.detach().abs().sum() for p in ps))
+
+    def objective() -> Tensor:
+        logits = h @ w.t() + b
+        return soft_cross_entropy(logits, yt).mean() + 0.5 * omega * sum((p * p).sum() for p in ps)
+
+    def stop(gn: float) -> bool:
+        # certificate of these parameters = mean|∇f|/ω / mean|θ| ≤ ‖∇f‖₁/(ω‖θ‖₁) ≤ √P‖∇f‖₂/(ω‖θ‖₁)
+        p_total = sum(p.numel() for p in ps)
+        return (p_total ** 0.5) * gn / (omega * max(theta_l1, 1e-30)) < cfg.target
+
+    res = _lbfgs(ps, objective, cfg, stop, callback)
+    with torch.no_grad():
+        layer.weight.copy_(w.to(layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.copy_(b.to(layer.bias.dtype))
+    res.scope = "last"
+    return res
+
+
+def _converge_all(
+    model: nn.Module, x: Tensor, y: Tensor, omega: float, cfg: ConvergeConfig, batch_size: int,
+    callback: Callable[[int, float], None] | None,
+) -> ConvergeResult:
+    ps = [p for p in model.parameters() if p.requires_grad]
+    device = ps[0].device
+    n = x.shape[0]
+    theta_l1 = float(sum(p.detach().abs().sum() for p in ps))
+
+    def objective() -> Tensor:
+        # Full-batch loss; the graph of one batch is freed before the next (gradients accumulate).
+        total = torch.zeros((), dtype=ps[0].dtype, device=device)
+        for i in range(0, n, batch_size):
+            xb = x[i : i + batch_size].to(device=device, dtype=ps[0].dtype)
+            part = soft_cross_entropy(model(xb), y[i : i + batch_size].to(device)).sum() / n
+            if i + batch_size < n:
+                part.backward()
+                total = total + part.detach()
+            else:
+                total = total + part
+        return total + 0.5 * omega * sum((p * p).sum() for p in ps)
+
+    def stop(gn: float) -> bool:
+        p_total = sum(p.numel() for p in ps)
+        return (p_total ** 0.5) * gn / (omega * max(theta_l1, 1e-30)) < cfg.target
+
+    res = _lbfgs(ps, objective, cfg, stop, callback)
+    res.scope = "all"
+    return res
