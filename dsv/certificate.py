@@ -27,7 +27,7 @@ the logits unchanged), for any architecture; the θ subset "free" excludes them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -250,46 +250,37 @@ def _features(model: nn.Module, layer: nn.Linear, x: Tensor, batch_size: int) ->
 
 
 def _lbfgs(
-    params: list[Tensor], objective: Callable[[], Tensor], cfg: ConvergeConfig, stop: Callable[[float], bool],
-    callback: Callable[[int, float], None] | None,
+    params: Sequence[Tensor], objective: Callable[[], Tensor], cfg: ConvergeConfig, stop: Callable[[float], bool],
+    callback: Callable[[int, float], None] | None, round_iters: int = 25,
 ) -> ConvergeResult:
-    """L-BFGS with a strong-Wolfe line search, one iteration per step; the history is reset when an
-    iteration makes no progress (a failed line search otherwise leaves L-BFGS stuck on ill-conditioned
-    problems, e.g. separable data with a small ω)."""
-
-    def new_opt() -> torch.optim.LBFGS:
-        return torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=cfg.history,
-                                 line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
-
-    opt = new_opt()
+    """Full-batch L-BFGS (strong-Wolfe line search) in rounds of ``round_iters`` iterations inside one
+    ``step`` call each (torch's L-BFGS is built for that: stepping it one iteration per call stalls),
+    checking ``stop`` on the gradient norm between rounds, up to ``cfg.max_iter`` iterations."""
     res = ConvergeResult(scope="")
+    done = 0
+    while done < cfg.max_iter:
+        n = min(round_iters, cfg.max_iter - done)
+        opt = torch.optim.LBFGS(list(params), lr=1.0, max_iter=n, history_size=cfg.history,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-300, tolerance_change=1e-300)
 
-    def closure() -> Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = objective()
-        loss.backward()
-        return loss
+        def closure() -> Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = objective()
+            loss.backward()
+            return loss
 
-    prev_loss = float("inf")
-    stalled = 0
-    for it in range(cfg.max_iter):
-        loss = float(opt.step(closure).detach())
-        # gradient at the new point (the closure's last evaluation may be a line-search trial point)
-        closure()
-        gn = float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in params if p.grad is not None)))
-        res.iterations, res.grad_norms = it + 1, [*res.grad_norms, gn]
+        opt.step(closure)
+        ran = int(opt.state[opt._params[0]].get("n_iter", n))
+        closure()  # the gradient at the final point
+        gn = sum(float((p.grad.detach() ** 2).sum()) for p in params if p.grad is not None) ** 0.5
+        done += max(ran, 1)
+        res.iterations, res.grad_norms = done, [*res.grad_norms, gn]
         if callback is not None:
-            callback(it + 1, gn)
+            callback(done, gn)
         if gn != gn or gn == float("inf"):
-            raise FloatingPointError(f"converge: non-finite gradient norm at L-BFGS iteration {it + 1}")
-        if stop(gn):
+            raise FloatingPointError(f"converge: non-finite gradient norm after {done} L-BFGS iterations")
+        if stop(gn) or ran < n:  # converged, or L-BFGS found no further progress (floating-point floor)
             break
-        stalled = stalled + 1 if not loss < prev_loss else 0
-        prev_loss = min(prev_loss, loss)
-        if stalled >= 2:
-            if stalled > 6:
-                break  # at the floating-point floor: no direction decreases the loss any more
-            opt = new_opt()
     return res
 
 

@@ -66,6 +66,8 @@ class KKTConfig:
             makes scale-invariant, for which no λ can satisfy stationarity: see dsv.certificate). Default "last", a measured deviation: on a Fashion-MNIST ConvNet teacher the
             relative stationarity residual stayed at 0.998 after 200 steps with "all" (the term never
             acts) and fell 0.997 -> 0.756 with "last" (benchmarks/results/ablation-fashion_mnist.md).
+        beta_stat: weight of L_stat (1 = the paper). 0 removes the stationarity term from the candidates'
+            objective (the ablation "without L_stat"; λ is still fitted and reported).
         primal: "gated" (default, Eq. 7: zero loss for candidates already classified as their target)
             or "ungated" (plain cross-entropy, Algorithm 1).
         beta_primal: β1. Paper: 2e-3 (CIFAR-10 distillation), 2e-5 (ImageNet generation).
@@ -85,6 +87,7 @@ class KKTConfig:
 
     distance: str = "l1"
     param_subset: str = "last"
+    beta_stat: float = 1.0
     primal: str = "gated"
     beta_primal: float = 2e-3
     beta_tv: float = 0.0
@@ -104,7 +107,7 @@ class KKTConfig:
         ):
             if val not in allowed:
                 raise ValueError(f"kkt.{key} = {val!r} is not one of {', '.join(allowed)}")
-        for key in ("beta_primal", "beta_tv", "beta_norm", "eta", "chunk_size", "memory_budget_mb"):
+        for key in ("beta_stat", "beta_primal", "beta_tv", "beta_norm", "eta", "chunk_size", "memory_budget_mb"):
             if getattr(self, key) < 0:
                 raise ValueError(f"kkt.{key} must be >= 0, got {getattr(self, key)}")
 
@@ -302,12 +305,12 @@ def _kkt_one_shot(
         return stat, primal_loss(logits, y, gated), logits
 
     stat, primal, logits = kkt(x)
-    total = stat + cfg.beta_primal * primal
+    total = cfg.beta_stat * stat + cfg.beta_primal * primal
     zero = x.new_zeros(())
     stat_a = primal_a = zero
     if cfg.eta > 0 and x.dim() == 4:
         stat_a, primal_a, _ = kkt(augment(x, cfg.augment, generator))
-        total = total + cfg.eta * (stat_a + cfg.beta_primal * primal_a)
+        total = total + cfg.eta * (cfg.beta_stat * stat_a + cfg.beta_primal * primal_a)
     tv = tv_loss(x) if cfg.beta_tv > 0 else zero
     nrm = norm_loss(x) if cfg.beta_norm > 0 else zero
     total = total + cfg.beta_tv * tv + cfg.beta_norm * nrm
@@ -370,7 +373,7 @@ def _kkt_chunked(
         primals.append(primal_loss(logits_all, y, gated))
         resid = [p.detach() + sp for p, sp in zip(params, s_full)]
         # g = w·∂D/∂S: l1 → sign(r)/P (sign(0) = 0, as autograd's abs), l2 → 2r/P.
-        scale = weight / total_entries
+        scale = weight * cfg.beta_stat / total_entries
         directions.append([(r.sign() if cfg.distance == "l1" else 2.0 * r) * scale for r in resid])
 
     grad_inputs = [torch.zeros_like(xl) for _ in copies]
@@ -406,9 +409,9 @@ def _kkt_chunked(
         tv, nrm = tv.detach(), nrm.detach()
     stat, primal = stats[0], primals[0]
     stat_a, primal_a = (stats[1], primals[1]) if xa_graph is not None else (zero, zero)
-    value = stat + cfg.beta_primal * primal
+    value = cfg.beta_stat * stat + cfg.beta_primal * primal
     if xa_graph is not None:
-        value = value + cfg.eta * (stat_a + cfg.beta_primal * primal_a)
+        value = value + cfg.eta * (cfg.beta_stat * stat_a + cfg.beta_primal * primal_a)
     value = value + cfg.beta_tv * tv + cfg.beta_norm * nrm
     link = (x * gx).sum() + (lam * grad_lam).sum()  # carries the exact gradients back to x and λ
     total = link - link.detach() + value
