@@ -102,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     stem = RESULTS / (args.name or f"kkt-regime-{args.dataset}")
     out = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {"rows": []}
     done = {(r["setting"], r["ipc"], r["init"], r["variant"]) for r in out["rows"]}
-    teachers: dict[tuple[str, str], dict[str, Any]] = out.get("teachers_live", {})
     models: dict[tuple[str, str], torch.nn.Module] = {}
     teacher_info: dict[str, Any] = out.get("teachers", {})
 

@@ -365,6 +365,7 @@ def class_lambda_sums(lam: Tensor, y: Tensor, num_classes: int) -> Tensor:
 
 
 def pearson(a: Tensor, b: Tensor) -> float:
-    """Pearson correlation of two 1-D tensors."""
+    """Pearson correlation of two 1-D tensors (NaN when either is constant)."""
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-30))
+    den = float(a.norm() * b.norm())
+    return float(a @ b) / den if den > 0 else float("nan")

@@ -39,6 +39,7 @@ METHOD_NAMES: tuple[str, ...] = (
     "dsv_0shot",
     "dsv_noise",
     "lambda_topk",
+    "support_topk",
     "random",
     "herding",
     "kcenter",

@@ -149,11 +149,23 @@ def run_summary(summary: dict, cfg, root: Path, seconds: float, params: str = "p
     except Exception:  # noqa: BLE001
         pass
     try:
+        pre = read_json(paths.metrics("pretrain"))
+        if "kkt_certificate" in pre:
+            lines.append(
+                "teacher KKT certificate (relative stationarity residual at λ = 1/(nω); 0 = a KKT point): "
+                f"all {pre['kkt_certificate']:.3g}, last {pre['kkt_certificate_last']:.3g}, "
+                f"free {pre['kkt_certificate_free']:.3g}"
+                + ("" if "converge_iterations" in pre else "  (pretrain.converge.scope=last makes `last` ~0)"))
+    except Exception:  # noqa: BLE001
+        pass
+    try:
         ex = read_json(paths.metrics("extract"))
         for key, m in ex.items():
             if isinstance(m, dict) and "survivors_per_class" in m:
                 per = m["survivors_per_class"]
-                lines.append(f"DSVs kept {key}: {m['survivors']} ({' '.join(str(n) for n in per)} per class)")
+                asked = f" of {m['asked']}" if "asked" in m else ""
+                lines.append(f"DSVs kept {key}: {m['survivors']}{asked} ({' '.join(str(n) for n in per)} per class; "
+                             "a candidate whose λ ended at 0 is not a DSV)")
     except Exception:  # noqa: BLE001
         pass
     with contextlib.suppress(OSError):

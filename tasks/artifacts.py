@@ -121,6 +121,8 @@ class DSVTable:
         x: (M, C, H, W) float32 images in pixel units [0, 1] (normalise before feeding a model).
         y: (M,) int64 labels.
         lam: (M,) λ.
+        support: (M,) support score λ·‖∇_θ L‖ (NaN in files written before it existed).
+        margin: (M,) teacher margin towards the label (NaN likewise).
         entropy: (M,) teacher entropy (nats).
         confidence: (M,) teacher probability of the label.
         init: (M,) init kind of each row.
@@ -133,6 +135,8 @@ class DSVTable:
     x: Tensor
     y: Tensor
     lam: Tensor
+    support: Tensor
+    margin: Tensor
     entropy: Tensor
     confidence: Tensor
     init: list[str]
@@ -154,6 +158,8 @@ def write_dsv_parquet(
     entropy: Tensor,
     confidence: Tensor,
     class_names: list[str],
+    support: Tensor | None = None,
+    margin: Tensor | None = None,
     init: list[str],
     ipc: list[int],
     shard: list[int],
@@ -175,6 +181,8 @@ def write_dsv_parquet(
             "image": image,
             "label": pa.array(y.cpu().numpy().astype(np.int64)),
             "lam": pa.array(lam.detach().cpu().numpy().astype(np.float64)),
+            "support": pa.array(_col(support, lam)),
+            "margin": pa.array(_col(margin, lam)),
             "entropy": pa.array(entropy.detach().cpu().numpy().astype(np.float64)),
             "confidence": pa.array(confidence.detach().cpu().numpy().astype(np.float64)),
             "class_name": pa.array(class_names, type=pa.string()),
@@ -185,6 +193,20 @@ def write_dsv_parquet(
     )
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
     return _write_table(path, table)
+
+
+def _col(values: Tensor | None, like: Tensor) -> np.ndarray:
+    """A float64 column, or NaN of ``like``'s length when the values are not known."""
+    if values is None:
+        return np.full(like.shape[0], np.nan)
+    return values.detach().cpu().numpy().astype(np.float64)
+
+
+def _optional(table: pa.Table, name: str) -> np.ndarray:
+    """A float column that older files may lack (NaN then)."""
+    if name in table.column_names:
+        return table.column(name).to_numpy().astype(np.float64)
+    return np.full(table.num_rows, np.nan)
 
 
 def read_dsv_parquet(path: str | Path, init: str | None = None, ipc: int | None = None) -> DSVTable:
@@ -208,6 +230,8 @@ def read_dsv_parquet(path: str | Path, init: str | None = None, ipc: int | None 
         x=torch.from_numpy(np.ascontiguousarray(images[keep], dtype=np.float32)),
         y=num("label", np.int64),
         lam=num("lam", np.float32),
+        support=torch.from_numpy(_optional(table, "support")[keep].astype(np.float32)),
+        margin=torch.from_numpy(_optional(table, "margin")[keep].astype(np.float32)),
         entropy=num("entropy", np.float32),
         confidence=num("confidence", np.float32),
         init=[v for v, k in zip(inits, keep) if k],
@@ -220,39 +244,50 @@ def read_dsv_parquet(path: str | Path, init: str | None = None, ipc: int | None 
 
 @dataclass
 class LambdaTable:
-    """``lambdas.parquet`` as tensors: (N,) index, label, lam, rank."""
+    """``lambdas.parquet`` as tensors: (N,) index, label, lam, rank, support, margin, support_rank."""
 
     index: Tensor
     label: Tensor
     lam: Tensor
     rank: Tensor
     metadata: dict[str, str]
+    support: Tensor | None = None
+    margin: Tensor | None = None
+    support_rank: Tensor | None = None
 
-    def topk(self, k: int, num_classes: int) -> Tensor:
-        """Training-set indices of the k highest-λ images of every class, class 0 first, (C·k,)."""
+    def topk(self, k: int, num_classes: int, by: str = "lambda") -> Tensor:
+        """Training-set indices of the k top images of every class by "lambda" (highest λ, the paper's
+        core-set) or "support" (highest support score), class 0 first, (C·k,)."""
+        rank = self.rank if by == "lambda" else self.support_rank
+        if rank is None:
+            raise ValueError(f"lambdas.parquet has no {by} ranking (written by an older version: rerun coreset)")
         out = []
         for c in range(num_classes):
-            members = (self.label == c) & (self.rank < k)
+            members = (self.label == c) & (rank < k)
             rows = members.nonzero(as_tuple=True)[0]
             if rows.numel() < k:
                 raise ValueError(f"class {c} has only {rows.numel()} ranked images, fewer than k={k}")
-            rows = rows[self.rank[rows].argsort()]
+            rows = rows[rank[rows].argsort()]
             out.append(self.index[rows])
         return torch.cat(out)
 
 
 def write_lambdas_parquet(
-    path: str | Path, *, index: Tensor, label: Tensor, lam: Tensor, rank: Tensor, metadata: dict[str, str]
+    path: str | Path, *, index: Tensor, label: Tensor, lam: Tensor, rank: Tensor, metadata: dict[str, str],
+    support: Tensor | None = None, margin: Tensor | None = None, support_rank: Tensor | None = None,
 ) -> Path:
     """Atomically write one row per real training image."""
-    table = pa.table(
-        {
-            "index": pa.array(index.cpu().numpy().astype(np.int64)),
-            "label": pa.array(label.cpu().numpy().astype(np.int64)),
-            "lam": pa.array(lam.detach().cpu().numpy().astype(np.float64)),
-            "rank": pa.array(rank.cpu().numpy().astype(np.int64)),
-        }
-    )
+    cols = {
+        "index": pa.array(index.cpu().numpy().astype(np.int64)),
+        "label": pa.array(label.cpu().numpy().astype(np.int64)),
+        "lam": pa.array(lam.detach().cpu().numpy().astype(np.float64)),
+        "rank": pa.array(rank.cpu().numpy().astype(np.int64)),
+    }
+    if support is not None and margin is not None and support_rank is not None:
+        cols["support"] = pa.array(support.detach().cpu().numpy().astype(np.float64))
+        cols["margin"] = pa.array(margin.detach().cpu().numpy().astype(np.float64))
+        cols["support_rank"] = pa.array(support_rank.cpu().numpy().astype(np.int64))
+    table = pa.table(cols)
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
     return _write_table(path, table)
 
@@ -264,12 +299,16 @@ def read_lambdas_parquet(path: str | Path) -> LambdaTable:
     def num(name: str, dtype: Any) -> Tensor:
         return torch.from_numpy(table.column(name).to_numpy().astype(dtype).copy())
 
+    has_support = "support_rank" in table.column_names
     return LambdaTable(
         index=num("index", np.int64),
         label=num("label", np.int64),
         lam=num("lam", np.float32),
         rank=num("rank", np.int64),
         metadata=parquet_metadata(path),
+        support=num("support", np.float64) if has_support else None,
+        margin=num("margin", np.float64) if has_support else None,
+        support_rank=num("support_rank", np.int64) if has_support else None,
     )
 
 

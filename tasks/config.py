@@ -33,6 +33,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from dsv.baselines import ProxyConfig
+from dsv.certificate import ConvergeConfig
 from dsv.data.registry import DATASET_NAMES, DataConfig
 from dsv.dm import DMConfig
 from dsv.extract import INITS, ExtractConfig
@@ -164,6 +165,9 @@ class PretrainConfig:
     Attributes:
         model: teacher architecture.
         fit: teacher training (the paper: Adam lr 1e-3, weight decay 5e-3, flip + crop).
+        converge: optional convergence phase after training (``dsv.certificate.ConvergeConfig``):
+            full-batch L-BFGS on the final layer ("last") or every parameter ("all") until the teacher is
+            a KKT point of mean CE + (ω/2)‖θ‖², ω = ``fit.weight_decay``.
         seed: seeds the initialisation and the batch order.
     """
 
@@ -173,6 +177,7 @@ class PretrainConfig:
             optimizer="adam", lr=1e-3, weight_decay=5e-3, epochs=6, batch_size=256, augment="flip_crop"
         )
     )
+    converge: ConvergeConfig = field(default_factory=ConvergeConfig)
     seed: int = 0
 
 
@@ -353,9 +358,10 @@ def cross_check(cfg: PipelineConfig) -> list[str]:
                 "(the DSV methods need them extracted)"
             )
     k = cfg.coreset.per_class
-    if k is not None and "lambda_topk" in cfg.distill.methods and any(i > k for i in cfg.distill.ipcs):
+    ranked = [m for m in ("lambda_topk", "support_topk") if m in cfg.distill.methods]
+    if k is not None and ranked and any(i > k for i in cfg.distill.ipcs):
         errors.append(f"distill.ipcs {list(cfg.distill.ipcs)} exceed coreset.per_class = {k} "
-                      "(lambda_topk picks from the images λ was fitted on)")
+                      f"({', '.join(ranked)} pick from the images λ was fitted on)")
     n = cfg.prepare.data.n_per_class
     if n is not None:
         available = n - cfg.prepare.val_per_class

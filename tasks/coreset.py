@@ -13,7 +13,7 @@ import time
 import torch
 
 from dsv.data.core import per_class_indices
-from dsv.lam import LambdaEvent, class_lambda_sums, fit_lambdas
+from dsv.lam import LambdaEvent, class_lambda_sums, fit_lambdas, pearson
 from dsv.train import evaluate
 from tasks.artifacts import PARAMS_HASH_KEY, load_model, load_split, read_data_meta, write_lambdas_parquet
 from tasks.atomic import write_json
@@ -25,13 +25,6 @@ from tasks.stages import StageOutput, device_of, finish
 from tasks.tracking import StageLog
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson correlation of two (C,) vectors (nan when either is constant)."""
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    den = float(a.norm() * b.norm())
-    return float((a * b).sum()) / den if den > 0 else float("nan")
-
-
 def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     """Fit λ on the training split; see the module docstring."""
     started = time.perf_counter()
@@ -40,6 +33,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     teacher = load_model(paths.teacher, paths.teacher_spec, device)
     x, y = load_split(paths.train, meta)
     index = torch.arange(y.numel())
+    n_train = int(y.numel())  # the teacher's training set: λ is reported on its scale
     if cfg.coreset.per_class is not None:
         g = torch.Generator().manual_seed(cfg.coreset.seed)
         index = per_class_indices(y, cfg.coreset.per_class, meta.num_classes, g).sort().values
@@ -55,9 +49,12 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         bar.to(ev.batch, residual=ev.residual_rel)
 
     with bar:
-        res = fit_lambdas(teacher, x, y, cfg.coreset.lam, seed=cfg.coreset.seed, callback=on_batch)
+        # λ on the teacher's training-set scale: the teacher saw the whole split, not the subset.
+        res = fit_lambdas(teacher, x, y, cfg.coreset.lam, seed=cfg.coreset.seed, callback=on_batch,
+                          n_train=n_train)
     write_lambdas_parquet(
-        paths.lambdas_parquet, index=index, label=y, lam=res.lam, rank=res.rank,
+        paths.lambdas_parquet, index=index, label=y, lam=res.lam, rank=res.rank, support=res.support,
+        margin=res.margin, support_rank=res.support_rank,
         metadata={PARAMS_HASH_KEY: params_hash(cfg.section_dict("coreset")), "dsv.dataset": meta.name},
     )
     write_json(paths.coreset_trace, trace)
@@ -66,12 +63,14 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     per_class_acc = torch.tensor(evaluate(teacher, x_test, y_test, meta.num_classes).per_class)
     sums = class_lambda_sums(res.lam, y, meta.num_classes)
     rho = pearson(sums, per_class_acc)
+    support_sums = class_lambda_sums(res.support, y, meta.num_classes) if res.support is not None else None
     metrics = {
         "n": int(y.numel()),
         "lam_mean": float(res.lam.mean()),
         "lam_negative_fraction": float((res.lam < 0).float().mean()),
         "residual_rel_mean": float(torch.tensor(res.residual_rel).mean()) if res.residual_rel else float("nan"),
         "pearson_sum_lam_vs_acc": rho,
+        "pearson_sum_support_vs_acc": pearson(support_sums, per_class_acc) if support_sums is not None else float("nan"),
         "sum_lam_per_class": [float(v) for v in sums],
         "teacher_acc_per_class": [float(v) for v in per_class_acc],
     }

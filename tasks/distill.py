@@ -46,7 +46,7 @@ from tasks.stages import StageOutput, device_of, finish, hash_files
 from tasks.tracking import StageLog
 
 DSV_METHODS = {"dsv_nshot": "nshot", "dsv_0shot": "0shot", "dsv_noise": "noise"}
-FULL_DATA_METHODS = frozenset({"lambda_topk", "herding", "kcenter", "forgetting", "el2n", "entropy", "dm", "full"})
+FULL_DATA_METHODS = frozenset({"lambda_topk", "support_topk", "herding", "kcenter", "forgetting", "el2n", "entropy", "dm", "full"})
 
 
 def units(cfg: PipelineConfig) -> list[dict[str, Any]]:
@@ -113,8 +113,9 @@ def build_set(method: str, ipc: int, inp: _Inputs) -> tuple[Tensor, Tensor, int]
         return x, y, inp.per_class
     if ipc > inp.per_class:
         raise ValueError(f"distill.ipcs: IPC {ipc} exceeds the {inp.per_class} training images per class")
-    if method == "lambda_topk":
-        idx = read_lambdas_parquet(inp.paths.lambdas_parquet).topk(ipc, c)
+    if method in ("lambda_topk", "support_topk"):
+        by = "lambda" if method == "lambda_topk" else "support"
+        idx = read_lambdas_parquet(inp.paths.lambdas_parquet).topk(ipc, c, by=by)
     elif method == "dm":
         g = torch.Generator().manual_seed(cfg.distill.seed)
         if cfg.distill.dm_real == "shots":

@@ -148,7 +148,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     save_tensors(
         shard_file,
         {"x": res.x, "y": res.y, "lam": res.lam, "probs": res.probs, "entropy": res.entropy,
-         "source_index": res.source_index},
+         "support": res.support, "margin": res.margin, "source_index": res.source_index},
         metadata={"lam_scale": repr(res.lam_scale), "dual": res.dual, "dropped": str(res.dropped)},
     )
     trace_file = paths.extract_shard_trace(job.init, job.ipc, job.shard)
@@ -168,15 +168,19 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
     meta = read_data_meta(paths.data_meta)
     mean, std = meta.stats()
     xs, ys, lams, ents, confs, names, inits, ipcs, shard_ids = [], [], [], [], [], [], [], [], []
+    supports, margins = [], []
     trace: list[dict] = []
     metrics: dict[str, object] = {}
     for job in jobs(cfg):
-        t = load_tensors(paths.extract_shard(job.init, job.ipc, job.shard), ("x", "y", "lam", "probs", "entropy"))
+        t = load_tensors(paths.extract_shard(job.init, job.ipc, job.shard),
+                         ("x", "y", "lam", "probs", "entropy", "support", "margin"))
         y = t["y"].long() if t["y"].dim() == 1 else t["y"].argmax(1)
         n = y.numel()
         xs.append(denormalize(t["x"], mean, std) if n else t["x"])
         ys.append(y)
         lams.append(t["lam"])
+        supports.append(t["support"])
+        margins.append(t["margin"])
         ents.append(t["entropy"])
         confs.append(t["probs"].gather(1, y.view(-1, 1)).squeeze(1) if n else t["lam"])
         names += [meta.classes[i] for i in y.tolist()]
@@ -191,7 +195,9 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
         paths.dsv_parquet, x=x, y=y_all, lam=torch.cat(lams) if lams else torch.zeros(0),
         entropy=torch.cat(ents) if ents else torch.zeros(0), confidence=torch.cat(confs) if confs else torch.zeros(0),
         class_names=names, init=inits, ipc=ipcs, shard=shard_ids,
-        metadata={PARAMS_HASH_KEY: digest, "dsv.dataset": meta.name, "dsv.dual": cfg.extract.solver.dual,
+        support=torch.cat(supports) if supports else None, margin=torch.cat(margins) if margins else None,
+        metadata={PARAMS_HASH_KEY: digest, "dsv.dataset": meta.name,
+                  "dsv.dual": cfg.extract.solver.dual if cfg.extract.solver.lam_solver == "adam" else "nnls",
                   "dsv.classes": ",".join(meta.classes)},
     )
     write_json(paths.extract_trace, trace)
@@ -220,6 +226,8 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
                 "residual_start": avg(start, "residual_rel"),
                 "residual_end": avg(end, "residual_rel"),
                 "lam_mean": float(torch.cat(lams)[sel].mean()) if int(sel.sum()) else float("nan"),
+                "support_mean": float(torch.cat(supports)[sel].mean()) if int(sel.sum()) else float("nan"),
+                "asked": int(ipc * meta.num_classes),
             }
             if int(sel.sum()):
                 log.figure(image_grid(x[sel], y_all[sel], meta.classes, f"DSVs: {init}, IPC {ipc}"),

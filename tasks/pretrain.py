@@ -2,13 +2,20 @@
 
 Outputs: ``artifacts/pretrain/teacher.safetensors`` (state dict), ``model.json`` (architecture,
 input shape, classes: everything needed to rebuild it), ``curve.json`` (loss per epoch, DVC plot);
-``metrics/pretrain.json`` with test and validation accuracy and the wall time.
+``metrics/pretrain.json`` with test and validation accuracy, the wall time and the teacher's KKT
+certificates (``kkt_certificate`` for all parameters, ``kkt_certificate_last``, ``kkt_certificate_free``:
+the relative stationarity residual at uniform λ = 1/(nω), see ``dsv.certificate``; 0 at a KKT point),
+before and after the optional convergence phase (``pretrain.converge``).
 """
 
 from __future__ import annotations
 
 import time
 
+import torch
+
+from dsv.certificate import converge, kkt_certificates
+from dsv.kkt import PARAM_SUBSETS, stationarity_params
 from dsv.models import build_seeded
 from dsv.train import TrainEvent, evaluate, fit
 from tasks.artifacts import load_split, read_data_meta, save_model
@@ -19,6 +26,14 @@ from tasks.paths import Paths
 from tasks.progress import Bar
 from tasks.stages import StageOutput, device_of, finish
 from tasks.tracking import StageLog
+
+
+def certificates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, omega: float) -> dict[str, float]:
+    """The teacher's KKT certificates (dsv.certificate) for θ = all, last and free parameters, as metrics:
+    ``kkt_certificate`` (all), ``kkt_certificate_last``, ``kkt_certificate_free``."""
+    subsets = {s: stationarity_params(model, s, x[:8].to(next(model.parameters()).device)) for s in PARAM_SUBSETS}
+    certs = kkt_certificates(model, x, y, omega, subsets)
+    return {("kkt_certificate" if s == "all" else f"kkt_certificate_{s}"): c.relative for s, c in certs.items()}
 
 
 def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
@@ -45,6 +60,26 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     with bar:
         fit(model, x, y, p.fit, seed=p.seed, callback=on_epoch)
     fit_seconds = time.perf_counter() - fit_started
+    certify = p.fit.weight_decay > 0
+    extra: dict[str, float] = {}
+    if p.converge.scope != "none":
+        if not certify:
+            raise ValueError("pretrain.converge needs pretrain.fit.weight_decay > 0 (the objective it converges)")
+        extra["test_acc_before_converge"] = evaluate(model, x_test, y_test, meta.num_classes).accuracy
+        extra.update({f"{k}_before_converge": v for k, v in certificates(model, x, y, p.fit.weight_decay).items()})
+        conv_started = time.perf_counter()
+        cbar = Bar(cfg.runtime.progress, p.converge.max_iter, f"pretrain converge ({p.converge.scope})", unit="it")
+
+        def on_iter(it: int, gn: float) -> None:
+            log.metric("converge_grad_norm", gn, step=it)
+            cbar.to(it, grad_norm=gn)
+
+        with cbar:
+            res = converge(model, x.to(device), y.to(device), p.fit.weight_decay, p.converge, callback=on_iter)
+        extra["converge_iterations"] = float(res.iterations)
+        extra["converge_seconds"] = round(time.perf_counter() - conv_started, 3)
+    if certify:
+        extra.update(certificates(model, x, y, p.fit.weight_decay))
     test = evaluate(model, x_test, y_test, meta.num_classes)
     val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None
     spec = {"model": to_plain(p.model), "in_shape": list(meta.input_shape), "num_classes": meta.num_classes}
@@ -55,6 +90,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         "val_acc": val.accuracy if val is not None else float("nan"),
         "train_seconds": round(fit_seconds, 3),
         "n_train": int(y.numel()),
+        **extra,
         **{f"test_acc_class_{c}": a for c, a in enumerate(test.per_class)},
     }
     log.metrics(metrics)

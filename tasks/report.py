@@ -153,6 +153,11 @@ def render(cfg: PipelineConfig, paths: Paths, run_url: str | None = None) -> str
         pass
     grids, plots = _figures(paths, classes) if classes else ("<p>No prepared data.</p>", "")
     teacher = f"{100 * ev['teacher_acc']:.2f}%" if "teacher_acc" in ev else "n/a"
+    cert = "n/a (no weight decay, or not computed)"
+    with contextlib.suppress(ArtifactError, KeyError, TypeError):
+        pre = read_json(paths.metrics("pretrain"))
+        cert = (f"all parameters {pre['kkt_certificate']:.3g}, final layer {pre['kkt_certificate_last']:.3g}, "
+                f"free parameters {pre['kkt_certificate_free']:.3g}")
     params = html.escape(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
     link = f'<p>MLflow run: <a href="{html.escape(run_url)}">{html.escape(run_url)}</a> (start <code>dsv ui</code>)</p>' \
         if run_url else ""
@@ -165,6 +170,8 @@ written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
 {link}
 <h2>Summary</h2>
 <p>Teacher test accuracy: <b>{teacher}</b></p>
+<p>Teacher KKT certificate (relative stationarity residual at uniform λ = 1/(nω); 0 = a KKT point, where
+DeepKKT's stationarity condition can hold): {html.escape(cert)}</p>
 <h3>DSVs kept</h3>{_table(["init / IPC", "DSVs", "per class"], kept) if kept else "<p>n/a</p>"}
 <h2>Results</h2>{_results(ev) if ev else "<p>No evaluation yet.</p>"}
 <h2>Deep Support Vectors</h2>{grids}
