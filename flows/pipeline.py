@@ -1,16 +1,15 @@
 """The Prefect flow: prepare -> pretrain -> extract -> coreset -> distill -> evaluate, as cached tasks.
 
-Cache keys (persisted under ``.dsv/prefect-results``, valid across processes)::
-
-    INPUTS (stage name, the params sections the stage reads, the SHA-256 of every upstream artifact,
-            the unit for mapped stages; NOT the runtime context: paths, MLflow run id, device)
-  + TASK_SOURCE (the Prefect task wrapper's own source)
-  + StageCode (SHA-256 of the stage's code closure: tasks/<stage>.py, the tasks modules it imports,
-               and the transitive dsv/ modules it calls; see tasks.stages.code_modules)
+Caching (:mod:`flows.cache`: JSON records under ``.dsv/cache``, valid across processes, never
+unpickled; Prefect itself persists nothing) is keyed on the stage name, the params sections the stage
+reads, the SHA-256 of every upstream artifact, the unit for mapped stages, the task wrapper's source
+and the stage's code closure (tasks/<stage>.py, the tasks modules it imports and the transitive dsv/
+modules it calls; see tasks.stages.code_modules); NOT on the runtime context (paths, MLflow run id,
+device). A hit finishes the task in Prefect's ``Cached`` state.
 
 Tasks exchange small references only (params dicts, relative paths, content hashes). Since a cached
 result only *describes* files, every cache hit is checked against the files on disk: a missing or
-modified artifact makes the flow rerun that task with ``refresh_cache=True``. Extraction and
+modified artifact makes the task run again and replace the record. Extraction and
 distillation are mapped over their units (class shards; (method, IPC) cells), one task each, so an
 interrupted stage resumes from its last completed unit.
 
@@ -20,41 +19,28 @@ Every pipeline run opens one MLflow parent run; every stage gets a nested run (t
 
 from __future__ import annotations
 
-import dataclasses
 import errno
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
-from prefect.states import State
+from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
+from flows.cache import cache_key, lookup, store
 from tasks.config import PipelineConfig, config_from_dict, flatten, load_config
 from tasks.lock import OutputLock
-from tasks.paths import STAGE_NAMES, Paths, ProjectPaths
+from tasks.paths import STAGE_NAMES, Paths
 from tasks.progress import Bar
-from tasks.stages import STAGES, StageOutput, code_hash, restore_metrics, stage_function, verify
+from tasks.stages import STAGES, StageOutput, restore_metrics, stage_function
 from tasks.tracking import NullLog, StageLog, Tracker
 
 FLOW_NAME = "dsv-pipeline"
-
-
-@dataclasses.dataclass
-class StageCode(CachePolicy):
-    """Cache-key part covering the code a stage runs, including the dsv/ library modules it calls."""
-
-    def compute_key(
-        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
-    ) -> str | None:
-        return code_hash(inputs["stage"])
-
-
-CACHE_POLICY = (INPUTS - "context") + TASK_SOURCE + StageCode()
 
 
 # IO errors that a retry cannot fix: a full disk, a read-only or forbidden output folder.
@@ -97,63 +83,83 @@ def _open(stage: str, params: dict[str, Any], context: dict[str, Any]) -> tuple[
     return cfg, paths, log
 
 
+# Prefect persists nothing and caches nothing: its result files are cloudpickle, unpickled on load
+# whatever the task asks for. flows.cache keeps JSON records instead (see there).
 _TASK_OPTIONS: dict[str, Any] = {
-    "cache_policy": CACHE_POLICY,
-    "persist_result": True,
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
     "retries": 2,
     "retry_delay_seconds": 2,
     "retry_condition_fn": retry_on_io,
 }
 
 
+def _cached_or_run(kind: str, fn: Any, stage: str, context: dict[str, Any], inputs: dict[str, Any],
+                   run: Any) -> Any:
+    """The verified cache record for these inputs as a ``Cached`` state, else ``run()``'s result, recorded.
+
+    Results go through JSON both ways, so a fresh result and a cached one are the same plain data.
+    """
+    root, paths = Path(context["root"]), Paths(Path(context["base"]))
+    key = cache_key(kind, fn, stage, **inputs)
+    hit = lookup(root, stage, key, paths)
+    if hit is not None:
+        return Completed(data=hit, name="Cached", message=f"JSON cache record {key[:12]}")
+    result = json.loads(json.dumps(run(), allow_nan=True))
+    store(root, stage, key, result)
+    return result
+
+
 @task(name="stage", task_run_name="{stage}", **_TASK_OPTIONS)
-def stage_task(stage: str, params: dict[str, Any], upstream: dict[str, str], context: dict[str, Any]) -> dict:
+def stage_task(stage: str, params: dict[str, Any], upstream: dict[str, str], context: dict[str, Any]) -> Any:
     """Run a whole (unmapped) stage; returns its :class:`StageOutput` as a dict."""
-    cfg, paths, log = _open(stage, params, context)
-    return stage_function(stage)(cfg, paths, log).to_dict()
+
+    def run() -> dict:
+        cfg, paths, log = _open(stage, params, context)
+        return stage_function(stage)(cfg, paths, log).to_dict()
+
+    return _cached_or_run("stage", stage_task.fn, stage, context, {"params": params, "upstream": upstream}, run)
 
 
 @task(name="unit", task_run_name="{stage}-{label}", **_TASK_OPTIONS)
 def unit_task(
     stage: str, label: str, unit: dict[str, Any], params: dict[str, Any], upstream: dict[str, str],
     context: dict[str, Any],
-) -> dict:
+) -> Any:
     """Run one unit (extract shard, distill cell) of a mapped stage."""
     import importlib
 
-    cfg, paths, log = _open(stage, params, context)
-    return importlib.import_module(STAGES[stage].module).run_unit(cfg, paths, unit, log)  # type: ignore[no-any-return]
+    def run() -> dict:
+        cfg, paths, log = _open(stage, params, context)
+        return importlib.import_module(STAGES[stage].module).run_unit(cfg, paths, unit, log)  # type: ignore[no-any-return]
+
+    inputs = {"unit": unit, "params": params, "upstream": upstream}
+    return _cached_or_run("unit", unit_task.fn, stage, context, inputs, run)
 
 
 @task(name="merge", task_run_name="{stage}-merge", **_TASK_OPTIONS)
 def merge_task(
     stage: str, params: dict[str, Any], upstream: dict[str, str], unit_files: list[dict[str, str]],
     unit_results: list[dict[str, Any]], context: dict[str, Any],
-) -> dict:
+) -> Any:
     """Merge the units of a mapped stage (``unit_files`` keys the cache on the units' outputs)."""
     import importlib
 
-    cfg, paths, log = _open(stage, params, context)
-    return importlib.import_module(STAGES[stage].module).merge(cfg, paths, log, unit_results).to_dict()  # type: ignore[no-any-return]
+    def run() -> dict:
+        cfg, paths, log = _open(stage, params, context)
+        return importlib.import_module(STAGES[stage].module).merge(cfg, paths, log, unit_results).to_dict()  # type: ignore[no-any-return]
+
+    inputs = {"params": params, "upstream": upstream, "unit_files": unit_files}
+    return _cached_or_run("merge", merge_task.fn, stage, context, inputs, run)
 
 
 def _unit_label(unit: dict[str, Any]) -> str:
     return "_".join(str(v) for v in unit.values())
 
 
-def _checked(state: State, paths: Paths, rerun: Any, files_of: Any) -> tuple[Any, bool]:
-    """Result of a task state; a cache hit whose files are missing/changed is recomputed.
-
-    Returns:
-        (result, cached): ``cached`` is True when the result came from the cache and verified.
-    """
-    result = state.result()
-    if state.name != "Cached":
-        return result, False
-    if not verify(paths, StageOutput("", files_of(result), {})):
-        return result, True
-    result = rerun().result()
-    return result, False
+def _checked(state: State) -> tuple[Any, bool]:
+    """(result, restored from a verified cache record) of a finished task state."""
+    return state.result(), state.name == "Cached"
 
 
 def run_stage(
@@ -163,10 +169,8 @@ def run_stage(
     spec = STAGES[stage]
     params = cfg.sections(spec.sections)
     if not spec.mapped:
-        state = _bound(stage_task, context)(stage, params, upstream, context, return_state=True)
-        fresh = _bound(stage_task, context, refresh=True)
-        result, cached = _checked(state, paths, lambda: fresh(stage, params, upstream, context, return_state=True),
-                                  lambda r: r["files"])
+        state = stage_task(stage, params, upstream, context, return_state=True)
+        result, cached = _checked(state)
         return StageOutput.from_dict(result), cached
 
     import importlib
@@ -174,7 +178,7 @@ def run_stage(
     module = importlib.import_module(spec.module)
     units: list[dict[str, Any]] = module.units(cfg)
     labels = [_unit_label(u) for u in units]
-    futures = _bound(unit_task, context).map(
+    futures = unit_task.map(
         unmapped(stage), labels, units, unmapped(params), unmapped(upstream), unmapped(context), return_state=False
     )
     # One tick per finished unit (shard, cell), in submission order.
@@ -184,23 +188,13 @@ def run_stage(
             bar.advance()
     wait(futures)
     unit_results, all_cached = [], True
-    fresh_unit = _bound(unit_task, context, refresh=True)
-    for fut, label, unit in zip(futures, labels, units):
-        result, cached = _checked(
-            fut.state, paths,
-            lambda label=label, unit=unit: fresh_unit(stage, label, unit, params, upstream, context, return_state=True),
-            lambda r: r["files"],
-        )
+    for fut in futures:
+        result, cached = _checked(fut.state)
         unit_results.append(result)
         all_cached &= cached
     unit_files = [r["files"] for r in unit_results]
-    state = _bound(merge_task, context)(stage, params, upstream, unit_files, unit_results, context, return_state=True)
-    fresh = _bound(merge_task, context, refresh=True)
-    result, cached = _checked(
-        state, paths,
-        lambda: fresh(stage, params, upstream, unit_files, unit_results, context, return_state=True),
-        lambda r: r["files"],
-    )
+    state = merge_task(stage, params, upstream, unit_files, unit_results, context, return_state=True)
+    result, cached = _checked(state)
     return StageOutput.from_dict(result), all_cached and cached
 
 
@@ -292,19 +286,3 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
     return summary
 
 
-def pipeline_with_workers(workers: int) -> Any:
-    """The flow with a thread pool of ``workers`` for the mapped units (see :func:`flows.runners.with_runner`
-    for the runner ``runtime.task_runner`` names)."""
-    return pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
-
-
-def results_dir(root: Path) -> Path:
-    """Where the tasks persist results and cache records: ``<root>/.dsv/prefect-results``."""
-    return ProjectPaths(root).prefect_results
-
-
-def _bound(task_obj: Any, context: dict[str, Any], refresh: bool = False) -> Any:
-    """``task_obj`` with the project's result storage (and a forced refresh when asked)."""
-    storage = results_dir(Path(context["root"]))
-    storage.mkdir(parents=True, exist_ok=True)
-    return task_obj.with_options(result_storage=storage, refresh_cache=refresh or None)

@@ -6,8 +6,8 @@ Layout under the output folder (``runtime.output_dir``, the project root by defa
     artifacts/<stage>/params.resolved.yaml   the exact config the stage ran with
     metrics/<stage>.json             scalar metrics (DVC metrics, MLflow metrics)
 
-Project-level state lives under the project root: ``.dsv/prefect-results`` (Prefect's persisted
-results and cache records), ``.dsv/prefect`` (PREFECT_HOME), ``mlflow.db`` and ``mlartifacts/``.
+Project-level state lives under the project root: ``.dsv/cache`` (the stages' JSON cache records,
+:mod:`flows.cache`; nothing there is ever unpickled), ``.dsv/prefect`` (PREFECT_HOME), ``mlflow.db`` and ``mlartifacts/``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ class ProjectPaths:
         return self.state / "prefect"
 
     @property
-    def prefect_results(self) -> Path:
-        return self.state / "prefect-results"
+    def cache(self) -> Path:
+        return self.state / "cache"
 
     @property
     def mlflow_db(self) -> Path:
