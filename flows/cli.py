@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -98,6 +99,16 @@ def _lock(cfg, root: Path, command: str, wait: float):  # noqa: ANN001, ANN202 -
     raise AssertionError("unreachable")
 
 
+def _start_server() -> None:
+    """Our own temporary Prefect server (flows.server) unless PREFECT_API_URL points at one."""
+    from flows import server
+
+    try:
+        server.start()
+    except RuntimeError as exc:
+        _fail(str(exc), EXIT_FAILED)
+
+
 def _load(args: argparse.Namespace):  # noqa: ANN202 - returns PipelineConfig, imported lazily
     from tasks.config import ConfigError, load_config
 
@@ -110,18 +121,25 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - returns PipelineConfig, i
 def _cmd_run(args: argparse.Namespace, root: Path) -> int:
     cfg = _load(args)  # validate before anything is imported or written
     from flows.environment import configure
+    from tasks.config import ConfigError
 
     configure(root)
-    from flows.pipeline import pipeline
-    from flows.runners import with_runner
-
     started = time.perf_counter()
     # Locked before Prefect starts, so a refused run leaves no trace anywhere (the flow re-enters it).
     lock = _lock(cfg, root, "dsv run", args.wait)
+    try:
+        _start_server()
+        from flows.pipeline import pipeline
+        from flows.runners import with_runner
+    except BaseException:
+        lock.release()
+        raise
     flow = with_runner(pipeline, cfg.runtime)  # runtime.task_runner: threads or Dask for the mapped units
     try:
         summary = flow(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides), root=str(root),
                        track=not args.no_mlflow)
+    except ConfigError as exc:  # a data-dependent check after prepare (names the key)
+        _fail(str(exc))
     except Exception as exc:  # the flow already logged the traceback; end with one line
         _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
     finally:
@@ -216,6 +234,11 @@ def _cmd_serve(args: argparse.Namespace, root: Path) -> int:
     from flows.environment import configure
 
     configure(root)
+    if not os.environ.get("PREFECT_API_URL"):
+        print("dsv: no PREFECT_API_URL: starting a temporary Prefect server for this process (schedules stop "
+              "with it). For a persistent one: prefect server start --host 127.0.0.1, then "
+              "export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr, flush=True)
+    _start_server()
     from flows.pipeline import pipeline
     from flows.runners import with_runner
 
@@ -229,6 +252,10 @@ def _cmd_ui(args: argparse.Namespace, root: Path) -> int:
     from tasks.tracking import quiet_environment, tracking_uri
 
     quiet_environment()
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"dsv: warning: --host {args.host} exposes the MLflow UI (every run, param and artifact, with no "
+              "authentication) to other machines on that network; use 127.0.0.1 unless that is intended",
+              file=sys.stderr, flush=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port),
            "--backend-store-uri", tracking_uri(root), "--workers", "1"]
@@ -255,11 +282,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("run", "stage", "serve", "report") and not Path(args.params).is_file():
         _fail(f"params file {args.params!r} not found (run from the project root or pass -p)")
     handlers = {"run": _cmd_run, "stage": _cmd_stage, "serve": _cmd_serve, "ui": _cmd_ui, "report": _cmd_report}
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return handlers[args.command](args, root)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    return 0
+    except BaseException as exc:
+        code = _interrupt_code(exc)
+        if code is None:
+            raise
+        # The lock was released and the MLflow runs marked KILLED on the way out; stop the temporary
+        # Prefect server, then leave at once: a unit still computing on a worker thread is abandoned
+        # (its outputs were never renamed into place) instead of being waited for.
+        from flows import server
+
+        server.stop()
+        print(f"dsv: {'interrupted (Ctrl-C)' if code == 130 else 'terminated (SIGTERM)'}; finished stages and "
+              "units are kept, the next run resumes from them", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+    # On a normal exit the server is stopped by atexit, after Prefect's own exit hooks have sent their
+    # last logs and events to it (atexit runs in reverse order of registration).
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM, so it unwinds like Ctrl-C (locks released, runs closed)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _interrupt_code(exc: BaseException) -> int | None:
+    """130 for Ctrl-C, 143 for SIGTERM (ours or Prefect's TerminationSignal), else None."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, Terminated) or type(exc).__name__ == "TerminationSignal":
+        return 143
+    return None
 
 
 if __name__ == "__main__":

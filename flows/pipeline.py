@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
 from flows.cache import cache_key, lookup, store
-from tasks.config import PipelineConfig, config_from_dict, flatten, load_config
+from tasks.artifacts import read_json
+from tasks.config import ConfigError, PipelineConfig, config_from_dict, data_checks, flatten, load_config
 from tasks.lock import OutputLock
 from tasks.paths import STAGE_NAMES, Paths
 from tasks.progress import Bar
@@ -198,6 +200,15 @@ def run_stage(
     return StageOutput.from_dict(result), all_cached and cached
 
 
+def _check_data(cfg: PipelineConfig, paths: Paths) -> None:
+    """The data-dependent checks (:func:`tasks.config.data_checks`) on the prepared data's class counts."""
+    meta = read_json(paths.data_meta)
+    errors = data_checks(cfg, meta["classes"], meta["train_per_class"],
+                         meta.get("test_per_class", [1] * len(meta["classes"])))
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
 @flow(name=FLOW_NAME, log_prints=True, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(
     params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".", track: bool = True,
@@ -226,6 +237,7 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
     tracker = Tracker(root_path, cfg.runtime.mlflow_experiment, cfg.runtime.log_models) if track else None
     parent = None
     if tracker is not None:
+        tracker.close_stale_runs(by=f"dsv run (pid {os.getpid()})")
         parent = tracker.start_run("pipeline", tags={"params_file": str(params_path), "runner": "prefect",
                                                      "output_dir": str(paths.base)})
         tracker.log_params_file(parent, cfg.to_dict())
@@ -266,6 +278,8 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
                 tracker.end_run(run_id)
             outputs[stage] = out
             summary["stages"][stage] = {"cached": cached, "files": out.files}
+            if stage == "prepare":
+                _check_data(cfg, paths)
             print(f"stage {stage}: {'cached' if cached else 'ran'} ({time.perf_counter() - t0:.1f} s)")
     except BaseException as exc:
         if tracker is not None and parent is not None:

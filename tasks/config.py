@@ -11,7 +11,9 @@ against the field's type hint with pydantic (strict: ``"5"`` is not an int; YAML
 and the dataclasses' own ``__post_init__`` range checks are reported under their full dotted key.
 All problems are collected into one :class:`ConfigError` whose message is a single line.
 
-YAML floats are read the YAML 1.2 way (``5e-4`` is a float, as DVC reads it), not PyYAML's 1.1 way.
+YAML is parsed exactly as DVC parses it (ruamel.yaml's safe loader, YAML 1.2: ``5e-4`` is a float;
+duplicate keys are errors); aliases, non-UTF-8 text and files over 1 MiB are refused. Every float must
+be finite (NaN and inf are rejected, naming the key).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -375,34 +378,82 @@ def cross_check(cfg: PipelineConfig) -> list[str]:
     return errors
 
 
+def data_checks(cfg: PipelineConfig, classes: Sequence[str], train_per_class: Sequence[int],
+                test_per_class: Sequence[int]) -> list[str]:
+    """Checks that need the prepared data (run right after ``prepare``, before any expensive stage).
+
+    Args:
+        cfg: the whole config.
+        classes: class names; train_per_class / test_per_class: images per class in the training split
+            (after the validation hold-out) and in the test split.
+
+    Returns:
+        One message per problem, naming the key to change.
+    """
+    errors = []
+    if len(classes) < 2:
+        errors.append(f"prepare.data: the dataset {cfg.prepare.data.name!r} has {len(classes)} class(es); "
+                      "a classifier needs at least two")
+    empty_test = [c for c, n in zip(classes, test_per_class) if n == 0]
+    if empty_test:
+        errors.append(f"prepare.data: class(es) {empty_test} have no test images (test split, "
+                      "prepare.data.test_per_class): their accuracy would be undefined")
+    empty_train = [c for c, n in zip(classes, train_per_class) if n == 0]
+    if empty_train:
+        errors.append(f"prepare.data: class(es) {empty_train} have no training images after the validation "
+                      "hold-out (prepare.val_per_class)")
+    fewest = min(train_per_class) if train_per_class else 0
+    for key, ipcs in (("extract.ipcs", cfg.extract.ipcs if "nshot" in cfg.extract.inits else ()),
+                      ("distill.ipcs", cfg.distill.ipcs)):
+        too_big = [k for k in ipcs if k > fewest]
+        if too_big and fewest > 0:
+            errors.append(f"{key} {too_big} exceed the {fewest} training images of the smallest class")
+    return errors
+
+
 # ------------------------------------------------------------------------------------------ loading
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader that resolves floats like YAML 1.2 (``5e-4``, ``1E3``), as DVC's parser does."""
-
-
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
+MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KB; refuse anything that is not one
+MAX_PARAMS_NODES = 100_000
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:
-    """Parse YAML text with YAML 1.2 floats; errors become :class:`ConfigError`."""
+    """Parse YAML exactly as DVC does (ruamel.yaml, ``YAML(typ="safe")``: YAML 1.2, so ``5e-4`` is a
+    float and ``on`` a string; a duplicate key is an error). Anchors/aliases are refused (a tiny alias
+    bomb expands to gigabytes when the data is copied), and so is a text over 1 MiB; every problem
+    becomes one :class:`ConfigError` line naming ``source``."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    if len(text) > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters; a params file may have at most {MAX_PARAMS_BYTES}")
     try:
-        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
+        data = YAML(typ="safe").load(text)
+    except YAMLError as exc:
         msg = " ".join(str(exc).split())
         raise ConfigError(f"{source}: not valid YAML: {msg}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{source}: YAML nested too deeply") from exc
+    _check_tree(data, source)
+    return data
+
+
+def _check_tree(data: Any, source: str) -> None:
+    """Refuse shared nodes (YAML aliases) and oversized trees without expanding anything."""
+    seen: set[int] = set()
+    stack = [data]
+    count = 0
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict | list):
+            if id(node) in seen:
+                raise ConfigError(f"{source}: YAML anchors and aliases (&name / *name) are not allowed in params")
+            seen.add(id(node))
+            stack.extend(node.values() if isinstance(node, dict) else node)
+        count += 1
+        if count > MAX_PARAMS_NODES:
+            raise ConfigError(f"{source}: more than {MAX_PARAMS_NODES} values; not a params file")
 
 
 def read_params_file(path: str | Path) -> dict[str, Any]:
@@ -410,7 +461,15 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"params file {str(p)!r} not found")
-    raw = parse_yaml(p.read_text(encoding="utf-8"), str(p))
+    try:
+        if p.stat().st_size > MAX_PARAMS_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size} bytes; a params file may have at most {MAX_PARAMS_BYTES}")
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"params file {str(p)!r} cannot be read: {exc.strerror}") from None
+    raw = parse_yaml(text, str(p))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -573,6 +632,9 @@ def build(cls: type[T], raw: Any, prefix: str, errors: list[str], base: T | None
             allowed = _describe(hint) if sub is None else f"a mapping of {', '.join(_field_names(sub))}"
             problem = exc.errors()[0]["msg"]
             errors.append(f"{key} = {value!r}: {problem} (expected {allowed})")
+            continue
+        if not _finite(values[name]):
+            errors.append(f"{key} = {value!r}: must be a finite number (NaN and inf are not allowed)")
     if len(errors) > n_errors:
         return None
     try:
@@ -580,6 +642,15 @@ def build(cls: type[T], raw: Any, prefix: str, errors: list[str], base: T | None
     except (ValueError, TypeError) as exc:
         errors.append(_qualify(str(exc), prefix, list(fields)))
         return None
+
+
+def _finite(value: Any) -> bool:
+    """False when ``value`` is (or holds) a NaN or infinite float."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, tuple | list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def _suggest(key: str, cls: type) -> str | None:

@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,9 +95,21 @@ class OutputLock:
             return self
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if self.path.parent.is_symlink():
+                raise LockError(f"refusing to lock {self.base}: {self.path.parent} is a symbolic link")
+            # O_NOFOLLOW: a symlink planted at the lock path is refused, never followed (and the file
+            # it points to never truncated).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LockError(f"refusing to lock {self.base}: the lock file {self.path} is a symbolic link; "
+                                "remove it") from None
             raise OSError(exc.errno, f"cannot write to the output folder {self.base}: {exc.strerror}") from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise LockError(f"refusing to lock {self.base}: the lock file {self.path} is not a plain file of this "
+                            "user (a hard link, a device or another user's file); remove it")
         deadline = time.monotonic() + max(0.0, self.wait)
         while True:
             try:

@@ -58,6 +58,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         "source": ds.source,
         "init_pool_source": pool_source,
         "train_per_class": class_counts(train.train_y, ds.num_classes),
+        "test_per_class": class_counts(ds.test_y, ds.num_classes),
     }
     write_json(paths.data_meta, meta)
     if len(ds.input_shape) == 3:

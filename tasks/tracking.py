@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import subprocess
 import tempfile
 import threading
@@ -177,6 +178,21 @@ class MlflowStageLog:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
 
+def is_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C (KeyboardInterrupt), SIGTERM (flows.cli's Terminated, Prefect's TerminationSignal)."""
+    return isinstance(exc, KeyboardInterrupt) or type(exc).__name__ in ("Terminated", "TerminationSignal")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Tracker:
     """An MLflow experiment in the project's store, with explicit-id runs.
 
@@ -216,22 +232,50 @@ class Tracker:
         self.commit = git_commit(self.root)
 
     def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
-        """Create a RUNNING run (nested under ``parent_id`` when given); returns its id."""
-        all_tags = {"git.commit": self.commit, **(tags or {})}
+        """Create a RUNNING run (nested under ``parent_id`` when given); returns its id.
+
+        Every run records the pid and host that own it (tags ``dsv.pid``, ``dsv.host``), so a later run
+        can tell a run whose process died (:meth:`close_stale_runs`) from one that is still working."""
+        all_tags = {"git.commit": self.commit, "dsv.pid": str(os.getpid()), "dsv.host": socket.gethostname(),
+                    **(tags or {})}
         if parent_id is not None:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         return str(run.info.run_id)
 
     def end_run(self, run_id: str, error: BaseException | None = None) -> None:
-        """Mark a run FINISHED, or FAILED with the error message as tag ``error``."""
+        """Mark a run FINISHED; KILLED when ``error`` is an interrupt (Ctrl-C, SIGTERM); else FAILED, with
+        the error message as tag ``error``."""
         if error is not None:
-            message = f"{type(error).__name__}: {error}"
+            killed = is_interrupt(error)
+            message = "interrupted (Ctrl-C or SIGTERM)" if killed else f"{type(error).__name__}: {error}"
             with contextlib.suppress(Exception):
                 self.client.set_tag(run_id, "error", message[:5000])
-            self.client.set_terminated(run_id, status="FAILED")
+            self.client.set_terminated(run_id, status="KILLED" if killed else "FAILED")
         else:
             self.client.set_terminated(run_id, status="FINISHED")
+
+    def close_stale_runs(self, by: str = "") -> list[str]:
+        """Mark FAILED every RUNNING run of this experiment whose owning process (tags ``dsv.pid`` on
+        ``dsv.host`` = this host) no longer exists: it was SIGKILLed, crashed or ran out of memory and
+        could not close its run. Tag ``dsv.stale_reason`` says so. Returns the ids closed."""
+        host = socket.gethostname()
+        closed = []
+        with contextlib.suppress(Exception):
+            runs = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+            for r in runs:
+                tags = r.data.tags
+                if tags.get("dsv.host") != host or not tags.get("dsv.pid", "").isdigit():
+                    continue
+                pid = int(tags["dsv.pid"])
+                if pid == os.getpid() or _alive(pid):
+                    continue
+                self.client.set_tag(r.info.run_id, "dsv.stale_reason",
+                                    f"process {pid} ended without closing the run (killed, crashed or out of "
+                                    f"memory); closed by {by or 'a later dsv run'}")
+                self.client.set_terminated(r.info.run_id, status="FAILED")
+                closed.append(r.info.run_id)
+        return closed
 
     def log(self, run_id: str) -> MlflowStageLog:
         return MlflowStageLog(self.client, run_id, self.log_models)

@@ -149,33 +149,118 @@ def read_idx_dataset(files: dict[str, Path]) -> SplitTensors:
 
 # ------------------------------------------------------------------------------------------- CIFAR
 
-# The only globals a CIFAR batch needs to rebuild its numpy arrays. numpy 1.x pickles name
-# numpy.core, numpy 2.x names numpy._core; protocol 5 uses _frombuffer, older ones _reconstruct;
-# protocol 2 pickles of bytes go through _codecs.encode. Nothing else (no builtins) is allowed.
-_SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
-    [
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-    ]
-    + [
-        (f"{mod}.{sub}", name)
-        for mod in ("numpy.core", "numpy._core")
-        for sub, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
-    ]
-)
+# A CIFAR batch is a dict of lists, ints, strings and numpy arrays of plain numbers. The unpickler
+# never lets pickle construct a numpy object: the globals a batch names (numpy 1.x pickles name
+# numpy.core, numpy 2.x numpy._core; protocol 5 uses _frombuffer, older ones _reconstruct; protocol 2
+# stores bytes through _codecs.encode) are replaced by inert stubs that only *record* their arguments,
+# and :func:`_materialise` builds the arrays afterwards with np.frombuffer, after checking the dtype
+# (plain numeric kinds only: an object dtype over raw bytes would be read as pointers) and that the
+# byte count matches the shape. Everything else (builtins included) is refused.
+_PLAIN_DTYPES = frozenset(f"{k}{n}" for k, ns in (("u", (1, 2, 4, 8)), ("i", (1, 2, 4, 8)), ("f", (2, 4, 8)),
+                                                 ("b", (1,))) for n in ns)
+_MAX_ARRAY_BYTES = 1 << 31
+
+
+class _DtypeStub:
+    """What ``numpy.dtype(name, align, copy)`` + BUILD recorded: the type name and byte order."""
+
+    def __init__(self, name: Any = None, *_: Any) -> None:
+        self.name, self.order = name, "|"
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) >= 2 and state[1] in ("<", ">", "|", "="):
+            self.order = state[1]
+        else:
+            raise pickle.UnpicklingError("refused a numpy dtype with a non-plain state")
+
+
+class _ArrayStub:
+    """What ``_reconstruct`` + BUILD (or ``_frombuffer``) recorded: shape, dtype, order, raw bytes."""
+
+    def __init__(self, *_: Any) -> None:
+        self.state: tuple[Any, ...] | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("refused an ndarray with a non-plain state")
+        self.state = (state[1], state[2], bool(state[3]), state[4])
+
+
+class _ScalarStub:
+    def __init__(self, dtype: Any, raw: Any) -> None:
+        self.state = ((), dtype, False, raw)
+
+
+def _frombuffer_stub(buf: Any, dtype: Any, shape: Any, order: Any) -> _ArrayStub:
+    stub = _ArrayStub()
+    stub.state = (shape, dtype, order == "F", buf)
+    return stub
+
+
+def _encode_stub(text: Any, encoding: Any = "latin1") -> bytes:
+    if not isinstance(text, str) or str(encoding).lower().replace("-", "") != "latin1":
+        raise pickle.UnpicklingError("refused _codecs.encode with anything but (str, 'latin1')")
+    return text.encode("latin1")
+
+
+_STUBS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): _ArrayStub,
+    ("numpy", "dtype"): _DtypeStub,
+    ("_codecs", "encode"): _encode_stub,
+    **{(f"{mod}.multiarray", "_reconstruct"): _ArrayStub for mod in ("numpy.core", "numpy._core")},
+    **{(f"{mod}.multiarray", "scalar"): _ScalarStub for mod in ("numpy.core", "numpy._core")},
+    **{(f"{mod}.numeric", "_frombuffer"): _frombuffer_stub for mod in ("numpy.core", "numpy._core")},
+}
+
+
+def _plain_array(stub: _ArrayStub | _ScalarStub) -> np.ndarray:
+    if stub.state is None:
+        raise pickle.UnpicklingError("refused an ndarray that was never given its data")
+    shape, dtype, fortran, raw = stub.state
+    if not isinstance(dtype, _DtypeStub) or dtype.name not in _PLAIN_DTYPES:
+        name = getattr(dtype, "name", type(dtype).__name__)
+        raise pickle.UnpicklingError(f"refused an array of dtype {name!r}: only plain numeric arrays are allowed")
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise pickle.UnpicklingError(f"refused an array with shape {shape!r}")
+    if isinstance(raw, pickle.PickleBuffer):
+        raw = raw.raw()
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise pickle.UnpicklingError(f"refused array data of type {type(raw).__name__}")
+    dt = np.dtype(dtype.name).newbyteorder(dtype.order if dtype.order in "<>" else "=")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if count * dt.itemsize > _MAX_ARRAY_BYTES or len(raw) != count * dt.itemsize:
+        raise pickle.UnpicklingError(f"array data has {len(raw)} bytes, shape {shape} of {dt} needs {count * dt.itemsize}")
+    arr = np.frombuffer(bytes(raw), dtype=dt).reshape(shape, order="F" if fortran else "C").copy()
+    return arr if shape else arr.reshape(())[()]
+
+
+def _materialise(obj: Any, depth: int = 0) -> Any:
+    """Replace the stubs by validated numpy arrays; only dicts, lists, tuples, str, bytes, numbers, None."""
+    if depth > 32:
+        raise pickle.UnpicklingError("refused a pickle nested deeper than 32 levels")
+    if isinstance(obj, _ArrayStub | _ScalarStub):
+        return _plain_array(obj)
+    if isinstance(obj, dict):
+        return {_materialise(k, depth + 1): _materialise(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        out = [_materialise(v, depth + 1) for v in obj]
+        return out if isinstance(obj, list) else tuple(out)
+    if obj is None or isinstance(obj, bool | int | float | str | bytes):
+        return obj
+    raise pickle.UnpicklingError(f"refused a {type(obj).__name__} object in a CIFAR batch")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that refuses every global outside :data:`_SAFE_GLOBALS`.
+    """Unpickler that constructs nothing but builtin containers and inert stubs (see above).
 
-    Plain ``pickle.load`` runs whatever callable the file names (``os.system`` included); this one
-    can only rebuild builtin containers and numpy arrays.
+    Plain ``pickle.load`` runs whatever callable the file names (``os.system`` included), and even
+    numpy's own array constructors can be made to read raw bytes as object pointers; this one only
+    records what the file says and lets :func:`_materialise` build checked numeric arrays.
     """
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
+        if (module, name) in _STUBS:
+            return _STUBS[(module, name)]
         raise pickle.UnpicklingError(
             f"refused to load global {module}.{name}: a CIFAR batch only contains dicts, lists and numpy arrays"
         )
@@ -185,15 +270,16 @@ def safe_unpickle(path: str | Path) -> Any:
     """Load a pickle with the restricted unpickler (``latin1`` for Python-2 era CIFAR files).
 
     Raises:
-        ValueError: naming the file, when it is not a pickle or names a forbidden global.
+        ValueError: naming the file, when it is not a pickle, names a forbidden global, or holds anything
+            but plain numeric arrays, lists, dicts, numbers and strings.
     """
     path = Path(path)
     data = path.read_bytes()
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+        return _materialise(_RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load())
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: {e}") from e
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RecursionError) as e:
         raise ValueError(f"{path}: not a readable CIFAR pickle batch ({type(e).__name__}: {e})") from e
 
 

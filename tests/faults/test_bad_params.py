@@ -37,6 +37,11 @@ CASES = [
     ("stage extract", "extract.shards=0", r"extract\.shards must be >= 1"),
     ("stage pretrain", "pretrain.fit.batch_size=0", r"pretrain\.fit\.batch_size must be >= 1"),
     ("stage coreset", "coreset.lam.steps=-1", r"coreset\.lam\.steps must be >= 1"),
+    ("run", "pretrain.fit.lr=.nan", r"pretrain\.fit\.lr = nan: must be a finite number"),
+    ("run", "extract.solver.kkt.eta=.inf", r"extract\.solver\.kkt\.eta = inf: must be a finite number"),
+    ("run", "extract.solver.max_lam_ratio=-.inf", r"extract\.solver\.max_lam_ratio = -inf: must be a finite"),
+    ("run", "pretrain.converge.scope=everything", r"pretrain\.converge\.scope = 'everything' is not one of"),
+    ("run", "extract.solver.lam_solver=lbfgs", r"extract\.solver\.lam_solver = 'lbfgs' is not one of adam, nnls"),
 ]
 
 
@@ -68,18 +73,32 @@ def test_bad_param_is_one_line_and_writes_nothing(
     assert _snapshot(project) == before  # nothing written: no artifacts, no .dsv, no mlflow.db, no lock
 
 
+_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
 BAD_FILES = [
     ("extract: {solver: {steps: [1, 2}\n", r"not valid YAML"),
     ("extract:\n  solver:\n    stpes: 5\n", r"unknown key 'extract\.solver\.stpes'"),
     ("- just\n- a list\n", r"params"),
+    ("extract:\n  seed: 1\n  seed: 2\n", r"not valid YAML: .*duplicate key"),
+    ("extract:\n  seed: 1\nextract:\n  seed: 2\n", r"not valid YAML: .*duplicate key"),
+    (b"extract:\n  seed: \xff\xfe1\n", r"not UTF-8 text"),
+    (_BOMB, r"anchors and aliases .* are not allowed"),
+    ("x" * (2 << 20), r"a params file may have at most"),
+    ("pretrain:\n  fit:\n    lr: .NaN\n", r"pretrain\.fit\.lr = nan: must be a finite number"),
 ]
 
 
-@pytest.mark.parametrize(("text", "match"), BAD_FILES, ids=["invalid-yaml", "unknown-key-in-file", "not-a-mapping"])
+@pytest.mark.parametrize(("text", "match"), BAD_FILES, ids=["invalid-yaml", "unknown-key-in-file", "not-a-mapping",
+                                                           "duplicate-key", "duplicate-section", "not-utf8",
+                                                           "alias-bomb", "oversized", "nan-in-file"])
 def test_bad_params_file_is_one_line_and_writes_nothing(
-    project: Path, capsys: pytest.CaptureFixture[str], text: str, match: str
+    project: Path, capsys: pytest.CaptureFixture[str], text: str | bytes, match: str
 ) -> None:
-    (project / "params.yaml").write_text(text)
+    if isinstance(text, bytes):
+        (project / "params.yaml").write_bytes(text)
+    else:
+        (project / "params.yaml").write_text(text)
     before = _snapshot(project)
     with pytest.raises(SystemExit) as exit_info:
         main(["run"])

@@ -122,3 +122,24 @@ def test_two_real_runs_at_once_one_refuses(tmp_path: Path, prefect_api: str) -> 
     assert f"locked by pid {first.pid} (dsv run)" in second.stderr.strip().splitlines()[-1]
     assert "dsv: pipeline finished" in out
     assert tmp_leftovers(project) == []
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "symlinked_state_dir"])
+def test_planted_link_at_the_lock_path_is_refused_and_its_target_untouched(tmp_path: Path, kind: str) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data\n")
+    base = tmp_path / "out"
+    (base / ".dsv").parent.mkdir(parents=True)
+    if kind == "symlink":
+        (base / ".dsv").mkdir()
+        (base / ".dsv/output.lock").symlink_to(victim)
+    elif kind == "hardlink":
+        (base / ".dsv").mkdir()
+        os.link(victim, base / ".dsv/output.lock")
+    else:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (base / ".dsv").symlink_to(elsewhere)
+    with pytest.raises(LockError, match="refusing to lock"):
+        OutputLock(base, "test").acquire()
+    assert victim.read_text() == "precious data\n"

@@ -77,3 +77,96 @@ def test_no_environment_secret_reaches_mlflow(completed_project: tuple[Path, dic
         for f in client.list_artifacts(r.info.run_id):
             if f.path.endswith((".yaml", ".json", ".md")):
                 assert SECRET not in Path(client.download_artifacts(r.info.run_id, f.path)).read_text()
+
+
+PAYLOAD_MARKER = "dsv-pwned-marker"
+
+
+def _pickle_payload(marker: Path) -> bytes:
+    """A pickle that, when loaded, writes ``marker`` (what an attacker would plant)."""
+    import pickle
+
+    class Boom:
+        def __reduce__(self) -> tuple:
+            return (Path.write_text, (marker, PAYLOAD_MARKER))
+
+    return pickle.dumps(Boom())
+
+
+def _is_pickle(path: Path) -> bool:
+    head = path.read_bytes()[:2]
+    return len(head) == 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5)
+
+
+@pytest.mark.slow
+def test_no_pickle_under_the_state_folders_after_a_run(completed_project: tuple[Path, dict]) -> None:
+    project, _ = completed_project
+    files = [p for d in (".dsv", "artifacts", "metrics", "mlartifacts") for p in (project / d).rglob("*") if p.is_file()]
+    assert files
+    assert [p for p in files if _is_pickle(p) or b'"picklelib"' in p.read_bytes()[:4096]] == []
+
+
+@pytest.mark.slow
+def test_planted_pickles_in_the_cache_are_never_loaded(completed_project: tuple[Path, dict], tmp_path: Path) -> None:
+    """Every cache record replaced by (1) a raw pickle and (2) Prefect's result-file format claiming a
+    cloudpickle serializer: the next run treats them as misses and reruns; the payload never runs."""
+    import base64
+    import json
+
+    from flows.pipeline import pipeline
+
+    project, _ = completed_project
+    marker = tmp_path / "marker"
+    records = sorted((project / ".dsv/cache").rglob("*.json"))
+    assert records
+    saved = {p: p.read_bytes() for p in records}
+    payload = _pickle_payload(marker)
+    prefect_like = json.dumps({"metadata": {"serializer": {"type": "pickle", "picklelib": "cloudpickle"}},
+                               "result": base64.b64encode(payload).decode()}).encode()
+    try:
+        for i, p in enumerate(records):
+            p.write_bytes(payload if i % 2 else prefect_like)
+        state = pipeline(params_path="params.yaml", root=str(project), track=False, return_state=True)
+        assert state.is_completed(), state.message
+        assert not marker.exists()
+    finally:
+        for p, b in saved.items():
+            p.write_bytes(b)
+
+
+def _object_array_pickle() -> bytes:
+    """A CIFAR-like batch whose 'data' array claims an object dtype over raw bytes (pointers)."""
+    import pickle
+
+    import numpy as np
+
+    blob = pickle.dumps({"data": np.zeros(2, dtype=np.uint64), "labels": [0, 1]}, protocol=2)
+    blob = blob.replace(b"X\x02\x00\x00\x00u8", b"X\x02\x00\x00\x00O8")
+    assert b"O8" in blob
+    return blob
+
+
+@pytest.mark.parametrize("payload", ["object_dtype", "os_system", "builtins_eval"])
+def test_cifar_reader_refuses_crafted_pickles_without_crashing(tmp_path: Path, payload: str) -> None:
+    """Each crafted batch is loaded in a child process: it must exit normally with a ValueError naming the
+    file (a segfault would show as a negative return code), and the marker must never be written."""
+    import pickle
+    import subprocess
+    import sys
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "data_batch_1"
+    if payload == "object_dtype":
+        path.write_bytes(_object_array_pickle())
+    elif payload == "os_system":
+        path.write_bytes(_pickle_payload(marker))
+    else:
+        path.write_bytes(b"cbuiltins\neval\n(V__import__('pathlib').Path(" + repr(str(marker)).encode()
+                         + b").write_text('x')\ntR.")
+    code = ("from dsv.data.readers import safe_unpickle\n"
+            f"try:\n    safe_unpickle({str(path)!r})\nexcept ValueError as e:\n    print('REFUSED', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "REFUSED" in proc.stdout and str(path) in proc.stdout
+    assert not marker.exists()
+    del pickle

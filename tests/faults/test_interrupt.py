@@ -1,0 +1,101 @@
+"""Interrupts as a user sends them: Ctrl-C (SIGINT to the whole process group, as a terminal does),
+SIGTERM, and SIGKILL (what the OOM killer sends). `dsv run` starts its own temporary Prefect server here
+(no PREFECT_API_URL), the case that used to hang for minutes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.lock import OutputLock
+from tests.faults.conftest import FAULT_PARAMS, cli_env, copy_project, dsv, wait_for
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = ("-S", "extract.solver.steps=150", "-S", "extract.solver.log_every=10")
+
+
+def _processes_of(project: Path) -> list[str]:
+    """Processes whose environment points PREFECT_HOME into ``project`` (dsv, its server, its workers)."""
+    needle = f"PREFECT_HOME={project / '.dsv' / 'prefect'}".encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle in (d / "environ").read_bytes().split(b"\0"):
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{d.name}: {cmd[:200]}")
+        except OSError:
+            continue
+    return found
+
+
+def _statuses(project: Path) -> dict[str, int]:
+    with sqlite3.connect(project / "mlflow.db") as db:
+        return dict(db.execute("select status, count(*) from runs group by status").fetchall())
+
+
+def _start(project: Path) -> subprocess.Popen[bytes]:
+    env = cli_env(project, None)  # no PREFECT_API_URL: dsv starts (and must stop) its own server
+    log = open(project / "dsv.log", "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *OVERRIDES], cwd=project, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_until_extracting(project: Path, proc: subprocess.Popen[bytes]) -> None:
+    shard = project / "artifacts" / "extract" / "shards" / "nshot_ipc2_shard0.safetensors"
+    assert wait_for(lambda: shard.is_file() or proc.poll() is not None, 300, every=0.05), "never reached extract"
+    assert proc.poll() is None, (project / "dsv.log").read_text()[-3000:]
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_interrupt_stops_everything_within_seconds(tmp_path: Path, sig: signal.Signals, code: int) -> None:
+    project = copy_project(tmp_path / "p", FAULT_PARAMS)
+    proc = _start(project)
+    try:
+        _wait_until_extracting(project, proc)
+        sent = time.monotonic()
+        os.killpg(proc.pid, sig)
+        rc = proc.wait(timeout=60)
+        seconds = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (project / "dsv.log").read_text()
+    assert rc == code, log[-3000:]
+    assert seconds < 20, seconds
+    assert log.strip().splitlines()[-1].startswith("dsv: interrupted" if code == 130 else "dsv: terminated")
+    assert wait_for(lambda: not _processes_of(project), 10), _processes_of(project)  # the server too
+    status = _statuses(project)
+    assert "RUNNING" not in status and status.get("KILLED", 0) >= 2, status  # the pipeline run and its stage
+    OutputLock(project, "test").acquire().release()  # the lock was released
+    assert (project / "artifacts" / "pretrain" / "teacher.safetensors").is_file()  # finished work kept
+
+
+def test_sigkill_leaves_nothing_running_and_the_next_run_closes_its_runs(tmp_path: Path) -> None:
+    project = copy_project(tmp_path / "p", FAULT_PARAMS)
+    proc = _start(project)
+    try:
+        _wait_until_extracting(project, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert wait_for(lambda: not _processes_of(project), 15), _processes_of(project)  # server died with its parent
+    assert _statuses(project).get("RUNNING", 0) >= 2  # a killed process cannot close its runs
+    again = dsv(project, "run", *OVERRIDES, env=cli_env(project, None), timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    status = _statuses(project)
+    assert "RUNNING" not in status and status.get("FAILED", 0) >= 2, status
+    with sqlite3.connect(project / "mlflow.db") as db:
+        reasons = [r[0] for r in db.execute("select value from tags where key = 'dsv.stale_reason'")]
+    assert reasons and all("ended without closing the run" in r for r in reasons), reasons

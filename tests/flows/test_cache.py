@@ -1,0 +1,46 @@
+"""The JSON stage cache: keys, malformed records as misses, hash-verified hits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flows.cache import cache_key, load_record, lookup, store
+from tasks.atomic import file_sha256
+from tasks.paths import Paths
+
+
+def _fn(a: int) -> int:
+    return a
+
+
+def test_key_depends_on_every_input() -> None:
+    base = cache_key("stage", _fn, "pretrain", params={"a": 1}, upstream={"x": "1"})
+    assert base == cache_key("stage", _fn, "pretrain", params={"a": 1}, upstream={"x": "1"})
+    assert base != cache_key("stage", _fn, "pretrain", params={"a": 2}, upstream={"x": "1"})
+    assert base != cache_key("stage", _fn, "pretrain", params={"a": 1}, upstream={"x": "2"})
+    assert base != cache_key("unit", _fn, "pretrain", params={"a": 1}, upstream={"x": "1"})
+    assert base != cache_key("stage", _fn, "coreset", params={"a": 1}, upstream={"x": "1"})
+
+
+def test_malformed_records_are_misses(tmp_path: Path) -> None:
+    for i, blob in enumerate([b"\x80\x04K\x01.", b"not json", b"[1, 2]", b'{"files": [1]}', b'{"files": {"a": 1}}',
+                              b"\xff\xfe"]):
+        p = tmp_path / f"{i}.json"
+        p.write_bytes(blob)
+        assert load_record(p) is None, blob
+
+
+def test_hit_only_when_artifacts_match(tmp_path: Path) -> None:
+    paths = Paths(tmp_path / "out")
+    art = paths.base / "artifacts/x.bin"
+    art.parent.mkdir(parents=True)
+    art.write_bytes(b"abc")
+    store(tmp_path, "prepare", "k1", {"files": {"artifacts/x.bin": file_sha256(art)}, "n": 1.5})
+    assert lookup(tmp_path, "prepare", "k1", paths) == {"files": {"artifacts/x.bin": file_sha256(art)}, "n": 1.5}
+    assert json.loads((tmp_path / ".dsv/cache/prepare/k1.json").read_text())["n"] == 1.5
+    art.write_bytes(b"abd")
+    assert lookup(tmp_path, "prepare", "k1", paths) is None
+    art.unlink()
+    assert lookup(tmp_path, "prepare", "k1", paths) is None
+    assert lookup(tmp_path, "prepare", "missing", paths) is None
