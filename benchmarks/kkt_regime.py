@@ -58,6 +58,8 @@ SETTINGS: dict[str, tuple[str, str, str, str, int, float]] = {
     "converged + nnls, 1000 steps": ("conv", "inorm", "last", "nnls", 1000, 0.0),
     "converged + nnls, spare 1": ("conv", "inorm", "last", "nnls", 200, 1.0),
     "today + nnls": ("today", "inorm", "last", "nnls", 200, 0.0),
+    "today + nnls, spare 1": ("today", "inorm", "last", "nnls", 200, 1.0),
+    "shipped + spare 1": ("today", "inorm", "last", "adam", 200, 1.0),
 }
 
 
@@ -145,10 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=ROOT).stdout.strip()
+        command = "python benchmarks/kkt_regime.py " + " ".join(
+            f"'{a}'" if " " in a else a for a in (argv if argv is not None else sys.argv[1:]))
+        commands = out.get("commands") or ([out["command"]] if "command" in out else [])
+        if command not in commands:
+            commands.append(command)
         out.update({
             "dataset": args.dataset, "n_train": int(y_train.numel()), "n_test": int(y_test.numel()),
-            "command": "python benchmarks/kkt_regime.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "commit": commit, "teachers": teacher_info, "omega": OMEGA,
+            "command": command, "commands": commands, "commit": commit, "teachers": teacher_info, "omega": OMEGA,
             "settings": {k: dict(zip(("regime", "model", "param_subset", "lam_solver", "steps", "spare"), v))
                          for k, v in SETTINGS.items()},
             "protocol": dataclasses.asdict(protocol), "loadavg": Path("/proc/loadavg").read_text().split()[:3],
@@ -212,7 +218,8 @@ def render(out: dict[str, Any]) -> str:
     rows = out["rows"]
     lines = [
         f"# KKT regime study: {out['dataset']} ({out['n_train']} training images, {out['n_test']} test)", "",
-        f"`{out['command']}` (commit {out['commit']}; load {' '.join(out['loadavg'])}). Students: `paper` protocol, "
+        "Commands (all merged into this file): " + "; ".join(f"`{c}`" for c in out.get("commands", [out["command"]]))
+        + f" (last at commit {out['commit']}; load {' '.join(out['loadavg'])}). Students: `paper` protocol, "
         f"{out['protocol']['n_runs']} seeds, mean ± std (%). `residual`: stationarity residual relative to λ = 0 "
         "(start → end). `certificate`: the teacher's KKT certificate on the setting's θ subset. `sim train/test`: "
         "mean cosine similarity of each DSV to its nearest training / test image (memorisation shows as "

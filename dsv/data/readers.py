@@ -377,6 +377,30 @@ def _list_images(split_dir: Path) -> list[tuple[Path, str]]:
     return items
 
 
+class ImageDecodeError(ValueError):
+    """An image file that cannot be decoded (truncated, corrupt, not an image); never retried as IO."""
+
+
+def _open_image(path: Path) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ImageDecodeError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def _decode(path: Path, mode: str) -> np.ndarray:
+    """The pixels of one image file in ``mode``; a truncated or corrupt file is an error naming it."""
+    try:
+        with _open_image(path) as im:
+            return np.asarray(im.convert(mode), dtype=np.uint8)
+    except ImageDecodeError:
+        raise
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: "Truncated File Read", "broken data stream", ...
+        raise ImageDecodeError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
 def read_imagefolder(root: Path) -> SplitTensors:
     """Read a ``root/train/<class>/*.png|jpg|jpeg`` + ``root/test/<class>/...`` tree.
 
@@ -390,7 +414,6 @@ def read_imagefolder(root: Path) -> SplitTensors:
         FileNotFoundError: when a split folder is missing or holds no images.
         ValueError: when images differ in size (naming the odd file) or test has an unknown class.
     """
-    from PIL import Image  # lazy: only image folders need PIL
 
     splits: dict[str, list[tuple[Path, str]]] = {}
     for split in ("train", "test"):
@@ -412,7 +435,7 @@ def read_imagefolder(root: Path) -> SplitTensors:
     first: Path | None = None
     gray = True
     for f, _ in splits["train"] + splits["test"]:
-        with Image.open(f) as im:
+        with _open_image(f) as im:
             if size is None:
                 size, first = im.size, f
             elif im.size != size:
@@ -428,8 +451,7 @@ def read_imagefolder(root: Path) -> SplitTensors:
     for split in ("train", "test"):
         arrays = []
         for f, _ in splits[split]:
-            with Image.open(f) as im:
-                arrays.append(np.asarray(im.convert(mode), dtype=np.uint8))
+            arrays.append(_decode(f, mode))
         x = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
         x = x.unsqueeze(1) if gray else x.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
         y = torch.tensor([index[c] for _, c in splits[split]], dtype=torch.long)

@@ -99,3 +99,32 @@ READ_CASES = [
 def test_damaged_file_read_directly_raises_naming_it(tmp_path: Path, case: str, read: Callable, match: str) -> None:
     with pytest.raises(ArtifactError, match=match):
         read(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated_jpeg", "garbage_png"])
+def test_undecodable_image_names_the_file_and_is_not_retried(tmp_path: Path, damage: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from dsv.data.readers import ImageDecodeError
+    from dsv.data.registry import DataConfig, load_dataset
+    from flows.pipeline import retry_on_io
+
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((8, 8, 3), 40 * i + 10, dtype=np.uint8)).save(tmp_path / split / c / f"{i}.jpg")
+    bad = tmp_path / "train" / "dog" / "1.jpg"
+    if damage == "truncated_jpeg":
+        bad.write_bytes(bad.read_bytes()[:-200])
+    else:
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(ImageDecodeError, match=str(bad)) as info:
+        load_dataset(DataConfig(name="imagefolder", root=str(tmp_path)))
+
+    class _State:
+        def result(self) -> None:
+            raise info.value
+
+    assert retry_on_io(None, None, _State()) is False  # a bad file is final, not transient IO

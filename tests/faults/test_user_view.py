@@ -32,7 +32,8 @@ def test_summary_and_report(completed_project: tuple[Path, dict], tmp_path: Path
     project, summary = completed_project
     cfg = load_config(project / "params.yaml")
     text = run_summary(summary, cfg, project, 1.0)
-    assert "teacher test accuracy: " in text and "DSVs kept nshot_ipc2: 20 (2 2 2 2 2 2 2 2 2 2 per class)" in text
+    assert "teacher test accuracy: " in text and "teacher KKT certificate" in text
+    assert "DSVs kept nshot_ipc2: 20 of 20 (2 2 2 2 2 2 2 2 2 2 per class" in text
     assert "| dsv_nshot | 2 |" in text and f"artifacts: {project / 'artifacts'}" in text
     assert f"#/experiments/{summary['mlflow_experiment_id']}/runs/{summary['mlflow_run_id']}" in text
 
