@@ -27,11 +27,16 @@ from tasks.paths import Paths, ProjectPaths
 from tasks.stages import StageOutput, code_hash, verify
 
 
-def cache_key(kind: str, fn: Callable[..., Any], stage: str, **inputs: Any) -> str:
-    """SHA-256 over the task kind, its wrapper's source, the stage's code closure and the JSON inputs."""
+def source_hash(fn: Callable[..., Any]) -> str:
+    """SHA-256 of a function's source (computed where the module is imported, so that a function shipped
+    to a Dask worker, whose source is not at hand there, keys the same as in the main process)."""
+    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
+
+
+def cache_key(kind: str, source: str, stage: str, **inputs: Any) -> str:
+    """SHA-256 over the task kind, its wrapper's source hash, the stage's code closure and the JSON inputs."""
     h = hashlib.sha256()
-    h.update(kind.encode() + b"\0" + stage.encode() + b"\0")
-    h.update(hashlib.sha256(inspect.getsource(fn).encode()).digest())
+    h.update(kind.encode() + b"\0" + stage.encode() + b"\0" + source.encode() + b"\0")
     h.update(code_hash(stage).encode())
     h.update(json.dumps(inputs, sort_keys=True, default=str, allow_nan=True).encode())
     return h.hexdigest()

@@ -33,7 +33,7 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
-from flows.cache import cache_key, lookup, store
+from flows.cache import cache_key, lookup, source_hash, store
 from tasks.artifacts import read_json
 from tasks.config import ConfigError, PipelineConfig, config_from_dict, data_checks, flatten, load_config
 from tasks.lock import OutputLock
@@ -96,14 +96,14 @@ _TASK_OPTIONS: dict[str, Any] = {
 }
 
 
-def _cached_or_run(kind: str, fn: Any, stage: str, context: dict[str, Any], inputs: dict[str, Any],
+def _cached_or_run(kind: str, stage: str, context: dict[str, Any], inputs: dict[str, Any],
                    run: Any) -> Any:
     """The verified cache record for these inputs as a ``Cached`` state, else ``run()``'s result, recorded.
 
     Results go through JSON both ways, so a fresh result and a cached one are the same plain data.
     """
     root, paths = Path(context["root"]), Paths(Path(context["base"]))
-    key = cache_key(kind, fn, stage, **inputs)
+    key = cache_key(kind, _TASK_SOURCES[kind], stage, **inputs)
     hit = lookup(root, stage, key, paths)
     if hit is not None:
         return Completed(data=hit, name="Cached", message=f"JSON cache record {key[:12]}")
@@ -120,7 +120,7 @@ def stage_task(stage: str, params: dict[str, Any], upstream: dict[str, str], con
         cfg, paths, log = _open(stage, params, context)
         return stage_function(stage)(cfg, paths, log).to_dict()
 
-    return _cached_or_run("stage", stage_task.fn, stage, context, {"params": params, "upstream": upstream}, run)
+    return _cached_or_run("stage", stage, context, {"params": params, "upstream": upstream}, run)
 
 
 @task(name="unit", task_run_name="{stage}-{label}", **_TASK_OPTIONS)
@@ -136,7 +136,7 @@ def unit_task(
         return importlib.import_module(STAGES[stage].module).run_unit(cfg, paths, unit, log)  # type: ignore[no-any-return]
 
     inputs = {"unit": unit, "params": params, "upstream": upstream}
-    return _cached_or_run("unit", unit_task.fn, stage, context, inputs, run)
+    return _cached_or_run("unit", stage, context, inputs, run)
 
 
 @task(name="merge", task_run_name="{stage}-merge", **_TASK_OPTIONS)
@@ -152,7 +152,12 @@ def merge_task(
         return importlib.import_module(STAGES[stage].module).merge(cfg, paths, log, unit_results).to_dict()  # type: ignore[no-any-return]
 
     inputs = {"params": params, "upstream": upstream, "unit_files": unit_files}
-    return _cached_or_run("merge", merge_task.fn, stage, context, inputs, run)
+    return _cached_or_run("merge", stage, context, inputs, run)
+
+
+# The wrappers' sources, part of every cache key (hashed here, where the module is imported from its file).
+_TASK_SOURCES = {"stage": source_hash(stage_task.fn), "unit": source_hash(unit_task.fn),
+                 "merge": source_hash(merge_task.fn)}
 
 
 def _unit_label(unit: dict[str, Any]) -> str:

@@ -184,6 +184,12 @@ class PretrainConfig:
     seed: int = 0
 
 
+# Per-init solver settings that differ from ``extract.solver`` (benchmarks/results/kkt-regime-*.md):
+# from real images (n-shot), the exact NNLS λ step with one spare candidate per DSV, kept by support
+# score; from noise and 0-shot the Adam λ (the NNLS variants lost there on both datasets).
+DEFAULT_BY_INIT: dict[str, dict[str, Any]] = {"nshot": {"lam_solver": "nnls", "spare": 1.0, "kkt": {"distance": "l2"}}}
+
+
 @dataclass(frozen=True)
 class ExtractStageConfig:
     """Stage ``extract``: DSV synthesis for each init kind and IPC.
@@ -195,7 +201,10 @@ class ExtractStageConfig:
         shards: stratified shards per (init, IPC); each is a complete DeepKKT problem over every class
             with about IPC/shards candidates per class, run as its own task.
         seed: seeds candidate initialisation and the augmentation draws.
-        solver: the DeepKKT optimisation (``dsv.extract.ExtractConfig``).
+        solver: the DeepKKT optimisation (``dsv.extract.ExtractConfig``), for every init kind.
+        by_init: per init kind ("nshot", "0shot", "noise"), keys of ``solver`` to override for that kind
+            (nested sections merge key by key). Default: n-shot uses the NNLS λ step, l2 distance and
+            one spare candidate per DSV (see ``DEFAULT_BY_INIT``); the others use ``solver`` as is.
     """
 
     inits: tuple[str, ...] = INITS
@@ -203,9 +212,23 @@ class ExtractStageConfig:
     shards: int = 1
     seed: int = 0
     solver: ExtractConfig = field(default_factory=ExtractConfig)
+    by_init: dict[str, dict[str, Any]] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_BY_INIT)))
+
+    def solver_for(self, init: str) -> ExtractConfig:
+        """``solver`` with the keys ``by_init[init]`` overrides (nested sections merge key by key)."""
+        errors: list[str] = []
+        cfg = build(ExtractConfig, self.by_init.get(init, {}), f"by_init.{init}", errors, base=self.solver)
+        if errors or cfg is None:
+            raise ValueError("; ".join(errors))
+        return cfg
 
     def __post_init__(self) -> None:
         _choices("inits", self.inits, INITS)
+        unknown = [k for k in self.by_init if k not in INITS]
+        if unknown:
+            raise ValueError(f"by_init has {unknown}; its keys are init kinds: {', '.join(INITS)}")
+        for init in self.by_init:
+            self.solver_for(init)
         _positive_ints("ipcs", self.ipcs)
         if self.shards < 1:
             raise ValueError(f"shards must be >= 1, got {self.shards}")

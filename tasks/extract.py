@@ -12,6 +12,7 @@ for plots); ``metrics/extract.json``.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from dsv.data.core import denormalize
-from dsv.extract import INITS, ExtractEvent, extract, init_candidates
+from dsv.extract import INITS, ExtractConfig, ExtractEvent, extract, init_candidates
 from tasks.artifacts import (
     PARAMS_HASH_KEY,
     load_model,
@@ -84,6 +85,11 @@ def _seed(base: int, *parts: int) -> int:
     return h
 
 
+def _dual(solver: ExtractConfig) -> str:
+    """How λ ≥ 0 was enforced: the dual rule of the Adam λ solver, or "nnls"."""
+    return solver.dual if solver.lam_solver == "adam" else "nnls"
+
+
 def _with_spare(n: int, spare: float) -> int:
     return math.ceil(n * (1.0 + spare))
 
@@ -106,7 +112,8 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     c = meta.num_classes
     # All candidates of this (init, IPC) are drawn at once, then sliced per shard.
     all_jobs = [ShardJob(job.init, job.ipc, s, job.shards) for s in range(job.shards)]
-    widths = [_with_spare(j.per_class, e.solver.spare) for j in all_jobs]
+    solver = e.solver_for(job.init)
+    widths = [_with_spare(j.per_class, solver.spare) for j in all_jobs]
     total = sum(widths)
     g = torch.Generator().manual_seed(_seed(e.seed, INITS.index(job.init), job.ipc))
     real_x = real_y = other_x = None
@@ -125,7 +132,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     hi = (1.0 - mean) / std
 
     prefix = job.tag
-    bar = Bar(cfg.runtime.progress, e.solver.steps, f"extract {prefix}", unit="step")
+    bar = Bar(cfg.runtime.progress, solver.steps, f"extract {prefix}", unit="step")
 
     def on_step(ev: ExtractEvent) -> None:
         log.metrics({f"{prefix}/{k}": v for k, v in ev.metrics.items() if k != "step"}, step=ev.step)
@@ -134,7 +141,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     try:
         with bar:
             res = extract(
-                teacher, x0.to(device), y0.to(device), e.solver,
+                teacher, x0.to(device), y0.to(device), solver,
                 seed=_seed(e.seed, INITS.index(job.init), job.ipc, job.shard),
                 callback=on_step, pixel_bounds=(lo, hi), keep_per_class=job.per_class,
             )
@@ -197,7 +204,7 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
         class_names=names, init=inits, ipc=ipcs, shard=shard_ids,
         support=torch.cat(supports) if supports else None, margin=torch.cat(margins) if margins else None,
         metadata={PARAMS_HASH_KEY: digest, "dsv.dataset": meta.name,
-                  "dsv.dual": cfg.extract.solver.dual if cfg.extract.solver.lam_solver == "adam" else "nnls",
+                  "dsv.dual": json.dumps({i: _dual(cfg.extract.solver_for(i)) for i in cfg.extract.inits}),
                   "dsv.classes": ",".join(meta.classes)},
     )
     write_json(paths.extract_trace, trace)

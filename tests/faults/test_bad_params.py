@@ -42,6 +42,9 @@ CASES = [
     ("run", "extract.solver.max_lam_ratio=-.inf", r"extract\.solver\.max_lam_ratio = -inf: must be a finite"),
     ("run", "pretrain.converge.scope=everything", r"pretrain\.converge\.scope = 'everything' is not one of"),
     ("run", "extract.solver.lam_solver=lbfgs", r"extract\.solver\.lam_solver = 'lbfgs' is not one of adam, nnls"),
+    ("run", "extract.by_init.nois.steps=5", r"extract\.by_init has \['nois'\]; its keys are init kinds"),
+    ("run", "extract.by_init.nshot.stpes=5", r"unknown key 'extract\.by_init\.nshot\.stpes' \(did you mean"),
+    ("run", "extract.by_init.noise.kkt.eta=-1", r"extract\.by_init\.noise.*eta must be >= 0"),
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flows.cache import cache_key, load_record, lookup, store
+from flows.cache import cache_key, load_record, lookup, source_hash, store
 from tasks.atomic import file_sha256
 from tasks.paths import Paths
 
@@ -15,12 +15,13 @@ def _fn(a: int) -> int:
 
 
 def test_key_depends_on_every_input() -> None:
-    base = cache_key("stage", _fn, "pretrain", params={"a": 1}, upstream={"x": "1"})
-    assert base == cache_key("stage", _fn, "pretrain", params={"a": 1}, upstream={"x": "1"})
-    assert base != cache_key("stage", _fn, "pretrain", params={"a": 2}, upstream={"x": "1"})
-    assert base != cache_key("stage", _fn, "pretrain", params={"a": 1}, upstream={"x": "2"})
-    assert base != cache_key("unit", _fn, "pretrain", params={"a": 1}, upstream={"x": "1"})
-    assert base != cache_key("stage", _fn, "coreset", params={"a": 1}, upstream={"x": "1"})
+    base = cache_key("stage", "src", "pretrain", params={"a": 1}, upstream={"x": "1"})
+    assert base == cache_key("stage", "src", "pretrain", params={"a": 1}, upstream={"x": "1"})
+    assert base != cache_key("stage", "src", "pretrain", params={"a": 2}, upstream={"x": "1"})
+    assert base != cache_key("stage", "src", "pretrain", params={"a": 1}, upstream={"x": "2"})
+    assert base != cache_key("unit", "src", "pretrain", params={"a": 1}, upstream={"x": "1"})
+    assert base != cache_key("stage", "src", "coreset", params={"a": 1}, upstream={"x": "1"})
+    assert base != cache_key("stage", source_hash(_fn), "pretrain", params={"a": 1}, upstream={"x": "1"})
 
 
 def test_malformed_records_are_misses(tmp_path: Path) -> None:

@@ -49,8 +49,8 @@ evaluate:
   protocol: {name: dd, epochs: 1, min_steps: 3, n_runs: 2, model: {name: convnet_tiny}}
 runtime: {threads: 1, log_models: false}
 """
-# Rows the tiny project produces: 3 inits x IPC 2 x 10 classes DSVs (clamp keeps all), and
-# 10 classes x (40 - 5) training images with a λ each.
+# Rows the tiny project can produce at most: 3 inits x IPC 2 x 10 classes DSVs (a candidate whose λ
+# ended at 0 is not a DSV, so there may be fewer), and 10 classes x (40 - 5) training images with a λ each.
 TINY_DSV_ROWS = 3 * 2 * 10
 TINY_TRAIN = 10 * 35
 PROJECT_FILES = ("dsv", "tasks", "flows", "dvc.yaml", ".dvcignore", "pyproject.toml")
