@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--output", default=None, help="pipeline output folder (default outputs/bench/<dataset>)")
     ap.add_argument("-S", "--set", dest="extra", action="append", default=[], help="more pipeline overrides")
+    ap.add_argument("--name", default=None, help="results file stem (default <dataset>-<protocol>)")
     ap.add_argument("--render-only", action="store_true",
                     help="re-render benchmarks/results/<dataset>-<protocol>.md from its .json; runs nothing")
     ap.add_argument("--reuse-from", default=None,
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                          "hash-checked cache then reuses them when their params are identical)")
     args = ap.parse_args(argv)
 
-    stem = RESULTS / f"{args.dataset}-{args.protocol}"
+    stem = RESULTS / (args.name or f"{args.dataset}-{args.protocol}")
     if args.render_only:
         payload = json.loads(stem.with_suffix(".json").read_text())
         stem.with_suffix(".md").write_text(render(payload, _with_students(args, payload)))
@@ -228,9 +229,17 @@ def _solver(base: Path) -> dict[str, Any]:
     resolved = yaml.safe_load((base / "artifacts" / "extract" / "params.resolved.yaml").read_text())
     solver = resolved["extract"]["solver"]
     kkt = solver["kkt"]
-    return {"steps": solver["steps"], "lr_x": solver["lr_x"], "lr_lam": solver["lr_lam"], "dual": solver["dual"],
-            "param_subset": kkt["param_subset"], "distance": kkt["distance"], "primal": kkt["primal"],
-            "beta_primal": kkt["beta_primal"], "eta": kkt["eta"]}
+    out = {"steps": solver["steps"], "lr_x": solver["lr_x"], "lr_lam": solver["lr_lam"], "dual": solver["dual"],
+           "lam_solver": solver.get("lam_solver", "adam"), "spare": solver.get("spare", 0.0),
+           "param_subset": kkt["param_subset"], "distance": kkt["distance"], "primal": kkt["primal"],
+           "beta_primal": kkt["beta_primal"], "eta": kkt["eta"]}
+    by_init = resolved["extract"].get("by_init")
+    if by_init:
+        out["by_init"] = json.dumps(by_init, sort_keys=True)
+    pre = yaml.safe_load((base / "artifacts" / "pretrain" / "params.resolved.yaml").read_text())["pretrain"]
+    if "converge" in pre:
+        out["teacher_converge"] = pre["converge"]["scope"]
+    return out
 
 
 def _solver_desc(p: dict[str, Any]) -> str:
@@ -249,10 +258,12 @@ def _verdict(by: dict[tuple[str, int], dict[str, Any]], ipcs: list[int]) -> str:
                       if n["acc_mean"] <= r["acc_mean"])
         out.append(f"- IPC {k}: dsv_nshot {100 * n['acc_mean']:.2f}% beats {', '.join(beaten) or 'nothing'}; "
                    f"loses to {', '.join(lost) or 'nothing'} (points above dsv_nshot).")
-        lt, rd = by.get(("lambda_topk", k)), by.get(("random", k))
-        if lt and rd and lt.get("n_runs") and rd.get("n_runs"):
-            out.append(f"  top-λ {100 * lt['acc_mean']:.2f}% vs random {100 * rd['acc_mean']:.2f}% "
-                       f"({100 * (lt['acc_mean'] - rd['acc_mean']):+.2f}).")
+        rd = by.get(("random", k))
+        for method, label in (("lambda_topk", "top-λ"), ("support_topk", "top-support")):
+            lt = by.get((method, k))
+            if lt and rd and lt.get("n_runs") and rd.get("n_runs"):
+                out.append(f"  {label} {100 * lt['acc_mean']:.2f}% vs random {100 * rd['acc_mean']:.2f}% "
+                           f"({100 * (lt['acc_mean'] - rd['acc_mean']):+.2f}).")
     return "\n".join(out) or "(no DSV rows)"
 
 

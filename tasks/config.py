@@ -184,10 +184,12 @@ class PretrainConfig:
     seed: int = 0
 
 
-# Per-init solver settings that differ from ``extract.solver`` (benchmarks/results/kkt-regime-*.md):
-# from real images (n-shot), the exact NNLS λ step with one spare candidate per DSV, kept by support
-# score; from noise and 0-shot the Adam λ (the NNLS variants lost there on both datasets).
-DEFAULT_BY_INIT: dict[str, dict[str, Any]] = {"nshot": {"lam_solver": "nnls", "spare": 1.0, "kkt": {"distance": "l2"}}}
+# Per-init solver settings that differ from ``extract.solver``: none by default. The KKT regime study
+# (benchmarks/results/kkt-regime-*.md) found no per-init setting that beats the shared solver on both
+# datasets at every IPC; its best n-shot setting at IPC 1 (a converged teacher, the NNLS λ step, l2, one
+# spare candidate per DSV) is one override away (README, "The KKT regime"):
+#   -S pretrain.converge.scope=last -S 'extract.by_init={nshot: {lam_solver: nnls, spare: 1.0, kkt: {distance: l2}}}'
+DEFAULT_BY_INIT: dict[str, dict[str, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -203,8 +205,8 @@ class ExtractStageConfig:
         seed: seeds candidate initialisation and the augmentation draws.
         solver: the DeepKKT optimisation (``dsv.extract.ExtractConfig``), for every init kind.
         by_init: per init kind ("nshot", "0shot", "noise"), keys of ``solver`` to override for that kind
-            (nested sections merge key by key). Default: n-shot uses the NNLS λ step, l2 distance and
-            one spare candidate per DSV (see ``DEFAULT_BY_INIT``); the others use ``solver`` as is.
+            (nested sections merge key by key), e.g. ``{nshot: {lam_solver: nnls, spare: 1.0}}``. Default:
+            none (see ``DEFAULT_BY_INIT``).
     """
 
     inits: tuple[str, ...] = INITS

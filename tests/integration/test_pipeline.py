@@ -107,8 +107,6 @@ def test_first_run_end_to_end(project: Path, first: dict) -> None:
     assert 0 < len(dsv) <= TINY_DSV_ROWS and len(dsv) == ex["n_dsv"]
     assert sorted(dsv["init"].unique()) == ["0shot", "noise", "nshot"]
     assert dsv.groupby(["init", "label"]).size().le(2).all() and (dsv["lam"] > 0).all()
-    # n-shot over-generates (one spare per DSV, kept by support score): every class gets its 2
-    assert dsv[dsv["init"] == "nshot"].groupby("label").size().eq(2).all()
     assert {"support", "margin"} <= set(dsv.columns) and (dsv["support"] >= 0).all()
     lam = pd.read_parquet(project / "artifacts/coreset/lambdas.parquet")
     assert len(lam) == TINY_TRAIN and lam.groupby("label")["rank"].min().eq(0).all()
