@@ -258,6 +258,8 @@ def render(out: dict[str, Any]) -> str:
                 sim = f"{full['sim_train']:.3f} / {full['sim_test']:.3f}" if full else ""
                 lines.append(f"| {ipc} | {init} | {setting} | {acc(full)} | {acc(ns)} | {delta} | {rf} | {rn} | "
                              f"{full['dsvs'] if full else ''} | {sim} |")
+    if out.get("skipped"):
+        lines += ["", "Skipped cells: " + out["skipped"]]
     return "\n".join(lines) + "\n"
 
 
