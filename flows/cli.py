@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,6 +100,21 @@ def _lock(cfg, root: Path, command: str, wait: float):  # noqa: ANN001, ANN202 -
     raise AssertionError("unreachable")
 
 
+def _describe_failure(exc: BaseException, root: Path) -> str:
+    """One line for a failed run; a full disk anywhere in the cause chain (MLflow's SQLite store reports
+    only "database or disk is full") is named first, with the store it hit."""
+    line = f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if (isinstance(seen, OSError) and seen.errno in (28, 122)) or "database or disk is full" in text:
+            from tasks.tracking import tracking_uri
+
+            return f"disk full (no space left for {tracking_uri(root)} or the output folder): {line}"
+        seen = seen.__cause__ or seen.__context__
+    return line
+
+
 def _start_server() -> None:
     """Our own temporary Prefect server (flows.server) unless PREFECT_API_URL points at one."""
     from flows import server
@@ -141,7 +157,7 @@ def _cmd_run(args: argparse.Namespace, root: Path) -> int:
     except ConfigError as exc:  # a data-dependent check after prepare (names the key)
         _fail(str(exc))
     except Exception as exc:  # the flow already logged the traceback; end with one line
-        _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+        _fail(_describe_failure(exc, root), EXIT_FAILED)
     finally:
         lock.release()
     print(run_summary(summary, cfg, root, time.perf_counter() - started, args.params))
@@ -239,13 +255,30 @@ def _cmd_serve(args: argparse.Namespace, root: Path) -> int:
               "with it). For a persistent one: prefect server start --host 127.0.0.1, then "
               "export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr, flush=True)
     _start_server()
+    # Prefect's runner replaces our SIGTERM handler with its own graceful stop; note the signal on the way
+    # so the exit code can tell SIGTERM (143) from Ctrl-C (130).
+    from prefect.runner.runner import Runner
+
     from flows.pipeline import pipeline
     from flows.runners import with_runner
 
+    if not getattr(Runner.handle_sigterm, "_dsv_wrapped", False):
+        original = Runner.handle_sigterm
+
+        def handle_sigterm(self: Runner, *a: object, **k: object) -> None:
+            _TERMINATED.set()
+            original(self, *a, **k)
+
+        handle_sigterm._dsv_wrapped = True  # type: ignore[attr-defined]
+        Runner.handle_sigterm = handle_sigterm  # type: ignore[method-assign]
     params = {"params_path": str(Path(args.params).resolve()), "overrides": list(args.overrides), "root": str(root)}
     kwargs = {"cron": args.cron} if args.cron else {"interval": args.interval}
     with_runner(pipeline, cfg.runtime).serve(name=args.name, parameters=params, limit=args.limit, **kwargs)
-    return 0
+    # serve() runs until interrupted and swallows the interrupt itself: returning means Ctrl-C or SIGTERM.
+    term = _TERMINATED.is_set()
+    print(f"dsv: {'terminated (SIGTERM)' if term else 'interrupted (Ctrl-C)'}; the schedule stopped",
+          file=sys.stderr, flush=True)
+    return 143 if term else 130
 
 
 def _cmd_ui(args: argparse.Namespace, root: Path) -> int:
@@ -307,7 +340,11 @@ class Terminated(BaseException):
     """Raised in the main thread by SIGTERM, so it unwinds like Ctrl-C (locks released, runs closed)."""
 
 
+_TERMINATED = threading.Event()
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    _TERMINATED.set()
     raise Terminated()
 
 

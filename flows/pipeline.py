@@ -209,7 +209,7 @@ def _check_data(cfg: PipelineConfig, paths: Paths) -> None:
     """The data-dependent checks (:func:`tasks.config.data_checks`) on the prepared data's class counts."""
     meta = read_json(paths.data_meta)
     errors = data_checks(cfg, meta["classes"], meta["train_per_class"],
-                         meta.get("test_per_class", [1] * len(meta["classes"])))
+                         meta.get("test_per_class", [1] * len(meta["classes"])), meta.get("input_shape"))
     if errors:
         raise ConfigError("; ".join(errors))
 

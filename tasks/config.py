@@ -404,13 +404,14 @@ def cross_check(cfg: PipelineConfig) -> list[str]:
 
 
 def data_checks(cfg: PipelineConfig, classes: Sequence[str], train_per_class: Sequence[int],
-                test_per_class: Sequence[int]) -> list[str]:
+                test_per_class: Sequence[int], input_shape: Sequence[int] | None = None) -> list[str]:
     """Checks that need the prepared data (run right after ``prepare``, before any expensive stage).
 
     Args:
         cfg: the whole config.
         classes: class names; train_per_class / test_per_class: images per class in the training split
             (after the validation hold-out) and in the test split.
+        input_shape: one input's shape (for the memory estimate of the λ fit).
 
     Returns:
         One message per problem, naming the key to change.
@@ -427,6 +428,7 @@ def data_checks(cfg: PipelineConfig, classes: Sequence[str], train_per_class: Se
     if empty_train:
         errors.append(f"prepare.data: class(es) {empty_train} have no training images after the validation "
                       "hold-out (prepare.val_per_class)")
+    errors.extend(_memory_checks(cfg, len(classes), sum(train_per_class), input_shape))
     fewest = min(train_per_class) if train_per_class else 0
     for key, ipcs in (("extract.ipcs", cfg.extract.ipcs if "nshot" in cfg.extract.inits else ()),
                       ("distill.ipcs", cfg.distill.ipcs)):
@@ -434,6 +436,32 @@ def data_checks(cfg: PipelineConfig, classes: Sequence[str], train_per_class: Se
         if too_big and fewest > 0:
             errors.append(f"{key} {too_big} exceed the {fewest} training images of the smallest class")
     return errors
+
+
+def _memory_checks(cfg: PipelineConfig, num_classes: int, n_train: int, input_shape: Sequence[int] | None = None
+                   ) -> list[str]:
+    """The λ fit's per-sample gradient matrix (batch × P floats) against ``coreset.lam.max_bytes``, known
+    before the teacher is trained (P from the architecture)."""
+    import math as _math
+
+    lam = cfg.coreset.lam
+    if lam.param_subset != "all" or input_shape is None or num_classes < 2:
+        return []
+    from dsv.models import build_model
+
+    try:
+        p_total = sum(p.numel() for p in build_model(cfg.pretrain.model, tuple(input_shape), num_classes).parameters())
+    except ValueError:
+        return []
+    n = min(n_train, cfg.coreset.per_class * num_classes) if cfg.coreset.per_class else n_train
+    m = min(lam.batch_size, n)
+    m_max = _math.ceil(n / max(1, round(n / m))) if m else 0
+    need = m_max * p_total * 4
+    if need > lam.max_bytes:
+        return [f"coreset.lam.batch_size = {lam.batch_size}: a batch of {m_max} per-sample gradients of the "
+                f"{p_total}-parameter teacher needs {need / 1e9:.1f} GB > coreset.lam.max_bytes = "
+                f"{lam.max_bytes / 1e9:.1f} GB; lower the batch size or set coreset.lam.param_subset: last"]
+    return []
 
 
 # ------------------------------------------------------------------------------------------ loading

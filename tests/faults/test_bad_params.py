@@ -121,3 +121,20 @@ def test_missing_params_file(project: Path, capsys: pytest.CaptureFixture[str]) 
     assert exit_info.value.code == 2
     assert "params file 'nope.yaml' not found" in capsys.readouterr().err
     assert list(project.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_data_dependent_error_after_prepare_names_the_key_and_fails_the_run(tmp_path: Path, prefect_api: str) -> None:
+    import sqlite3
+
+    from tests.faults.conftest import copy_project, dsv
+
+    project = copy_project(tmp_path / "p", FAULT_PARAMS)
+    out = dsv(project, "run", "-S", "coreset.lam.max_bytes=1000", api_url=prefect_api)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("dsv: error: coreset.lam.batch_size = ") and "max_bytes" in last, last
+    assert not (project / "artifacts" / "pretrain").exists()  # nothing past prepare ran
+    with sqlite3.connect(project / "mlflow.db") as db:
+        statuses = {name: status for name, status in db.execute("select name, status from runs")}
+    assert statuses.get("pipeline") == "FAILED", statuses

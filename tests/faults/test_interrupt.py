@@ -99,3 +99,23 @@ def test_sigkill_leaves_nothing_running_and_the_next_run_closes_its_runs(tmp_pat
     with sqlite3.connect(project / "mlflow.db") as db:
         reasons = [r[0] for r in db.execute("select value from tags where key = 'dsv.stale_reason'")]
     assert reasons and all("ended without closing the run" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_serve_stops_on_interrupt(tmp_path: Path, sig: signal.Signals, code: int) -> None:
+    project = copy_project(tmp_path / "p", FAULT_PARAMS)
+    log = open(project / "serve.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--interval", "3600"], cwd=project,
+                            env=cli_env(project, None), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_for(lambda: b"being served" in (project / "serve.log").read_bytes() or proc.poll() is not None,
+                        120, every=0.2)
+        time.sleep(3)
+        assert proc.poll() is None, (project / "serve.log").read_text()[-2000:]
+        os.killpg(proc.pid, sig)
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == code, (project / "serve.log").read_text()[-2000:]
+    assert wait_for(lambda: not _processes_of(project), 10), _processes_of(project)

@@ -48,3 +48,17 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: 
     assert message in lines[0]
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_a_full_disk_under_the_tracking_store_is_named(tmp_path: Path) -> None:
+    from flows.cli import _describe_failure
+
+    try:
+        try:
+            raise RuntimeError("(sqlite3.OperationalError) database or disk is full")
+        except RuntimeError as inner:
+            raise ValueError("MLflow: could not log metric") from inner
+    except ValueError as exc:
+        line = _describe_failure(exc, tmp_path)
+    assert line.startswith("disk full (no space left for sqlite:///") and "could not log metric" in line
+    assert _describe_failure(KeyError("x"), tmp_path) == "KeyError: 'x'"

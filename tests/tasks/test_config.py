@@ -130,3 +130,18 @@ def test_restricted_view_resets_other_sections() -> None:
     cfg = load_config(None, ["pretrain.seed=7", "extract.seed=3"])
     view = cfg.restricted(["extract"])
     assert view.extract.seed == 3 and view.pretrain.seed == 0 and view.runtime == cfg.runtime
+
+
+def test_data_checks_name_the_key() -> None:
+    from tasks.config import data_checks, load_config
+
+    cfg = load_config(None, ["extract.ipcs=[10]", "distill.ipcs=[10]"])
+    assert data_checks(cfg, ["a", "b"], [50, 50], [5, 5], [1, 8, 8]) == []
+    errs = data_checks(cfg, ["a", "b"], [50, 7], [5, 0], [1, 8, 8])
+    assert any("extract.ipcs [10] exceed the 7 training images" in e for e in errs)
+    assert any("distill.ipcs [10] exceed" in e for e in errs)
+    assert any("['b'] have no test images" in e for e in errs)
+    assert any("at least two" in e for e in data_checks(cfg, ["a"], [50], [5], [1, 8, 8]))
+    small = load_config(None, ["coreset.lam.max_bytes=1000"])
+    assert any(e.startswith("coreset.lam.batch_size = 1000") for e in data_checks(small, ["a", "b"], [500, 500],
+                                                                                  [5, 5], [1, 28, 28]))
