@@ -41,8 +41,8 @@ class LambdaConfig:
             relative residual 2e-5 -> 0.054 in 1000 steps).
         steps: iterations of the solver per batch (NNLS stops earlier once converged).
         lr: Adam learning rate, relative to the λ scale (λ = s·u, u initialised to 1); "adam" only.
-        distance: "l1" (paper default) or "l2" for the "adam" solver; "nnls" is the l2 problem. The
-            reported residual uses this distance.
+        distance: "l1" (paper default) or "l2" for the "adam" solver (also the distance of its reported
+            residual); "nnls" solves and reports the l2 problem.
         param_subset: "all" or "last" (use "last" for large models: P is then the classifier's size).
         chunk: samples per vectorised per-sample-gradient call (bounds peak memory).
         max_bytes: refuse batches whose gradient matrix exceeds this many bytes (a clear error, not OOM).
@@ -220,8 +220,9 @@ def solve_lambdas(
     Args:
         g: (m, P) per-sample gradients.
         theta: (P,) flattened θ*.
-        distance: "l1" (mean |r|) or "l2" (mean r²), r = θ + G^T λ: the problem for "adam", the
-            reported residual for both.
+        distance: "l1" (mean |r|) or "l2" (mean r²), r = θ + G^T λ: the problem (and the reported
+            residual) of "adam"; "nnls" solves and reports the l2 problem (its l1 residual can exceed 1
+            even when the l2 one fell).
         steps: iteration budget.
         lr: Adam learning rate relative to the best uniform λ ("adam" only).
         solver: "nnls" (:func:`solve_nnls`, the l2 problem) or "adam" (projected Adam on ``distance``).
@@ -237,7 +238,7 @@ def solve_lambdas(
         # jumping to a sparse vertex (P ≪ m makes the solution set large).
         with torch.no_grad():
             lam = solve_nnls(g, theta, steps, lam0=torch.full((g.shape[0],), max(c, 0.0), dtype=g.dtype, device=g.device))
-            return lam, relative_residual(g, theta, lam, distance)
+            return lam, relative_residual(g, theta, lam, "l2")
     scale = c if c > 0 else 1.0 / g.shape[0]
     u = torch.ones(g.shape[0], dtype=g.dtype, device=g.device, requires_grad=True)
     opt = torch.optim.Adam([u], lr=lr)
