@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 model = teacher_for(teacher_kind, seed)
                 conv = converge(model, x, y, args.omega, ConvergeConfig(scope="all", max_iter=3000, target=1e-10))
                 cert = kkt_certificate(model, x, y, args.omega, list(model.parameters()))
-                lam = fit_lambdas(model, x, y, LambdaConfig(batch_size=10**6, steps=3000), n_train=len(y))
+                lam = fit_lambdas(model, x, y, LambdaConfig(batch_size=10**6, steps=3000, solver="nnls"), n_train=len(y))
                 c_svm = 1.0 / (len(y) * args.omega)
                 kernel = "linear" if teacher_kind == "linear" else "rbf"
                 svc = SVC(kernel=kernel, C=c_svm, gamma="scale").fit(x.numpy(), y.numpy())

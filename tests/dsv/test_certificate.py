@@ -81,7 +81,7 @@ def test_support_score_puts_svc_support_vectors_first() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 2)).double()
     converge(model, x, y, omega, ConvergeConfig(scope="all", max_iter=2000, target=1e-10))
-    res = fit_lambdas(model, x, y, LambdaConfig(batch_size=10**6, steps=2000), n_train=2 * n)
+    res = fit_lambdas(model, x, y, LambdaConfig(batch_size=10**6, steps=2000, solver="nnls"), n_train=2 * n)
     svc = svm.SVC(kernel="linear", C=1.0 / (2 * n * omega)).fit(x.numpy(), y.numpy())
     sv = set(svc.support_.tolist())
     assert res.support is not None and res.margin is not None
