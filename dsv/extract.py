@@ -278,7 +278,8 @@ def extract(
         cfg: optimisation settings.
         seed: seeds the augmentation draws.
         callback: receives an :class:`ExtractEvent` every ``cfg.log_every`` steps.
-        pixel_bounds: per-channel (lo, hi) of the valid range in normalised space, shape (C,) each;
+        pixel_bounds: per-channel (per-feature for (K, D) inputs) (lo, hi) of the valid range in normalised
+            space, shape (C,) or (D,) each;
             used when ``cfg.clamp_pixels``.
         keep_per_class: trim survivors to at most this many per class (by ``cfg.keep_by``); None keeps all.
         keep_zero_lambda: also return candidates whose λ ended at 0 (generation and editing, where the
@@ -312,9 +313,9 @@ def extract(
         opt = _optimizer(groups, cfg.optimizer)
         alive = torch.ones(k, dtype=torch.bool, device=device)
         lo = hi = None
-        if cfg.clamp_pixels and pixel_bounds is not None and x.dim() == 4:
-            lo = pixel_bounds[0].to(device).view(1, -1, 1, 1)
-            hi = pixel_bounds[1].to(device).view(1, -1, 1, 1)
+        if cfg.clamp_pixels and pixel_bounds is not None:
+            lo = pixel_bounds[0].to(device).view(1, -1, *([1] * (x.dim() - 2)))
+            hi = pixel_bounds[1].to(device).view(1, -1, *([1] * (x.dim() - 2)))
         d0 = _distance_at_zero(params, cfg.kkt.distance)
         theta = torch.cat([p.detach().flatten() for p in params])
         trace: list[dict[str, float]] = []

@@ -2,6 +2,11 @@
 
 The default ConvNet is the dataset-distillation benchmark network (DC/DSA/DM papers):
 ``depth`` blocks of [3x3 conv (width) -> norm -> activation -> 2x2 pooling], then one linear layer.
+
+Any torchvision or timm classifier can be used too (``name = "torchvision:resnet18"``,
+``"timm:convnext_atto"``): it is built without pretrained weights (nothing is downloaded; weights come
+from the user's checkpoint) and wrapped in :class:`External`, which gives it the interface the rest of the
+library uses: ``forward``, ``embed`` (the final linear layer's input) and that layer's name.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import difflib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,13 +31,18 @@ class ModelConfig:
     """Architecture of the teacher or a student.
 
     Attributes:
-        name: one of :data:`MODEL_NAMES` ("convnet", "resnet18", "mlp", and tiny test variants).
+        name: one of :data:`MODEL_NAMES` ("convnet", "resnet18", "mlp", and tiny test variants), or
+            ``"torchvision:<name>"`` (any of ``torchvision.models.list_models()``) or ``"timm:<name>"`` (any
+            of ``timm.list_models()``); ``width``, ``depth``, ``norm``, ``activation`` and ``pool`` apply to
+            the project's models only.
         width: ConvNet channels per block / MLP hidden units.
         depth: ConvNet blocks / MLP hidden layers.
         norm: "instance" (per-sample, per-channel norm with affine, as in the DD benchmark), "batch",
             "group" (8 groups), or "none".
         activation: activation function name.
         pool: "avg" or "max" 2x2 pooling after each ConvNet block.
+        head: module name of the final linear layer (e.g. "fc", "classifier.6", "head.fc"); None finds it
+            by structure (the last ``nn.Linear`` registered).
     """
 
     name: str = "convnet"
@@ -40,9 +51,13 @@ class ModelConfig:
     norm: str = "instance"
     activation: str = "relu"
     pool: str = "avg"
+    head: str | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("model.name", self.name, MODEL_NAMES)
+        if ":" in self.name:
+            _check_external(self.name)
+        else:
+            _check_choice("model.name", self.name, MODEL_NAMES)
         _check_choice("model.norm", self.norm, NORMS)
         _check_choice("model.pool", self.pool, POOLS)
         _check_choice("model.activation", self.activation, ACTIVATIONS)
@@ -57,6 +72,33 @@ def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         hint = difflib.get_close_matches(value, allowed, n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ValueError(f"{key} = {value!r} is not one of {', '.join(allowed)}{extra}")
+
+
+EXTERNAL_SOURCES = ("torchvision", "timm")
+
+
+def _external_names(source: str) -> list[str]:
+    if source == "torchvision":
+        from torchvision.models import list_models
+
+        return list(list_models())
+    try:
+        import timm
+    except ImportError as exc:  # pragma: no cover - timm is a dependency
+        raise ValueError("model.name 'timm:...' needs the timm package (pip install timm)") from exc
+    return list(timm.list_models())
+
+
+def _check_external(name: str) -> None:
+    source, _, arch = name.partition(":")
+    if source not in EXTERNAL_SOURCES:
+        raise ValueError(f"model.name = {name!r}: the prefix must be one of {', '.join(EXTERNAL_SOURCES)} "
+                         f"(e.g. 'torchvision:resnet18'), got {source!r}")
+    known = _external_names(source)
+    if arch not in known:
+        hint = difflib.get_close_matches(arch, known, n=1)
+        extra = f" (did you mean '{source}:{hint[0]}'?)" if hint else ""
+        raise ValueError(f"model.name = {name!r}: {source} has no model {arch!r}{extra}")
 
 
 def _activation(name: str) -> nn.Module:
@@ -157,6 +199,84 @@ class ResNet18(nn.Module):
         return self.classifier(self.embed(x))
 
 
+def _first_conv_channels(net: nn.Module) -> int | None:
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    return None
+
+
+class External(nn.Module):
+    """A torchvision or timm classifier with the project's interface.
+
+    The network is ``self.net`` (so a checkpoint of the bare network loads into ``model.net``). A 1-channel
+    input is repeated to 3 channels when the network's first convolution expects 3 (torchvision's models
+    are built for RGB); ``embed`` returns the input of the final linear layer, found by structure or named
+    by ``head``.
+    """
+
+    def __init__(self, net: nn.Module, in_shape: tuple[int, ...], head: str | None) -> None:
+        super().__init__()
+        self.net = net
+        want = _first_conv_channels(net)
+        have = in_shape[0] if len(in_shape) == 3 else None
+        self.repeat_gray = have == 1 and want == 3
+        if have is not None and want is not None and have != want and not self.repeat_gray:
+            raise ValueError(f"the network's first convolution takes {want} channels but the images have {have}")
+        if head is None:
+            head = _last_linear_name(net)
+        module = dict(net.named_modules()).get(head)
+        if not isinstance(module, nn.Linear):
+            found = "no module" if module is None else type(module).__name__
+            raise ValueError(f"model.head = {head!r}: the network has {found} of that name, not an nn.Linear")
+        self.head_name = f"net.{head}"
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, 3, -1, -1) if self.repeat_gray else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(self._input(x))
+        if not isinstance(out, torch.Tensor):  # e.g. torchvision's GoogLeNet/Inception outputs in train mode
+            out = out[0]
+        return out
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features: the input of the final linear layer, (B, D)."""
+        captured: list[torch.Tensor] = []
+        head = self.get_submodule(self.head_name)
+        handle = head.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0]))
+        try:
+            self.forward(x)
+        finally:
+            handle.remove()
+        return captured[-1].flatten(1)
+
+
+def _last_linear_name(net: nn.Module) -> str:
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError("the network has no nn.Linear layer; DeepKKT needs a final linear classifier")
+    return names[-1]
+
+
+def _build_external(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    source, _, arch = cfg.name.partition(":")
+    if len(in_shape) != 3:
+        raise ValueError(f"model {cfg.name!r} needs (C, H, W) image inputs, got shape {in_shape}; use 'mlp'")
+    if source == "torchvision":
+        from torchvision.models import get_model
+
+        try:
+            net = get_model(arch, weights=None, num_classes=num_classes)
+        except TypeError:  # a few builders (e.g. the Inception family) need aux_logits/init_weights keywords
+            net = get_model(arch, weights=None, num_classes=num_classes, aux_logits=False, init_weights=True)
+    else:
+        import timm
+
+        net = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_shape[0])
+    return External(net, in_shape, cfg.head)
+
+
 def _tiny(cls: type[nn.Module], **over: Any) -> Callable[[tuple[int, ...], int, ModelConfig], nn.Module]:
     def build(in_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> nn.Module:
         from dataclasses import replace
@@ -189,9 +309,17 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -
         An ``nn.Module`` mapping (B, *in_shape) to (B, num_classes), with ``embed`` for features.
         Initialisation uses the global torch RNG: wrap the call in :func:`seeded` for determinism.
     """
+    if ":" in cfg.name:
+        return _build_external(cfg, tuple(in_shape), num_classes)
     if cfg.name in ("convnet", "convnet_tiny", "resnet18") and len(in_shape) != 3:
         raise ValueError(f"model {cfg.name!r} needs (C, H, W) image inputs, got shape {in_shape}; use 'mlp'")
-    return _BUILDERS[cfg.name](tuple(in_shape), num_classes, cfg)
+    model = _BUILDERS[cfg.name](tuple(in_shape), num_classes, cfg)
+    if cfg.head is not None:
+        module = dict(model.named_modules()).get(cfg.head)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"model.head = {cfg.head!r} is not an nn.Linear module of {cfg.name!r}")
+        model.head_name = cfg.head  # type: ignore[assignment]
+    return model
 
 
 # torch's layer initialisers draw from the global RNG; one lock makes seeded construction safe when
@@ -209,6 +337,85 @@ def build_seeded(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, 
         return build_model(cfg, in_shape, num_classes)
 
 
-def last_layer_names(model: nn.Module) -> tuple[str, ...]:
-    """Parameter names of the final linear layer ("classifier.weight", "classifier.bias")."""
-    return tuple(n for n, _ in model.named_parameters() if n.startswith("classifier."))
+# ------------------------------------------------------------------------------------ checkpoints
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state-dict checkpoint, never unpickling code.
+
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``
+    (PyTorch's restricted unpickler: tensors and plain containers only, a full pickled model is refused).
+    A state dict nested under one of the usual keys (``state_dict``, ``model_state_dict``, ``model``, ``net``,
+    ``module``) is unwrapped, and a ``module.`` prefix (DataParallel / DDP) is removed.
+
+    Raises:
+        CheckpointError: missing file, unreadable content, or no tensors.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} not found")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(p))
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - safetensors, zip and unpickler errors come in many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {p}: cannot be read as a state dict ({type(exc).__name__}: "
+                              f"{first[:300]}); save it with torch.save(model.state_dict(), path) or "
+                              "safetensors") from None
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"checkpoint {p}: holds {type(obj).__name__}, not a state dict of tensors")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"checkpoint {p}: no tensors in it")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a user's checkpoint (:func:`read_checkpoint`) into ``model`` (strict), in place.
+
+    For an :class:`External` model, a state dict of the bare network (what ``torch.save(net.state_dict())``
+    writes) is loaded into ``model.net``; the wrapper's own keys (``net.*``) work too.
+
+    Raises:
+        CheckpointError: naming the file and the first mismatching keys or shapes (e.g. a classifier with
+            another number of classes than the data).
+    """
+    state = read_checkpoint(path)
+    target = model
+    if isinstance(model, External) and not all(k.startswith("net.") for k in state):
+        target = model.net
+    own = target.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {'; '.join(shapes[:3])}")
+        if missing:
+            parts.append(f"{len(missing)} key(s) missing from the file, e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        raise CheckpointError(f"checkpoint {path} does not fit the model: " + "; ".join(parts))
+    with torch.no_grad():
+        target.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    return model

@@ -71,3 +71,40 @@ def lookup(root: Path, stage: str, key: str, paths: Paths) -> dict[str, Any] | N
 def store(root: Path, stage: str, key: str, result: dict[str, Any]) -> None:
     """Write a record atomically (temp file + fsync + rename)."""
     write_json(cache_dir(root) / stage / f"{key}.json", result)
+
+
+def _tree_fingerprint(root: Path) -> str:
+    """SHA-256 over (relative path, size, mtime) of every file under ``root`` (a data folder can hold
+    60,000 images: their metadata, not their bytes)."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _fingerprint(path: Path) -> str:
+    if path.is_dir():
+        return "tree:" + _tree_fingerprint(path)
+    if path.is_file():
+        from tasks.atomic import file_sha256
+
+        return "sha256:" + file_sha256(path)
+    return "missing"
+
+
+def external_inputs(cfg: Any, stage: str) -> dict[str, str]:
+    """Inputs of ``stage`` that live outside the artifacts, by content, for its cache key: the teacher
+    checkpoint (``pretrain.checkpoint``, SHA-256 of its bytes) and the user's own data (``prepare``:
+    an ImageFolder tree by file metadata, a tabular file by its bytes). A new file at the same path reruns
+    the stage and everything downstream."""
+    out: dict[str, str] = {}
+    if stage == "pretrain" and cfg.pretrain.checkpoint is not None:
+        out["external:pretrain.checkpoint"] = _fingerprint(Path(cfg.pretrain.checkpoint))
+    if stage == "prepare":
+        for key, name, root in (("prepare.data", cfg.prepare.data.name, cfg.prepare.data.root),
+                                ("prepare.init_pool", cfg.prepare.init_pool.dataset, cfg.prepare.init_pool.root)):
+            if name in ("imagefolder", "tabular"):
+                out[f"external:{key}.root"] = _fingerprint(Path(root))
+    return out

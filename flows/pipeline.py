@@ -33,7 +33,7 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
-from flows.cache import cache_key, lookup, source_hash, store
+from flows.cache import cache_key, external_inputs, lookup, source_hash, store
 from tasks.artifacts import read_json
 from tasks.config import ConfigError, PipelineConfig, config_from_dict, data_checks, flatten, load_config
 from tasks.lock import OutputLock
@@ -257,6 +257,7 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
         for stage in STAGE_NAMES:
             spec = STAGES[stage]
             upstream = {rel: sha for up in spec.upstream for rel, sha in outputs[up].files.items()}
+            upstream.update(external_inputs(cfg, stage))
             run_id = tracker.start_run(stage, parent, {"stage": stage, "runner": "prefect"}) if tracker else None
             context = {"root": str(root_path), "base": str(paths.base), "runtime": cfg.section_dict("runtime"),
                        "run_id": run_id}

@@ -147,6 +147,34 @@ class DSVTable:
 
 
 DSV_COLUMNS = ("image", "label", "lam", "entropy", "confidence", "class_name", "init", "ipc", "shard")
+_RESERVED = frozenset({*DSV_COLUMNS, "png", "support", "margin", "index", "rank", "support_rank"})
+
+
+def feature_column(name: str) -> str:
+    """The Parquet column of a tabular feature: its own name, or ``feature:<name>`` when that is taken."""
+    return f"feature:{name}" if name in _RESERVED else name
+
+
+def png_bytes(x: np.ndarray) -> list[bytes]:
+    """(M, C, H, W) images in [0, 1] (C = 1 or 3) as PNG files' bytes, one per image."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for img in np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8):
+        buf = io.BytesIO()
+        Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _feature_columns(arr: np.ndarray, names: tuple[str, ...] | list[str]) -> dict[str, pa.Array]:
+    if arr.ndim != 2 or not names:
+        return {}
+    if len(names) != arr.shape[1]:
+        raise ValueError(f"{len(names)} feature names for {arr.shape[1]} features")
+    return {feature_column(n): pa.array(arr[:, i].astype(np.float64)) for i, n in enumerate(names)}
 
 
 def write_dsv_parquet(
@@ -164,8 +192,16 @@ def write_dsv_parquet(
     ipc: list[int],
     shard: list[int],
     metadata: dict[str, str],
+    feature_names: tuple[str, ...] | list[str] = (),
 ) -> Path:
-    """Atomically write DSVs: ``x`` is (M, C, H, W) in pixel units; the rest are per-row columns."""
+    """Atomically write DSVs: ``x`` is (M, C, H, W) in pixel units (or (M, D) features in their original
+    units); the rest are per-row columns.
+
+    Besides ``image`` (a fixed-shape tensor column: ``pq.read_table(p).column("image").combine_chunks()
+    .to_numpy_ndarray()`` gives (M, C, H, W)), images are stored as PNG bytes in ``png`` (any tool reads
+    them: ``PIL.Image.open(io.BytesIO(png))``) and tabular rows get one float column per feature, named as in
+    the user's file (``feature_names``).
+    """
     arr = np.ascontiguousarray(x.detach().cpu().numpy().astype(np.float32))
     if arr.ndim < 2:
         raise ValueError(f"x must be (M, ...) images, got shape {arr.shape}")
@@ -189,6 +225,9 @@ def write_dsv_parquet(
             "init": pa.array(init, type=pa.string()),
             "ipc": pa.array(ipc, type=pa.int64()),
             "shard": pa.array(shard, type=pa.int64()),
+            **({"png": pa.array(png_bytes(arr), type=pa.binary())} if arr.ndim == 4 and arr.shape[1] in (1, 3)
+               else {}),
+            **_feature_columns(arr, feature_names),
         }
     )
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
@@ -275,8 +314,10 @@ class LambdaTable:
 def write_lambdas_parquet(
     path: str | Path, *, index: Tensor, label: Tensor, lam: Tensor, rank: Tensor, metadata: dict[str, str],
     support: Tensor | None = None, margin: Tensor | None = None, support_rank: Tensor | None = None,
+    features: Tensor | None = None, feature_names: tuple[str, ...] | list[str] = (),
 ) -> Path:
-    """Atomically write one row per real training image."""
+    """Atomically write one row per real training image (``index`` into the prepared training split); for
+    tabular data, ``features`` (N, D) in their original units become one column per feature."""
     cols = {
         "index": pa.array(index.cpu().numpy().astype(np.int64)),
         "label": pa.array(label.cpu().numpy().astype(np.int64)),
@@ -287,6 +328,8 @@ def write_lambdas_parquet(
         cols["support"] = pa.array(support.detach().cpu().numpy().astype(np.float64))
         cols["margin"] = pa.array(margin.detach().cpu().numpy().astype(np.float64))
         cols["support_rank"] = pa.array(support_rank.cpu().numpy().astype(np.int64))
+    if features is not None:
+        cols.update(_feature_columns(features.detach().cpu().numpy(), feature_names))
     table = pa.table(cols)
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
     return _write_table(path, table)
@@ -332,6 +375,7 @@ class DataMeta:
     std: tuple[float, ...]
     input_shape: tuple[int, ...]
     source: str
+    features: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -349,6 +393,7 @@ def read_data_meta(path: str | Path) -> DataMeta:
         return DataMeta(
             name=str(d["name"]), classes=tuple(d["classes"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
             input_shape=tuple(int(s) for s in d["input_shape"]), source=str(d["source"]),
+            features=tuple(str(f) for f in d.get("features", [])),
         )
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"{path} lacks field {exc}; rerun the prepare stage") from exc

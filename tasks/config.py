@@ -37,7 +37,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from dsv.baselines import ProxyConfig
 from dsv.certificate import ConvergeConfig
-from dsv.data.registry import DATASET_NAMES, DataConfig
+from dsv.data.registry import DATASET_NAMES, DataConfig, check_columns
 from dsv.dm import DMConfig
 from dsv.extract import INITS, ExtractConfig
 from dsv.lam import LambdaConfig
@@ -136,6 +136,29 @@ class InitPoolConfig:
 
 
 @dataclass(frozen=True)
+class NormalizeConfig:
+    """The model's input normalisation, x' = (x - mean) / std per channel (per feature for tabular data).
+
+    Attributes:
+        mean: one value per channel (pixel units, [0, 1]) or per feature; None = the training split's.
+        std: as ``mean``; every value > 0. Set both or neither, e.g. ImageNet's for a torchvision or timm
+            checkpoint trained with them: mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225].
+    """
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("normalize.mean and normalize.std must be set together (or both null)")
+        if self.mean is not None and self.std is not None:
+            if len(self.mean) != len(self.std) or not self.mean:
+                raise ValueError(f"normalize.mean has {len(self.mean)} values but normalize.std has {len(self.std)}")
+            if min(self.std) <= 0:
+                raise ValueError(f"normalize.std must be > 0, got {list(self.std)}")
+
+
+@dataclass(frozen=True)
 class PrepareConfig:
     """Stage ``prepare``: load, hold out a validation split, normalise, build the 0-shot pool.
 
@@ -144,12 +167,15 @@ class PrepareConfig:
         val_per_class: training images per class held out for model selection (never trained on).
         seed: seed of the validation split.
         init_pool: the 0-shot initialisation pool.
+        normalize: the input normalisation every model sees (default: the training split's statistics; set
+            it to what a checkpoint given in ``pretrain.checkpoint`` was trained with).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
     val_per_class: int = 100
     seed: int = 0
     init_pool: InitPoolConfig = field(default_factory=InitPoolConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
     def __post_init__(self) -> None:
         if self.val_per_class < 0:
@@ -166,7 +192,11 @@ class PretrainConfig:
     """Stage ``pretrain``: the teacher Φ(·; θ*).
 
     Attributes:
-        model: teacher architecture.
+        model: teacher architecture (the project's models, ``torchvision:<name>`` or ``timm:<name>``).
+        checkpoint: a trained teacher's state dict (``.safetensors``, or a ``torch.save``'d state dict read
+            with ``weights_only=True``; never a pickled model): the stage loads and verifies it (input shape,
+            classes, test accuracy, KKT certificates) instead of training. Its content hash is part of the
+            cache key; the file is never written. ``fit.weight_decay`` is then the ω the certificates assume.
         fit: teacher training (the paper: Adam lr 1e-3, weight decay 5e-3, flip + crop).
         converge: optional convergence phase after training (``dsv.certificate.ConvergeConfig``):
             full-batch L-BFGS on the final layer ("last") or every parameter ("all") until the teacher is
@@ -175,6 +205,7 @@ class PretrainConfig:
     """
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="convnet", width=64, depth=3))
+    checkpoint: str | None = None
     fit: FitConfig = field(
         default_factory=lambda: FitConfig(
             optimizer="adam", lr=1e-3, weight_decay=5e-3, epochs=6, batch_size=256, augment="flip_crop"
@@ -182,6 +213,10 @@ class PretrainConfig:
     )
     converge: ConvergeConfig = field(default_factory=ConvergeConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None and not self.checkpoint.strip():
+            raise ValueError("checkpoint must be a file path or null, got an empty string")
 
 
 # Per-init solver settings that differ from ``extract.solver``: none by default. The KKT regime study
@@ -371,6 +406,10 @@ def _positive_ints(key: str, values: Sequence[int]) -> None:
 def cross_check(cfg: PipelineConfig) -> list[str]:
     """Checks that span sections (run on the full file, not on a stage's restricted view)."""
     errors = []
+    ckpt = cfg.pretrain.checkpoint
+    if ckpt is not None and not Path(ckpt).is_file():
+        errors.append(f"pretrain.checkpoint = {ckpt!r}: file not found (relative paths start at the project root)")
+    errors.extend(check_columns(cfg.prepare.data))
     dsv_methods = [m for m in cfg.distill.methods if m.startswith("dsv_")]
     missing_init = [m for m in dsv_methods if m.removeprefix("dsv_") not in cfg.extract.inits]
     if missing_init:
@@ -429,12 +468,38 @@ def data_checks(cfg: PipelineConfig, classes: Sequence[str], train_per_class: Se
         errors.append(f"prepare.data: class(es) {empty_train} have no training images after the validation "
                       "hold-out (prepare.val_per_class)")
     errors.extend(_memory_checks(cfg, len(classes), sum(train_per_class), input_shape))
+    if input_shape is not None and len(classes) >= 2:
+        errors.extend(_shape_checks(cfg, tuple(input_shape), len(classes)))
     fewest = min(train_per_class) if train_per_class else 0
     for key, ipcs in (("extract.ipcs", cfg.extract.ipcs if "nshot" in cfg.extract.inits else ()),
                       ("distill.ipcs", cfg.distill.ipcs)):
         too_big = [k for k in ipcs if k > fewest]
         if too_big and fewest > 0:
             errors.append(f"{key} {too_big} exceed the {fewest} training images of the smallest class")
+    return errors
+
+
+def _shape_checks(cfg: PipelineConfig, input_shape: tuple[int, ...], num_classes: int) -> list[str]:
+    """Every model the run builds must take the data's inputs, and image-only steps need images."""
+    from dsv.models import build_model
+
+    errors = []
+    models = {"pretrain.model": cfg.pretrain.model, "evaluate.protocol.model": cfg.evaluate.protocol.model}
+    if "dm" in cfg.distill.methods:
+        models["distill.dm.model"] = cfg.distill.dm.model
+    if {"forgetting", "el2n"} & set(cfg.distill.methods):
+        models["distill.proxy.model"] = cfg.distill.proxy.model
+    for key, model in models.items():
+        if ":" in model.name and key != "pretrain.model":
+            continue  # torchvision/timm students are built per cell; their check is the same as the teacher's
+        try:
+            build_model(model, input_shape, num_classes)
+        except ValueError as exc:
+            errors.append(f"{key}: {exc}")
+    if len(input_shape) != 3 and "0shot" in cfg.extract.inits:
+        errors.append(f"extract.inits: '0shot' starts from images of another dataset, and {cfg.prepare.data.name!r} "
+                      f"inputs of shape {list(input_shape)} are not images; use extract.inits=[nshot,noise] and "
+                      "leave dsv_0shot out of distill.methods")
     return errors
 
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from dsv.data.core import per_class_indices
+from dsv.data.core import denormalize, per_class_indices
 from dsv.lam import LambdaEvent, class_lambda_sums, fit_lambdas, pearson
 from dsv.train import evaluate
 from tasks.artifacts import PARAMS_HASH_KEY, load_model, load_split, read_data_meta, write_lambdas_parquet
@@ -55,6 +55,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     write_lambdas_parquet(
         paths.lambdas_parquet, index=index, label=y, lam=res.lam, rank=res.rank, support=res.support,
         margin=res.margin, support_rank=res.support_rank,
+        features=denormalize(x, *meta.stats()) if meta.features else None, feature_names=meta.features,
         metadata={PARAMS_HASH_KEY: params_hash(cfg.section_dict("coreset")), "dsv.dataset": meta.name},
     )
     write_json(paths.coreset_trace, trace)

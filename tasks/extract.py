@@ -94,6 +94,16 @@ def _with_spare(n: int, spare: float) -> int:
     return math.ceil(n * (1.0 + spare))
 
 
+def _bounds(paths: Paths, meta: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The valid input range in normalised space, per channel or feature: pixels in [0, 1]; a tabular
+    feature between its smallest and largest training value (DSVs stay in the range of the real data)."""
+    mean, std = meta.stats()
+    if len(meta.input_shape) == 3:
+        return (0.0 - mean) / std, (1.0 - mean) / std
+    x, _ = load_split(paths.train, meta)
+    return x.min(dim=0).values, x.max(dim=0).values
+
+
 def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: StageLog) -> dict[str, Any]:
     """Solve one shard and write its tensors and trace.
 
@@ -105,8 +115,6 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     e = cfg.extract
     device = device_of(cfg)
     meta = read_data_meta(paths.data_meta)
-    if len(meta.input_shape) != 3:
-        raise ValueError(f"extract needs image data; {meta.name} has inputs of shape {meta.input_shape}")
     teacher = load_model(paths.teacher, paths.teacher_spec, device)
     mean, std = meta.stats()
     c = meta.num_classes
@@ -128,8 +136,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     start = sum(widths[: job.shard])
     keep = torch.cat([torch.arange(k * total + start, k * total + start + widths[job.shard]) for k in range(c)])
     x0, y0 = x0[keep], y0[keep]
-    lo = (0.0 - mean) / std
-    hi = (1.0 - mean) / std
+    lo, hi = _bounds(paths, meta)
 
     prefix = job.tag
     bar = Bar(cfg.runtime.progress, solver.steps, f"extract {prefix}", unit="step")
@@ -206,6 +213,7 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
         metadata={PARAMS_HASH_KEY: digest, "dsv.dataset": meta.name,
                   "dsv.dual": json.dumps({i: _dual(cfg.extract.solver_for(i)) for i in cfg.extract.inits}),
                   "dsv.classes": ",".join(meta.classes)},
+        feature_names=meta.features,
     )
     write_json(paths.extract_trace, trace)
     write_records_parquet(paths.extract_trace_parquet, trace, {PARAMS_HASH_KEY: digest})
@@ -236,7 +244,7 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
                 "support_mean": float(torch.cat(supports)[sel].mean()) if int(sel.sum()) else float("nan"),
                 "asked": int(ipc * meta.num_classes),
             }
-            if int(sel.sum()):
+            if int(sel.sum()) and len(meta.input_shape) == 3:
                 log.figure(image_grid(x[sel], y_all[sel], meta.classes, f"DSVs: {init}, IPC {ipc}"),
                            f"extract/dsv_grid_{key}.png")
             steps = sorted({r["step"] for r in rows})

@@ -34,6 +34,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     save_tensors(paths.train, {"x": train.train_x, "y": train.train_y})
     save_tensors(paths.val, {"x": val_x, "y": val_y})
     save_tensors(paths.test, {"x": ds.test_x, "y": ds.test_y})
+    mean, std = _normalization(p.normalize.mean, p.normalize.std, ds.mean, ds.std)
 
     pool_source = "none (not an image dataset)"
     pool_x = torch.zeros((0, *ds.input_shape))
@@ -52,8 +53,9 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     meta = {
         "name": ds.name,
         "classes": list(ds.classes),
-        "mean": [float(v) for v in ds.mean],
-        "std": [float(v) for v in ds.std],
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "features": list(ds.features),
         "input_shape": list(ds.input_shape),
         "source": ds.source,
         "init_pool_source": pool_source,
@@ -75,3 +77,14 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     log.metrics(metrics)
     files = [paths.train, paths.val, paths.test, paths.init_pool, paths.data_meta]
     return finish("prepare", cfg, paths, files, metrics, started)
+
+
+def _normalization(mean: tuple[float, ...] | None, std: tuple[float, ...] | None, data_mean: torch.Tensor,
+                   data_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prepare.normalize`` when set (one value per channel or feature), else the training split's."""
+    if mean is None or std is None:
+        return data_mean, data_std
+    if len(mean) != data_mean.numel():
+        unit = "channels" if data_mean.numel() in (1, 3) else "features"
+        raise ValueError(f"prepare.normalize has {len(mean)} values but the data has {data_mean.numel()} {unit}")
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)

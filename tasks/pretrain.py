@@ -1,4 +1,8 @@
-"""Stage ``pretrain``: train the teacher Φ(·; θ*) on the prepared training split.
+"""Stage ``pretrain``: train the teacher Φ(·; θ*) on the prepared training split, or bring one.
+
+With ``pretrain.checkpoint`` set, the teacher is the user's trained model: the stage builds
+``pretrain.model`` (the project's models, ``torchvision:<name>``, ``timm:<name>``), loads the file (never
+written) and verifies it (input shape, number of classes, test accuracy, certificates) instead of training.
 
 Outputs: ``artifacts/pretrain/teacher.safetensors`` (state dict), ``model.json`` (architecture,
 input shape, classes: everything needed to rebuild it), ``curve.json`` (loss per epoch, DVC plot);
@@ -16,7 +20,7 @@ import torch
 
 from dsv.certificate import converge, kkt_certificates
 from dsv.kkt import PARAM_SUBSETS, stationarity_params
-from dsv.models import build_seeded
+from dsv.models import build_seeded, load_checkpoint
 from dsv.train import TrainEvent, evaluate, fit
 from tasks.artifacts import load_split, read_data_meta, save_model
 from tasks.atomic import write_json
@@ -45,21 +49,17 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     x, y = load_split(paths.train, meta)
     x_val, y_val = load_split(paths.val, meta)
     x_test, y_test = load_split(paths.test, meta)
-    model = build_seeded(p.model, meta.input_shape, meta.num_classes, p.seed).to(device)
+    model = build_seeded(p.model, meta.input_shape, meta.num_classes, p.seed)
     curve: list[dict[str, float]] = []
+    fit_seconds = 0.0
+    if p.checkpoint is not None:
+        load_checkpoint(model, p.checkpoint)
+        model = model.to(device)
+        _check_teacher(model, x_test, meta.num_classes, p.checkpoint)
+    else:
+        model = model.to(device)
+        fit_seconds = _train(cfg, model, x, y, log, curve)
 
-    bar = Bar(cfg.runtime.progress, 0, "pretrain", unit="step")
-
-    def on_epoch(e: TrainEvent) -> None:
-        curve.append({"step": e.step, "loss": e.loss, "lr": e.lr})
-        log.metric("train_loss", e.loss, step=e.step)
-        bar.total(e.total_steps)
-        bar.to(e.step, loss=e.loss)
-
-    fit_started = time.perf_counter()
-    with bar:
-        fit(model, x, y, p.fit, seed=p.seed, callback=on_epoch)
-    fit_seconds = time.perf_counter() - fit_started
     certify = p.fit.weight_decay > 0
     extra: dict[str, float] = {}
     if p.converge.scope != "none":
@@ -82,7 +82,8 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         extra.update(certificates(model, x, y, p.fit.weight_decay))
     test = evaluate(model, x_test, y_test, meta.num_classes)
     val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None
-    spec = {"model": to_plain(p.model), "in_shape": list(meta.input_shape), "num_classes": meta.num_classes}
+    spec = {"model": to_plain(p.model), "in_shape": list(meta.input_shape), "num_classes": meta.num_classes,
+            "source": "checkpoint" if p.checkpoint else "trained"}
     save_model(paths.teacher, paths.teacher_spec, model.cpu(), spec)
     write_json(paths.pretrain_curve, curve)
     metrics = {
@@ -93,8 +94,49 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         **extra,
         **{f"test_acc_class_{c}": a for c, a in enumerate(test.per_class)},
     }
+    chance = 1.0 / meta.num_classes
+    if p.checkpoint is not None and test.accuracy < 1.5 * chance:
+        print(f"warning: the checkpoint's test accuracy is {test.accuracy:.3f} (chance {chance:.3f}): check "
+              "prepare.normalize (the normalisation it was trained with) and the class order "
+              f"({', '.join(meta.classes[:5])}{', ...' if meta.num_classes > 5 else ''})")
     log.metrics(metrics)
-    log.figure(curves({"loss": ([r["step"] for r in curve], [r["loss"] for r in curve])}, "step", "loss",
-                      "teacher training loss"), "pretrain/loss.png")
+    if curve:
+        log.figure(curves({"loss": ([r["step"] for r in curve], [r["loss"] for r in curve])}, "step", "loss",
+                          "teacher training loss"), "pretrain/loss.png")
     log.model(model.cpu(), "teacher", x_test[:2].numpy())
     return finish("pretrain", cfg, paths, [paths.teacher, paths.teacher_spec, paths.pretrain_curve], metrics, started)
+
+
+def _train(cfg: PipelineConfig, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, log: StageLog,
+           curve: list[dict[str, float]]) -> float:
+    """Train the teacher in place; returns the training wall time."""
+    p = cfg.pretrain
+    bar = Bar(cfg.runtime.progress, 0, "pretrain", unit="step")
+
+    def on_epoch(e: TrainEvent) -> None:
+        curve.append({"step": e.step, "loss": e.loss, "lr": e.lr})
+        log.metric("train_loss", e.loss, step=e.step)
+        bar.total(e.total_steps)
+        bar.to(e.step, loss=e.loss)
+
+    started = time.perf_counter()
+    with bar:
+        fit(model, x, y, p.fit, seed=p.seed, callback=on_epoch)
+    return time.perf_counter() - started
+
+
+def _check_teacher(model: torch.nn.Module, x: torch.Tensor, num_classes: int, source: str) -> None:
+    """A brought teacher must take the prepared inputs and output one logit per class."""
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:2].to(device))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise ValueError(f"pretrain.checkpoint {source}: the model does not accept the prepared inputs of shape "
+                         f"{tuple(x.shape[1:])} ({first}); check pretrain.model.name and prepare.data.image_size"
+                         ) from None
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise ValueError(f"pretrain.checkpoint {source}: the model outputs {tuple(out.shape[1:])} per input, "
+                         f"the data has {num_classes} classes")

@@ -26,6 +26,8 @@ class ImageDataset:
         mean: per-channel mean of train_x, shape (C,) (or (D,) for tabular).
         std: per-channel std of train_x, same shape as ``mean``.
         source: where the data was read from (path or "generated").
+        features: tabular data: the feature (column) names, in order; () for images.
+        meta: free-form string facts (load time, full split sizes).
     """
 
     name: str
@@ -37,6 +39,7 @@ class ImageDataset:
     mean: Tensor
     std: Tensor
     source: str = "generated"
+    features: tuple[str, ...] = ()
     meta: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -116,6 +116,7 @@ class SplitTensors:
     test_x: Tensor  # (M, C, H, W)
     test_y: Tensor  # (M,) int64
     classes: tuple[str, ...] | None = None
+    features: tuple[str, ...] = ()  # tabular data: the feature column names
 
 
 def _idx_images(path: Path) -> Tensor:
@@ -401,26 +402,83 @@ def _decode(path: Path, mode: str) -> np.ndarray:
         raise ImageDecodeError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
-def read_imagefolder(root: Path) -> SplitTensors:
+def _fit(im: Any, size: tuple[int, int]) -> Any:
+    """Resize (shorter side first, antialiased) and center-crop a PIL image to (H, W), with torchvision."""
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = size
+    scale = max(h / im.height, w / im.width)
+    im = TF.resize(im, [max(h, round(im.height * scale)), max(w, round(im.width * scale))], antialias=True)
+    return TF.center_crop(im, [h, w])
+
+
+def _decode_fitted(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    """:func:`_decode`, resized and center-cropped to ``size`` (H, W) when given."""
+    if size is None:
+        return _decode(path, mode)
+    try:
+        with _open_image(path) as im:
+            return np.asarray(_fit(im.convert(mode), size), dtype=np.uint8)
+    except ImageDecodeError:
+        raise
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def _cap(items: list[tuple[Path, str]], per_class: int | None, seed: int) -> list[tuple[Path, str]]:
+    """At most ``per_class`` files of every class, chosen seeded, in their listed order."""
+    if per_class is None:
+        return items
+    g = np.random.default_rng(seed)
+    by_class: dict[str, list[int]] = {}
+    for i, (_, c) in enumerate(items):
+        by_class.setdefault(c, []).append(i)
+    keep: list[int] = []
+    for idx in by_class.values():
+        keep += idx if len(idx) <= per_class else sorted(g.choice(idx, per_class, replace=False).tolist())
+    return [items[i] for i in sorted(keep)]
+
+
+def read_imagefolder(
+    root: Path,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+    max_per_class: int | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+) -> SplitTensors:
     """Read a ``root/train/<class>/*.png|jpg|jpeg`` + ``root/test/<class>/...`` tree.
 
     Classes are the sorted sub-folder names of ``train``; ``test`` may use any subset of them.
-    When every image is grayscale the result has 1 channel, otherwise images are converted to RGB.
+
+    Args:
+        root: the folder holding ``train/`` and ``test/``.
+        image_size: (H, W) every image is resized to (shorter side first, antialiased) and center-cropped
+            to, with torchvision's transforms; None requires all images to share one size.
+        channels: 1 (grayscale) or 3 (RGB); None = 1 when every image is grayscale, else 3.
+        max_per_class: read at most this many files per class and split (chosen with ``seed`` before
+            anything is decoded); None reads all.
+        seed: seed of the per-class choice.
+        workers: decoding threads (PIL releases the GIL while decoding); None = min(8, CPU count).
 
     Returns:
         :class:`SplitTensors` with (N, C, H, W) images in [0, 1].
 
     Raises:
         FileNotFoundError: when a split folder is missing or holds no images.
-        ValueError: when images differ in size (naming the odd file) or test has an unknown class.
+        ImageDecodeError: an undecodable or truncated file, naming it.
+        ValueError: images of different sizes without ``image_size`` (naming the odd file), or a test class
+            without a train folder.
     """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
 
     splits: dict[str, list[tuple[Path, str]]] = {}
     for split in ("train", "test"):
         d = root / split
         if not d.is_dir():
             raise FileNotFoundError(f"imagefolder: no {split!r} folder at {d}; expected {d}/<class>/*.png|jpg")
-        splits[split] = _list_images(d)
+        splits[split] = _cap(_list_images(d), max_per_class, seed)
         if not splits[split]:
             raise FileNotFoundError(
                 f"imagefolder: {d} has no images; expected {d}/<class>/*{'|*'.join(IMAGE_SUFFIXES)}"
@@ -429,6 +487,8 @@ def read_imagefolder(root: Path) -> SplitTensors:
     unknown = sorted({c for _, c in splits["test"]} - set(classes))
     if unknown:
         raise ValueError(f"imagefolder: test classes {unknown} have no train folder under {root / 'train'}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"imagefolder: channels must be 1, 3 or null, got {channels}")
 
     # Pass 1: headers only (PIL reads pixel data lazily) to choose the mode and check the size.
     size: tuple[int, int] | None = None
@@ -438,25 +498,136 @@ def read_imagefolder(root: Path) -> SplitTensors:
         with _open_image(f) as im:
             if size is None:
                 size, first = im.size, f
-            elif im.size != size:
+            elif im.size != size and image_size is None:
                 raise ValueError(
                     f"imagefolder: {f} is {im.size[0]}x{im.size[1]} (WxH) but {first} is "
-                    f"{size[0]}x{size[1]}; all images must share one size"
+                    f"{size[0]}x{size[1]}; set prepare.data.image_size to resize every image to one size"
                 )
             gray = gray and im.mode in _GRAY_MODES
+    if channels is not None:
+        gray = channels == 1
     mode = "L" if gray else "RGB"
 
     index = {c: i for i, c in enumerate(classes)}
+    n_workers = workers or min(8, os.cpu_count() or 1)
     out: list[Tensor] = []
-    for split in ("train", "test"):
-        arrays = []
-        for f, _ in splits[split]:
-            arrays.append(_decode(f, mode))
-        x = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
-        x = x.unsqueeze(1) if gray else x.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
-        y = torch.tensor([index[c] for _, c in splits[split]], dtype=torch.long)
-        out += [x, y]
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        for split in ("train", "test"):
+            arrays = list(pool.map(lambda f: _decode_fitted(f, mode, image_size), [f for f, _ in splits[split]]))
+            x = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
+            x = x.unsqueeze(1) if gray else x.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+            y = torch.tensor([index[c] for _, c in splits[split]], dtype=torch.long)
+            out += [x, y]
     return SplitTensors(out[0], out[1], out[2], out[3], classes)
+
+
+# ------------------------------------------------------------------------------------------ tabular
+
+TABULAR_SUFFIXES: tuple[str, ...] = (".csv", ".parquet", ".pq")
+
+
+def _read_table(path: Path) -> Any:
+    import pyarrow as pa
+
+    if not path.is_file():
+        raise FileNotFoundError(f"tabular: file {str(path)!r} not found (prepare.data.root names the CSV or "
+                                f"Parquet file)")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            import pyarrow.csv as pcsv
+
+            return pcsv.read_csv(path)
+        if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"tabular: {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    raise ValueError(f"tabular: {path} is not a {' or '.join(TABULAR_SUFFIXES)} file")
+
+
+def tabular_columns(path: Path) -> list[str]:
+    """The column names of a CSV (its header line) or Parquet file (its schema), reading no data."""
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise FileNotFoundError(f"file {str(path)!r} not found")
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    if suffix == ".csv":
+        import csv
+
+        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+            return [c.strip() for c in next(csv.reader(fh), [])]
+    raise ValueError(f"{path} is not a {' or '.join(TABULAR_SUFFIXES)} file")
+
+
+def read_tabular(path: Path, label: str, features: tuple[str, ...] | None = None, test_fraction: float = 0.2,
+                 seed: int = 0, max_per_class: int | None = None) -> SplitTensors:
+    """Read a CSV or Parquet table as (N, D) float32 features in their original units and integer labels.
+
+    Args:
+        path: the file.
+        label: the label column (any type; classes are its distinct values, sorted).
+        features: the feature columns; None = every other column. Each must be numeric (or boolean) and
+            complete (no missing values).
+        test_fraction: per-class share of rows held out as the test split (stratified, seeded).
+        seed: seed of that split and of the ``max_per_class`` choice.
+        max_per_class: keep at most this many rows per class (before the split).
+
+    Raises:
+        ValueError: a missing column, a non-numeric or incomplete feature column (naming it), fewer than two
+            rows in a class.
+    """
+    import pyarrow as pa
+
+    table = _read_table(path)
+    names = list(table.column_names)
+    if label not in names:
+        raise ValueError(f"tabular: label column {label!r} is not in {path}; its columns: {', '.join(names)}")
+    cols = list(features) if features else [c for c in names if c != label]
+    missing = [c for c in cols if c not in names]
+    if missing:
+        raise ValueError(f"tabular: feature column(s) {missing} are not in {path}; its columns: {', '.join(names)}")
+    if not cols:
+        raise ValueError(f"tabular: {path} has no feature column besides the label {label!r}")
+    arrays = []
+    for c in cols:
+        col = table.column(c)
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
+            raise ValueError(f"tabular: feature column {c!r} of {path} is {col.type}, not numeric; encode it or "
+                             "leave it out of prepare.data.features")
+        if col.null_count:
+            raise ValueError(f"tabular: feature column {c!r} of {path} has {col.null_count} missing value(s)")
+        values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"tabular: feature column {c!r} of {path} has NaN or infinite values")
+        arrays.append(values)
+    x = torch.from_numpy(np.stack(arrays, axis=1).astype(np.float32))
+    lab = table.column(label)
+    if lab.null_count:
+        raise ValueError(f"tabular: label column {label!r} of {path} has {lab.null_count} missing value(s)")
+    raw = lab.to_pylist()
+    distinct = sorted(set(raw), key=lambda v: (not isinstance(v, int | float), v if isinstance(v, int | float) else str(v)))
+    index = {v: i for i, v in enumerate(distinct)}
+    y = torch.tensor([index[v] for v in raw], dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in range(len(distinct)):
+        idx = (y == c).nonzero(as_tuple=True)[0]
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        if max_per_class is not None:
+            idx = idx[:max_per_class]
+        if idx.numel() < 2:
+            raise ValueError(f"tabular: class {distinct[c]!r} of {path} has {idx.numel()} row(s); every class "
+                             "needs at least one training and one test row")
+        k = min(max(1, round(idx.numel() * test_fraction)), idx.numel() - 1)
+        test.append(idx[:k])
+        train.append(idx[k:])
+    tr, te = torch.cat(train).sort().values, torch.cat(test).sort().values
+    return SplitTensors(x[tr], y[tr], x[te], y[te], tuple(str(v) for v in distinct), tuple(cols))
 
 
 # ------------------------------------------------------------------------------------------ resize

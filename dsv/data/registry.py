@@ -9,7 +9,10 @@ name               source
 ``mnist``          IDX files: ``<root>/mnist/``, ``<root>/``, ``<root>/MNIST/raw/``; download as above.
 ``cifar10``        torchvision's pickle batches ``<root>/[cifar10/]cifar-10-batches-py/``.
 ``cifar100``       torchvision's pickle batches ``<root>/[cifar100/]cifar-100-python/``.
-``imagefolder``    ``<root>/train/<class>/*.png|jpg|jpeg`` and ``<root>/test/<class>/...``.
+``imagefolder``    ``<root>/train/<class>/*.png|jpg|jpeg`` and ``<root>/test/<class>/...`` (any sizes with
+                   ``image_size``; grayscale or RGB; ``max_per_class`` caps large folders).
+``tabular``        ``root`` = a CSV or Parquet file, ``label`` = its label column, ``features`` = the
+                   numeric feature columns (default: all others); (N, D) features in their own units.
 ``digits``         scikit-learn's bundled 8x8 digits as (1, 8, 8) images; fixed stratified 80/20 split.
 ``moons``          scikit-learn ``make_moons``, 2 classes, (N, 2) standardised features.
 ``blobs``          scikit-learn ``make_blobs``, 3 classes, (N, 2) standardised features.
@@ -43,7 +46,9 @@ from dsv.data.readers import (
     read_cifar,
     read_idx_dataset,
     read_imagefolder,
+    read_tabular,
     resize_images,
+    tabular_columns,
 )
 
 FASHION_CLASSES: tuple[str, ...] = (
@@ -86,6 +91,15 @@ class DataConfig:
         test_per_class: keep this many test samples per class (seeded); None keeps all.
         seed: seed of the per-class subsets.
         download: let torchvision download MNIST/Fashion-MNIST/CIFAR when no local copy is found.
+        image_size: imagefolder: resize (shorter side, antialiased) and center-crop every image to this
+            size, an int (square) or [H, W]; None requires one common size.
+        channels: imagefolder: 1 (grayscale) or 3 (RGB); None = grayscale when every image is.
+        max_per_class: imagefolder and tabular: read at most this many images (rows) per class and split,
+            chosen with ``seed`` before decoding (for large folders); None reads all.
+        label: tabular: the label column.
+        features: tabular: the feature columns (numeric, complete); None = every column but the label.
+        test_fraction: tabular: per-class share of the rows held out as the test split (stratified,
+            seeded with ``seed``).
     """
 
     name: str = "fashion_mnist"
@@ -94,16 +108,44 @@ class DataConfig:
     test_per_class: int | None = None
     seed: int = 0
     download: bool = False
+    image_size: int | tuple[int, int] | None = None
+    channels: int | None = None
+    max_per_class: int | None = None
+    label: str | None = None
+    features: tuple[str, ...] | None = None
+    test_fraction: float = 0.2
+
+    @property
+    def image_hw(self) -> tuple[int, int] | None:
+        """``image_size`` as (H, W)."""
+        if self.image_size is None:
+            return None
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)  # type: ignore[return-value]
 
     def __post_init__(self) -> None:
         if self.name not in DATASET_NAMES:
             hint = difflib.get_close_matches(self.name, DATASET_NAMES, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ValueError(f"data.name = {self.name!r} is not one of {', '.join(DATASET_NAMES)}{extra}")
-        for key in ("n_per_class", "test_per_class"):
+        for key in ("n_per_class", "test_per_class", "max_per_class"):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ValueError(f"data.{key} must be >= 1 or null, got {v}")
+        hw = self.image_hw
+        if hw is not None and (len(hw) != 2 or min(hw) < 1):
+            raise ValueError(f"data.image_size must be a positive int or [H, W], got {self.image_size!r}")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"data.channels must be 1, 3 or null, got {self.channels}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.name == "tabular" and not self.label:
+            raise ValueError("data.label must name the label column of the tabular file (prepare.data.root)")
+        image_only = [k for k in ("image_size", "channels") if getattr(self, k) is not None]
+        if image_only and self.name != "imagefolder":
+            raise ValueError(f"data.{image_only[0]} applies to name 'imagefolder' only (name is {self.name!r})")
+        tab_only = [k for k in ("label", "features") if getattr(self, k) is not None]
+        if tab_only and self.name != "tabular":
+            raise ValueError(f"data.{tab_only[0]} applies to name 'tabular' only (name is {self.name!r})")
 
 
 # ----------------------------------------------------------------------------------- IDX datasets
@@ -187,7 +229,35 @@ def _load_cifar(cfg: DataConfig) -> tuple[SplitTensors, str]:
 
 def _load_imagefolder(cfg: DataConfig) -> tuple[SplitTensors, str]:
     root = Path(cfg.root)
-    return read_imagefolder(root), str(root)
+    return read_imagefolder(root, cfg.image_hw, cfg.channels, cfg.max_per_class, cfg.seed), str(root)
+
+
+def _load_tabular(cfg: DataConfig) -> tuple[SplitTensors, str]:
+    assert cfg.label is not None  # DataConfig checks it
+    path = Path(cfg.root)
+    return read_tabular(path, cfg.label, cfg.features, cfg.test_fraction, _DATA_SEED, cfg.max_per_class), str(path)
+
+
+def check_columns(cfg: DataConfig) -> list[str]:
+    """Problems with a tabular config's columns, from the file's header alone (empty for other datasets or
+    when the file is missing: loading reports that)."""
+    if cfg.name != "tabular":
+        return []
+    try:
+        names = tabular_columns(Path(cfg.root))
+    except (OSError, ValueError) as exc:
+        return [f"prepare.data.root = {cfg.root!r}: {exc}"]
+    out = []
+    shown = names if len(names) <= 12 else [*names[:6], "...", *names[-6:]]
+    listed = ", ".join(shown) + (f" ({len(names)} columns)" if len(names) > 12 else "")
+    if cfg.label not in names:
+        hint = difflib.get_close_matches(str(cfg.label), names, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        out.append(f"prepare.data.label = {cfg.label!r} is not a column of {cfg.root}{extra}; its columns: {listed}")
+    missing = [c for c in cfg.features or () if c not in names]
+    if missing:
+        out.append(f"prepare.data.features {missing} are not columns of {cfg.root}; its columns: {listed}")
+    return out
 
 
 # ---------------------------------------------------------------------- bundled / generated sets
@@ -252,6 +322,7 @@ _LOADERS: dict[str, Callable[[DataConfig], tuple[SplitTensors, str]]] = {
     "cifar10": _load_cifar,
     "cifar100": _load_cifar,
     "imagefolder": _load_imagefolder,
+    "tabular": _load_tabular,
     "digits": _load_digits,
     "moons": _load_moons,
     "blobs": _load_blobs,
@@ -289,6 +360,7 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         mean=mean,
         std=std,
         source=source,
+        features=s.features,
         meta={"full_train": str(s.train_y.numel()), "full_test": str(s.test_y.numel())},
     )
     if cfg.n_per_class is not None:
@@ -301,4 +373,4 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     return ds
 
 
-__all__ = ["DATASET_NAMES", "DataConfig", "load_dataset", "resize_images"]
+__all__ = ["DATASET_NAMES", "DataConfig", "check_columns", "load_dataset", "resize_images"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dsv.models import MODEL_NAMES, ModelConfig, build_model, build_seeded, last_layer_names
+from dsv.certificate import final_linear
+from dsv.models import MODEL_NAMES, External, ModelConfig, build_model, build_seeded
 
 IMAGE_MODELS = ["convnet", "convnet_tiny", "resnet18", "mlp", "mlp_tiny"]
 
@@ -23,7 +24,7 @@ def test_image_model_shapes(name: str, in_shape: tuple[int, int, int], device: s
     assert feats.dim() == 2 and feats.shape[0] == 2
     assert model.classifier.in_features == feats.shape[1] and model.classifier.out_features == 7
     torch.testing.assert_close(model.classifier(feats), logits)
-    assert last_layer_names(model) == ("classifier.weight", "classifier.bias")
+    assert final_linear(model)[0] == "classifier"
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch", "group", "none"])
@@ -96,3 +97,54 @@ def test_build_seeded_from_many_threads_matches_sequential() -> None:
     for s, m in zip(seeds, built):
         for name, p in m.state_dict().items():
             assert torch.equal(p, expected[s][name]), (s, name)
+
+
+@pytest.mark.parametrize(("name", "head"), [("torchvision:resnet18", "net.fc"), ("torchvision:mobilenet_v3_small",
+                                                                              "net.classifier.3"),
+                                           ("timm:resnet10t", "net.fc")])
+@pytest.mark.parametrize("in_shape", [(1, 28, 28), (3, 32, 32)])
+def test_external_models_have_the_project_interface(name: str, head: str, in_shape: tuple[int, int, int]) -> None:
+    """torchvision/timm classifiers: logits of the data's classes, gray images accepted, embed() = the input of
+    the final linear layer (found by structure), which certificates and the 'last' subset use."""
+    model = build_seeded(ModelConfig(name=name), in_shape, 5, seed=0).eval()
+    assert isinstance(model, External)
+    x = torch.randn(2, *in_shape)
+    logits = model(x)
+    assert logits.shape == (2, 5)
+    name_found, layer = final_linear(model)
+    assert name_found == head and layer.out_features == 5
+    torch.testing.assert_close(layer(model.embed(x)), logits)
+
+
+def test_external_state_dict_is_the_bare_networks() -> None:
+    """A checkpoint of the bare torchvision network loads into ``model.net`` unchanged."""
+    from torchvision.models import resnet18
+
+    bare = resnet18(num_classes=4)
+    model = build_seeded(ModelConfig(name="torchvision:resnet18"), (3, 32, 32), 4, seed=1)
+    model.net.load_state_dict(bare.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), bare.eval()(x))
+
+
+def test_head_named_by_param() -> None:
+    """``head`` names the final layer; a name that is not a Linear is refused, naming it."""
+    model = build_seeded(ModelConfig(name="torchvision:vgg11", head="classifier.6"), (3, 32, 32), 3, seed=0)
+    assert final_linear(model)[0] == "net.classifier.6"
+    with pytest.raises(ValueError, match="'classifier.2'"):
+        build_model(ModelConfig(name="torchvision:vgg11", head="classifier.2"), (3, 32, 32), 3)
+    own = build_model(ModelConfig(name="convnet_tiny", head="classifier"), (1, 8, 8), 3)
+    assert final_linear(own)[0] == "classifier"
+
+
+@pytest.mark.parametrize(("name", "match"), [("torchvision:resnet81", "did you mean 'torchvision:resnet18'"),
+                                             ("keras:resnet18", "prefix must be one of torchvision, timm"),
+                                             ("timm:no_such_net", "timm has no model 'no_such_net'")])
+def test_unknown_external_model_is_named(name: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(name=name)
+
+
+def test_external_model_refuses_tabular_input() -> None:
+    with pytest.raises(ValueError, match="needs \\(C, H, W\\) image inputs"):
+        build_model(ModelConfig(name="torchvision:resnet18"), (5,), 3)
