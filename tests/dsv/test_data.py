@@ -291,8 +291,122 @@ def test_imagefolder_odd_size_names_the_file(tmp_path: Path) -> None:
 
     write_png_tree(tmp_path, mode="L")
     Image.fromarray(np.zeros((7, 7), dtype=np.uint8)).save(tmp_path / "train" / "dog" / "odd.png")
-    with pytest.raises(ValueError, match=r"odd\.png is 7x7 .* all images must share one size"):
+    with pytest.raises(ValueError, match=r"odd\.png is 7x7 .* set prepare.data.image_size"):
         load_dataset(DataConfig(name="imagefolder", root=str(tmp_path)))
+
+
+def test_imagefolder_mixed_sizes_resized_and_cropped(tmp_path: Path) -> None:
+    """image_size: every image resized (shorter side) and center-cropped with torchvision; a constant image
+    stays constant, a wide one keeps its centre."""
+    from PIL import Image
+
+    write_png_tree(tmp_path, mode="L")
+    Image.fromarray(np.full((7, 7), 200, dtype=np.uint8)).save(tmp_path / "train" / "dog" / "big.png")
+    wide = np.zeros((10, 30), dtype=np.uint8)
+    wide[:, 10:20] = 255  # white centre third
+    Image.fromarray(wide).save(tmp_path / "train" / "cat" / "wide.png")
+    ds = load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), image_size=6))
+    assert ds.input_shape == (1, 6, 6) and ds.train_y.numel() == 8
+    names = sorted(p.name for p in (tmp_path / "train" / "cat").iterdir())
+    wide_img = ds.train_x[names.index("wide.png")]
+    assert wide_img[..., 1:5].min() > 0.99 and wide_img.mean() > 0.9  # the crop is the white centre
+    dog = sorted(p.name for p in (tmp_path / "train" / "dog").iterdir())
+    big = ds.train_x[4 + dog.index("big.png")]
+    assert torch.allclose(big, torch.full_like(big, 200 / 255), atol=1 / 255)
+    rect = load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), image_size=(4, 8)))
+    assert rect.input_shape == (1, 4, 8)
+
+
+def test_imagefolder_channels_and_cap(tmp_path: Path) -> None:
+    write_png_tree(tmp_path, mode="RGB")
+    gray = load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), channels=1))
+    assert gray.input_shape == (1, 4, 5)
+    capped = load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), max_per_class=2, seed=1))
+    assert capped.input_shape == (3, 4, 5)
+    assert torch.bincount(capped.train_y).tolist() == [2, 2] and torch.bincount(capped.test_y).tolist() == [2, 2]
+    again = load_dataset(DataConfig(name="imagefolder", root=str(tmp_path), max_per_class=2, seed=1))
+    assert torch.equal(capped.train_x, again.train_x)
+
+
+def test_imagefolder_parallel_decoding_equals_serial(tmp_path: Path) -> None:
+    from dsv.data.readers import read_imagefolder
+
+    write_png_tree(tmp_path, mode="RGB")
+    one = read_imagefolder(tmp_path, workers=1)
+    four = read_imagefolder(tmp_path, workers=4)
+    assert torch.equal(one.train_x, four.train_x) and torch.equal(one.test_y, four.test_y)
+
+
+def test_image_only_keys_refused_elsewhere() -> None:
+    with pytest.raises(ValueError, match="image_size applies to name 'imagefolder' only"):
+        DataConfig(name="digits", image_size=8)
+    with pytest.raises(ValueError, match="label must name the label column"):
+        DataConfig(name="tabular", root="x.csv")
+
+
+# ------------------------------------------------------------------------------------------ tabular
+
+
+def _table(tmp_path: Path, suffix: str = ".csv", **extra: list) -> Path:  # noqa: ANN003
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 40
+    frame = pd.DataFrame({"height": rng.normal(170, 10, n), "weight": rng.normal(70, 5, n),
+                          "smoker": rng.integers(0, 2, n).astype(bool),
+                          "species": ["oak" if i % 2 else "ash" for i in range(n)], **extra})
+    path = tmp_path / f"t{suffix}"
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_tabular_reads_csv_and_parquet(tmp_path: Path, suffix: str) -> None:
+    import pandas as pd
+
+    path = _table(tmp_path, suffix)
+    ds = load_dataset(DataConfig(name="tabular", root=str(path), label="species"))
+    assert ds.classes == ("ash", "oak") and ds.features == ("height", "weight", "smoker")
+    assert ds.input_shape == (3,) and ds.train_y.numel() + ds.test_y.numel() == 40
+    assert torch.bincount(ds.test_y).tolist() == [4, 4]  # 20 % of each class, stratified
+    frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    # original units: every training row is a row of the file
+    file_rows = frame[["height", "weight"]].to_numpy()
+    gaps = np.abs(ds.train_x[:, :2].double().numpy()[:, None, :] - file_rows[None]).max(axis=2).min(axis=1)
+    assert gaps.max() < 1e-3
+    only = load_dataset(DataConfig(name="tabular", root=str(path), label="species", features=("weight",)))
+    assert only.input_shape == (1,)
+
+
+def test_tabular_integer_labels_sort_numerically(tmp_path: Path) -> None:
+    import pandas as pd
+
+    pd.DataFrame({"a": np.arange(30.0), "y": [10, 2, 1] * 10}).to_csv(tmp_path / "n.csv", index=False)
+    ds = load_dataset(DataConfig(name="tabular", root=str(tmp_path / "n.csv"), label="y"))
+    assert ds.classes == ("1", "2", "10")
+
+
+def test_tabular_bad_columns_are_named(tmp_path: Path) -> None:
+    from dsv.data.registry import check_columns
+
+    path = _table(tmp_path, city=["x"] * 40)
+    with pytest.raises(ValueError, match="feature column 'city' .* not numeric"):
+        load_dataset(DataConfig(name="tabular", root=str(path), label="species"))
+    assert check_columns(DataConfig(name="tabular", root=str(path), label="kind")) == [
+        f"prepare.data.label = 'kind' is not a column of {path}; its columns: height, weight, smoker, species, city"
+    ]
+    assert "prepare.data.features ['age']" in check_columns(
+        DataConfig(name="tabular", root=str(path), label="species", features=("age",)))[0]
+    (tmp_path / "h").mkdir()
+    holes = _table(tmp_path / "h", ".parquet", bmi=[None] + [20.0] * 39)
+    with pytest.raises(ValueError, match="feature column 'bmi' .* 1 missing value"):
+        load_dataset(DataConfig(name="tabular", root=str(holes), label="species"))
+    (tmp_path / "t.txt").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a .csv or .parquet or .pq file"):
+        load_dataset(DataConfig(name="tabular", root=str(tmp_path / "t.txt"), label="b"))
 
 
 def test_imagefolder_missing_split(tmp_path: Path) -> None:
@@ -344,7 +458,7 @@ def test_unknown_name_suggests() -> None:
     with pytest.raises(ValueError, match="data.n_per_class must be >= 1"):
         DataConfig(name="digits", n_per_class=0)
     assert set(DATASET_NAMES) == {
-        "fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "digits", "moons", "blobs"
+        "fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "tabular", "digits", "moons", "blobs"
     }
 
 

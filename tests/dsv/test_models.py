@@ -148,3 +148,74 @@ def test_unknown_external_model_is_named(name: str, match: str) -> None:
 def test_external_model_refuses_tabular_input() -> None:
     with pytest.raises(ValueError, match="needs \\(C, H, W\\) image inputs"):
         build_model(ModelConfig(name="torchvision:resnet18"), (5,), 3)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def _tiny_state() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    model = build_seeded(ModelConfig(name="convnet_tiny"), (1, 8, 8), 3, seed=3)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("form", ["safetensors", "state_dict", "nested", "ddp_prefix"])
+def test_checkpoint_forms_load(tmp_path, form: str) -> None:  # noqa: ANN001
+    from safetensors.torch import save_file
+
+    from dsv.models import load_checkpoint
+
+    _, state = _tiny_state()
+    path = tmp_path / ("w.safetensors" if form == "safetensors" else "w.pt")
+    if form == "safetensors":
+        save_file(state, str(path))
+    elif form == "state_dict":
+        torch.save(state, path)
+    elif form == "nested":
+        torch.save({"epoch": 3, "state_dict": state, "optimizer": {"lr": 0.1}}, path)
+    else:
+        torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    fresh = build_seeded(ModelConfig(name="convnet_tiny"), (1, 8, 8), 3, seed=99)
+    load_checkpoint(fresh, path)
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, state[k])
+
+
+def test_checkpoint_with_code_is_refused_without_running_it(tmp_path) -> None:  # noqa: ANN001
+    """A pickle that would run code is refused by the weights-only reader; the payload never runs."""
+    import pickle
+
+    from dsv.models import CheckpointError, read_checkpoint
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"weight": Payload()}))
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        read_checkpoint(path)
+    assert not marker.exists()
+    full = tmp_path / "model.pt"
+    torch.save(build_model(ModelConfig(name="mlp_tiny"), (4,), 2), full)  # a whole pickled module
+    with pytest.raises(CheckpointError, match="cannot be read as a state dict"):
+        read_checkpoint(full)
+
+
+def test_checkpoint_of_another_model_names_the_mismatch(tmp_path) -> None:  # noqa: ANN001
+    from dsv.models import CheckpointError, load_checkpoint
+
+    _, state = _tiny_state()
+    torch.save(state, tmp_path / "w.pt")
+    five = build_model(ModelConfig(name="convnet_tiny"), (1, 8, 8), 5)  # 5 classes, the file has 3
+    with pytest.raises(CheckpointError, match=r"classifier.weight: file \(3, 32\) vs model \(5, 32\)"):
+        load_checkpoint(five, tmp_path / "w.pt")
+    mlp = build_model(ModelConfig(name="mlp_tiny"), (64,), 3)
+    with pytest.raises(CheckpointError, match="unexpected key"):
+        load_checkpoint(mlp, tmp_path / "w.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(mlp, tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(mlp, tmp_path / "absent.pt")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flows.cache import cache_key, load_record, lookup, source_hash, store
+from flows.cache import cache_key, external_inputs, load_record, lookup, source_hash, store
 from tasks.atomic import file_sha256
 from tasks.paths import Paths
 
@@ -45,3 +45,27 @@ def test_hit_only_when_artifacts_match(tmp_path: Path) -> None:
     art.unlink()
     assert lookup(tmp_path, "prepare", "k1", paths) is None
     assert lookup(tmp_path, "prepare", "missing", paths) is None
+
+
+def test_external_inputs_follow_the_users_files(tmp_path: Path) -> None:
+    """A new checkpoint at the same path, or a changed data folder, changes the stage's key inputs."""
+    import os
+
+    from tasks.config import load_config
+
+    ckpt = tmp_path / "teacher.pt"
+    ckpt.write_bytes(b"one")
+    folder = tmp_path / "folder"
+    (folder / "train" / "a").mkdir(parents=True)
+    (folder / "train" / "a" / "0.png").write_bytes(b"png")
+    cfg = load_config(None, [f"pretrain.checkpoint={ckpt}", "prepare.data.name=imagefolder",
+                             f"prepare.data.root={folder}"])
+    first = {s: external_inputs(cfg, s) for s in ("prepare", "pretrain", "extract")}
+    assert first["extract"] == {} and set(first["pretrain"]) == {"external:pretrain.checkpoint"}
+    ckpt.write_bytes(b"two")
+    assert external_inputs(cfg, "pretrain") != first["pretrain"]
+    assert external_inputs(cfg, "prepare") == first["prepare"]
+    (folder / "train" / "a" / "1.png").write_bytes(b"png")
+    assert external_inputs(cfg, "prepare") != first["prepare"]
+    assert external_inputs(load_config(None, []), "pretrain") == {}
+    assert os.path.exists(ckpt)

@@ -54,6 +54,38 @@ def test_dsv_parquet_reads_in_pandas_and_pyarrow(tmp_path: Path) -> None:
     assert pq.read_schema(p).metadata[PARAMS_HASH_KEY.encode()] == b"abc123"
 
 
+def test_dsv_images_readable_without_the_arrow_type(tmp_path: Path) -> None:
+    """The README's one-liners: PNG bytes in pandas, or the (M, C, H, W) array from pyarrow."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    p, x = _dsv(tmp_path)
+    df = pd.read_parquet(p)
+    img = np.asarray(Image.open(io.BytesIO(df["png"][0])))
+    assert img.shape == (4, 5) and np.abs(img / 255.0 - x[0, 0].numpy()).max() <= 0.5 / 255 + 1e-6
+    arr = pq.read_table(p).column("image").combine_chunks().to_numpy_ndarray()
+    assert arr.shape == (6, 1, 4, 5) and np.array_equal(arr, x.numpy())
+
+
+def test_tabular_rows_have_one_column_per_feature(tmp_path: Path) -> None:
+    x = torch.tensor([[1.5, 200.0], [2.5, 300.0]])
+    p = write_dsv_parquet(
+        tmp_path / "t.parquet", x=x, y=torch.tensor([0, 1]), lam=torch.ones(2), entropy=torch.ones(2),
+        confidence=torch.ones(2), class_names=["a", "b"], init=["nshot"] * 2, ipc=[1, 1], shard=[0, 0],
+        metadata={}, feature_names=("age", "label"),
+    )
+    df = pd.read_parquet(p)
+    assert df["age"].tolist() == [1.5, 2.5] and df["feature:label"].tolist() == [200.0, 300.0]
+    assert df["label"].tolist() == [0, 1] and "png" not in df.columns
+    assert torch.equal(read_dsv_parquet(p).x, x)
+    lp = write_lambdas_parquet(tmp_path / "l.parquet", index=torch.arange(2), label=torch.tensor([0, 1]),
+                               lam=torch.ones(2), rank=torch.zeros(2, dtype=torch.long), metadata={},
+                               features=x, feature_names=("age", "label"))
+    assert pd.read_parquet(lp)["age"].tolist() == [1.5, 2.5]
+
+
 def test_empty_dsv_table(tmp_path: Path) -> None:
     p = write_dsv_parquet(
         tmp_path / "e.parquet", x=torch.zeros((0, 1, 2, 2)), y=torch.zeros(0, dtype=torch.long), lam=torch.zeros(0),

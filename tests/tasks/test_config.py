@@ -145,3 +145,32 @@ def test_data_checks_name_the_key() -> None:
     small = load_config(None, ["coreset.lam.max_bytes=1000"])
     assert any(e.startswith("coreset.lam.batch_size = 1000") for e in data_checks(small, ["a", "b"], [500, 500],
                                                                                   [5, 5], [1, 28, 28]))
+
+
+def test_bring_your_own_keys_are_checked(tmp_path) -> None:  # noqa: ANN001
+    from tasks.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="pretrain.checkpoint = 'nope.pt': file not found"):
+        load_config(None, ["pretrain.checkpoint=nope.pt"])
+    with pytest.raises(ConfigError, match="normalize.mean and normalize.std must be set together"):
+        load_config(None, ["prepare.normalize.mean=[0.5]"])
+    with pytest.raises(ConfigError, match="prepare.normalize.std must be > 0"):
+        load_config(None, ["prepare.normalize={mean: [0.5], std: [0.0]}"])
+    with pytest.raises(ConfigError, match="did you mean 'torchvision:resnet18'"):
+        load_config(None, ["pretrain.model.name=torchvision:resnet81"])
+    ok = load_config(None, ["pretrain.model.name=timm:resnet10t", "prepare.data.image_size=[16, 24]",
+                            "prepare.data.name=imagefolder"])
+    assert ok.prepare.data.image_hw == (16, 24)
+
+
+def test_tabular_models_and_inits_are_checked_after_prepare() -> None:
+    from tasks.config import data_checks, load_config
+
+    cfg = load_config(None, [])
+    errors = data_checks(cfg, ["a", "b"], [50, 50], [10, 10], [30])
+    assert any(e.startswith("pretrain.model: model 'convnet' needs (C, H, W) image inputs") for e in errors)
+    assert any(e.startswith("extract.inits: '0shot' starts from images") for e in errors)
+    fine = load_config(None, ["pretrain.model.name=mlp", "evaluate.protocol.model.name=mlp",
+                              "distill.dm.model.name=mlp", "distill.proxy.model.name=mlp", "extract.inits=[nshot,noise]",
+                              "distill.methods=[dsv_nshot,dsv_noise,random,dm,el2n]"])
+    assert data_checks(fine, ["a", "b"], [50, 50], [10, 10], [30]) == []
