@@ -51,8 +51,18 @@ def _params_args(p: argparse.ArgumentParser) -> None:
                    help="override a param (DVC's -S form); repeatable")
 
 
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deep-support-vectors")
+    except PackageNotFoundError:
+        return "0+unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dsv", description="Deep Support Vectors pipeline (Prefect + DVC + MLflow).")
+    parser.add_argument("--version", action="version", version=f"dsv {_package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run the whole pipeline as a cached Prefect flow")
     _params_args(run)

@@ -37,7 +37,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from dsv.baselines import ProxyConfig
 from dsv.certificate import ConvergeConfig
-from dsv.data.registry import DATASET_NAMES, DataConfig, check_columns
+from dsv.data.registry import DATASET_NAMES, DataConfig
 from dsv.dm import DMConfig
 from dsv.extract import INITS, ExtractConfig
 from dsv.lam import LambdaConfig
@@ -477,6 +477,47 @@ def data_checks(cfg: PipelineConfig, classes: Sequence[str], train_per_class: Se
         if too_big and fewest > 0:
             errors.append(f"{key} {too_big} exceed the {fewest} training images of the smallest class")
     return errors
+
+
+def tabular_columns(path: Path) -> list[str]:
+    """The column names of a CSV (its header line) or Parquet file (its schema), reading no data."""
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise FileNotFoundError(f"file {str(path)!r} not found")
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_schema(path).names)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad footer
+            raise ValueError(f"{path} is not a readable Parquet file ({type(exc).__name__})") from None
+    if suffix == ".csv":
+        import csv
+
+        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+            return [c.strip() for c in next(csv.reader(fh), [])]
+    raise ValueError(f"{path} is not a .csv or .parquet or .pq file")
+
+
+def check_columns(data: DataConfig) -> list[str]:
+    """Problems with a tabular config's columns, from the file's header alone (empty for other datasets)."""
+    if data.name != "tabular":
+        return []
+    try:
+        names = tabular_columns(Path(data.root))
+    except (OSError, ValueError) as exc:
+        return [f"prepare.data.root = {data.root!r}: {exc}"]
+    out = []
+    shown = names if len(names) <= 12 else [*names[:6], "...", *names[-6:]]
+    listed = ", ".join(shown) + (f" ({len(names)} columns)" if len(names) > 12 else "")
+    if data.label not in names:
+        hint = difflib.get_close_matches(str(data.label), names, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        out.append(f"prepare.data.label = {data.label!r} is not a column of {data.root}{extra}; its columns: {listed}")
+    missing = [c for c in data.features or () if c not in names]
+    if missing:
+        out.append(f"prepare.data.features {missing} are not columns of {data.root}; its columns: {listed}")
+    return out
 
 
 def _shape_checks(cfg: PipelineConfig, input_shape: tuple[int, ...], num_classes: int) -> list[str]:

@@ -526,42 +526,20 @@ def read_imagefolder(
 TABULAR_SUFFIXES: tuple[str, ...] = (".csv", ".parquet", ".pq")
 
 
-def _read_table(path: Path) -> Any:
-    import pyarrow as pa
+def _read_frame(path: Path) -> Any:
+    """The file as a pandas DataFrame (pandas reads CSV itself and Parquet through pyarrow)."""
+    import pandas as pd
 
     if not path.is_file():
         raise FileNotFoundError(f"tabular: file {str(path)!r} not found (prepare.data.root names the CSV or "
                                 f"Parquet file)")
     suffix = path.suffix.lower()
+    if suffix not in TABULAR_SUFFIXES:
+        raise ValueError(f"tabular: {path} is not a {' or '.join(TABULAR_SUFFIXES)} file")
     try:
-        if suffix == ".csv":
-            import pyarrow.csv as pcsv
-
-            return pcsv.read_csv(path)
-        if suffix in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
+        return pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise ValueError(f"tabular: {path} cannot be read ({type(exc).__name__}: {exc})") from None
-    raise ValueError(f"tabular: {path} is not a {' or '.join(TABULAR_SUFFIXES)} file")
-
-
-def tabular_columns(path: Path) -> list[str]:
-    """The column names of a CSV (its header line) or Parquet file (its schema), reading no data."""
-    suffix = path.suffix.lower()
-    if not path.is_file():
-        raise FileNotFoundError(f"file {str(path)!r} not found")
-    if suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(path).names)
-    if suffix == ".csv":
-        import csv
-
-        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
-            return [c.strip() for c in next(csv.reader(fh), [])]
-    raise ValueError(f"{path} is not a {' or '.join(TABULAR_SUFFIXES)} file")
 
 
 def read_tabular(path: Path, label: str, features: tuple[str, ...] | None = None, test_fraction: float = 0.2,
@@ -581,10 +559,10 @@ def read_tabular(path: Path, label: str, features: tuple[str, ...] | None = None
         ValueError: a missing column, a non-numeric or incomplete feature column (naming it), fewer than two
             rows in a class.
     """
-    import pyarrow as pa
+    import pandas as pd
 
-    table = _read_table(path)
-    names = list(table.column_names)
+    frame = _read_frame(path)
+    names = [str(c) for c in frame.columns]
     if label not in names:
         raise ValueError(f"tabular: label column {label!r} is not in {path}; its columns: {', '.join(names)}")
     cols = list(features) if features else [c for c in names if c != label]
@@ -595,21 +573,21 @@ def read_tabular(path: Path, label: str, features: tuple[str, ...] | None = None
         raise ValueError(f"tabular: {path} has no feature column besides the label {label!r}")
     arrays = []
     for c in cols:
-        col = table.column(c)
-        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
-            raise ValueError(f"tabular: feature column {c!r} of {path} is {col.type}, not numeric; encode it or "
+        col = frame[c]
+        if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)):
+            raise ValueError(f"tabular: feature column {c!r} of {path} is {col.dtype}, not numeric; encode it or "
                              "leave it out of prepare.data.features")
-        if col.null_count:
-            raise ValueError(f"tabular: feature column {c!r} of {path} has {col.null_count} missing value(s)")
-        values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+        if int(col.isna().sum()):
+            raise ValueError(f"tabular: feature column {c!r} of {path} has {int(col.isna().sum())} missing value(s)")
+        values = col.to_numpy(dtype=np.float64)
         if not np.isfinite(values).all():
             raise ValueError(f"tabular: feature column {c!r} of {path} has NaN or infinite values")
         arrays.append(values)
     x = torch.from_numpy(np.stack(arrays, axis=1).astype(np.float32))
-    lab = table.column(label)
-    if lab.null_count:
-        raise ValueError(f"tabular: label column {label!r} of {path} has {lab.null_count} missing value(s)")
-    raw = lab.to_pylist()
+    lab = frame[label]
+    if int(lab.isna().sum()):
+        raise ValueError(f"tabular: label column {label!r} of {path} has {int(lab.isna().sum())} missing value(s)")
+    raw = [v.item() if hasattr(v, "item") else v for v in lab.tolist()]
     distinct = sorted(set(raw), key=lambda v: (not isinstance(v, int | float), v if isinstance(v, int | float) else str(v)))
     index = {v: i for i, v in enumerate(distinct)}
     y = torch.tensor([index[v] for v in raw], dtype=torch.long)

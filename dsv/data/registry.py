@@ -48,7 +48,6 @@ from dsv.data.readers import (
     read_imagefolder,
     read_tabular,
     resize_images,
-    tabular_columns,
 )
 
 FASHION_CLASSES: tuple[str, ...] = (
@@ -238,28 +237,6 @@ def _load_tabular(cfg: DataConfig) -> tuple[SplitTensors, str]:
     return read_tabular(path, cfg.label, cfg.features, cfg.test_fraction, _DATA_SEED, cfg.max_per_class), str(path)
 
 
-def check_columns(cfg: DataConfig) -> list[str]:
-    """Problems with a tabular config's columns, from the file's header alone (empty for other datasets or
-    when the file is missing: loading reports that)."""
-    if cfg.name != "tabular":
-        return []
-    try:
-        names = tabular_columns(Path(cfg.root))
-    except (OSError, ValueError) as exc:
-        return [f"prepare.data.root = {cfg.root!r}: {exc}"]
-    out = []
-    shown = names if len(names) <= 12 else [*names[:6], "...", *names[-6:]]
-    listed = ", ".join(shown) + (f" ({len(names)} columns)" if len(names) > 12 else "")
-    if cfg.label not in names:
-        hint = difflib.get_close_matches(str(cfg.label), names, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        out.append(f"prepare.data.label = {cfg.label!r} is not a column of {cfg.root}{extra}; its columns: {listed}")
-    missing = [c for c in cfg.features or () if c not in names]
-    if missing:
-        out.append(f"prepare.data.features {missing} are not columns of {cfg.root}; its columns: {listed}")
-    return out
-
-
 # ---------------------------------------------------------------------- bundled / generated sets
 
 _DATA_SEED = 0  # fixed: the test split of generated/bundled sets never depends on DataConfig.seed
@@ -373,4 +350,4 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     return ds
 
 
-__all__ = ["DATASET_NAMES", "DataConfig", "check_columns", "load_dataset", "resize_images"]
+__all__ = ["DATASET_NAMES", "DataConfig", "load_dataset", "resize_images"]
