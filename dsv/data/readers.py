@@ -593,13 +593,13 @@ def read_tabular(path: Path, label: str, features: tuple[str, ...] | None = None
     y = torch.tensor([index[v] for v in raw], dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     train, test = [], []
-    for c in range(len(distinct)):
-        idx = (y == c).nonzero(as_tuple=True)[0]
+    for cls in range(len(distinct)):
+        idx = (y == cls).nonzero(as_tuple=True)[0]
         idx = idx[torch.randperm(idx.numel(), generator=g)]
         if max_per_class is not None:
             idx = idx[:max_per_class]
         if idx.numel() < 2:
-            raise ValueError(f"tabular: class {distinct[c]!r} of {path} has {idx.numel()} row(s); every class "
+            raise ValueError(f"tabular: class {distinct[cls]!r} of {path} has {idx.numel()} row(s); every class "
                              "needs at least one training and one test row")
         k = min(max(1, round(idx.numel() * test_fraction)), idx.numel() - 1)
         test.append(idx[:k])
