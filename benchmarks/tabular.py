@@ -59,6 +59,8 @@ def run(name: str, extra: list[str]) -> dict[str, Any]:
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
         raise SystemExit(f"{name}: dsv run failed ({done.returncode})")
+    cached = [line.split("stage ", 1)[1].split(":")[0] for line in (done.stdout + done.stderr).splitlines()
+              if "stage " in line and ": cached" in line]
     ev = json.loads((ROOT / out_dir / "metrics" / "evaluate.json").read_text())
     pre = json.loads((ROOT / out_dir / "metrics" / "pretrain.json").read_text())
     meta = json.loads((ROOT / out_dir / "artifacts" / "prepare" / "meta.json").read_text())
@@ -66,6 +68,7 @@ def run(name: str, extra: list[str]) -> dict[str, Any]:
         "dataset": name, "rows_train": sum(meta["train_per_class"]), "features": len(meta["features"]),
         "classes": meta["classes"], "teacher_test_acc": pre["test_acc"],
         "kkt_certificate_last": pre.get("kkt_certificate_last"), "wall_seconds": round(seconds, 1),
+        "cached_stages": cached,
         "loadavg_start": load, "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
         "command": " ".join(cmd[1:]), "rows": ev["rows"],
     }
@@ -81,7 +84,8 @@ def render(results: list[dict[str, Any]], commit: str) -> str:
                   f"{len(r['classes'])} classes)", "",
                   f"Teacher test accuracy {100 * r['teacher_test_acc']:.2f}%; KKT certificate (last layer) "
                   f"{r['kkt_certificate_last']:.3g}. Wall time {r['wall_seconds']} s (load average "
-                  f"{' '.join(r['loadavg_start'])} at the start).", ""]
+                  f"{' '.join(r['loadavg_start'])} at the start; stages restored from cache: "
+                  f"{', '.join(r.get('cached_stages', [])) or 'none'}).", ""]
         ipcs = sorted({row["ipc"] for row in r["rows"] if row["method"] != "full"})
         methods = list(dict.fromkeys(row["method"] for row in r["rows"]))
         lines.append("| method | " + " | ".join(f"IPC {k}" for k in ipcs) + " |")
