@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 DSV_ROWS = ("dsv_nshot", "dsv_0shot", "dsv_noise")
+ALL_METHODS = ("dsv_nshot", "dsv_0shot", "dsv_noise", "lambda_topk", "support_topk", "random", "herding", "kcenter",
+               "forgetting", "el2n", "entropy", "dm", "full")
 
 
 def _sh(*cmd: str) -> str:
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         f"evaluate.protocol.min_steps={args.min_steps}",
         f"evaluate.protocol.model.width={args.student_width}",
         f"runtime.output_dir={out_dir}",
+        f"distill.methods=[{','.join(ALL_METHODS)}]",  # every method (the main job runs the headline ones)
         *args.extra,
     ]
     if args.reuse_from and (ROOT / args.reuse_from).resolve() != (ROOT / out_dir).resolve():
@@ -93,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         return proc.returncode
 
     base = ROOT / out_dir
-    evaluate = json.loads((base / "metrics" / "evaluate.json").read_text())
+    evaluate = json.loads((base / "artifacts" / "evaluate" / "results.json").read_text())
     extract = json.loads((base / "metrics" / "extract.json").read_text())
     pretrain = json.loads((base / "metrics" / "pretrain.json").read_text())
+    cell_seconds = json.loads((base / "timings" / "distill.json").read_text()).get("cell_seconds", {})
+    for r in evaluate["rows"]:  # each cell's wall time (timings/ is outside the DVC-tracked metrics)
+        r["wall_s"] = cell_seconds.get(f"{r['method']}_ipc{0 if r['method'] == 'full' else r['ipc']}",
+                                       cell_seconds.get(f"{r['method']}_ipc{r['ipc']}"))
     rows = [r for r in evaluate["rows"] if r["method"] == "full" or r["ipc"] in args.ipcs]
     previous: list[dict[str, Any]] = []
     history: list[dict[str, Any]] = []

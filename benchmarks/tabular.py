@@ -61,7 +61,7 @@ def run(name: str, extra: list[str]) -> dict[str, Any]:
         raise SystemExit(f"{name}: dsv run failed ({done.returncode})")
     cached = [line.split("stage ", 1)[1].split(":")[0] for line in (done.stdout + done.stderr).splitlines()
               if "stage " in line and ": cached" in line]
-    ev = json.loads((ROOT / out_dir / "metrics" / "evaluate.json").read_text())
+    ev = json.loads((ROOT / out_dir / "artifacts" / "evaluate" / "results.json").read_text())
     pre = json.loads((ROOT / out_dir / "metrics" / "pretrain.json").read_text())
     meta = json.loads((ROOT / out_dir / "artifacts" / "prepare" / "meta.json").read_text())
     return {

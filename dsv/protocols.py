@@ -338,3 +338,51 @@ def timed_students(
     )
     wall = time.perf_counter() - t0 + extra_wall_s
     return ResultRow.from_results(method, ipc, shots, protocol_cfg, results, wall_s=wall)
+
+
+@dataclass(frozen=True)
+class LabelRobustScore:
+    """DD-Ranking's label-robust score of a set (arXiv 2505.13300), mean and population std over seeds.
+
+    Per seed s, with accuracies as fractions:
+    HLR_s = acc_real − acc_set_s (hard-label recovery: lower is better),
+    IOR_s = acc_set_s − acc_random_s (improvement over a random real subset of the same size under the same
+    recipe: higher is better),
+    LRS_s = (exp(α_s) − e⁻¹) / (e − e⁻¹) with α_s = w·IOR_s − (1 − w)·HLR_s, which maps α ∈ [−1, 1] to [0, 1].
+    """
+
+    hlr_mean: float
+    hlr_std: float
+    ior_mean: float
+    ior_std: float
+    lrs_mean: float
+    lrs_std: float
+
+
+def label_robust_score(accs: Sequence[float], random_accs: Sequence[float], real_acc: float, weight: float = 0.5
+                       ) -> LabelRobustScore:
+    """:class:`LabelRobustScore` of a set from its students' accuracies.
+
+    Args:
+        accs: test accuracy of each seed's student trained on the set.
+        random_accs: accuracy of the student trained on a random real subset of the same size with the same
+            seed and recipe (paired by position; the shorter list sets the number of pairs).
+        real_acc: accuracy of a model trained on the whole real training split with hard labels.
+        weight: w, DD-Ranking's default 0.5.
+    """
+    n = min(len(accs), len(random_accs))
+    if n == 0:
+        raise ValueError("label_robust_score needs at least one paired accuracy")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    hlr = [real_acc - a for a in accs[:n]]
+    ior = [a - r for a, r in zip(accs[:n], random_accs[:n])]
+    lo, hi = math.exp(-1.0), math.exp(1.0)
+    lrs = [(math.exp(weight * i - (1 - weight) * h) - lo) / (hi - lo) for i, h in zip(ior, hlr)]
+
+    def mean_std(v: list[float]) -> tuple[float, float]:
+        m = sum(v) / len(v)
+        return m, math.sqrt(sum((x - m) ** 2 for x in v) / len(v))
+
+    (hm, hs), (im, is_), (lm, ls) = mean_std(hlr), mean_std(ior), mean_std(lrs)
+    return LabelRobustScore(hm, hs, im, is_, lm, ls)

@@ -251,7 +251,7 @@ def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
         _fail(f"stage {args.name} failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
     finally:
         lock.release()
-    print(f"dsv: stage {args.name} wrote {len(out.files)} files in {out.metrics.get('wall_seconds', 0):.1f} s")
+    print(f"dsv: stage {args.name} wrote {len(out.files)} files in {out.timings.get('wall_seconds', 0):.1f} s")
     return 0
 
 

@@ -108,6 +108,8 @@ def _cached_or_run(kind: str, stage: str, context: dict[str, Any], inputs: dict[
     if hit is not None:
         return Completed(data=hit, name="Cached", message=f"JSON cache record {key[:12]}")
     result = json.loads(json.dumps(run(), allow_nan=True))
+    if kind != "unit":
+        result["produced_by"] = context.get("run_id")  # the MLflow run a later cache hit points to
     store(root, stage, key, result)
     return result
 
@@ -243,8 +245,9 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
     parent = None
     if tracker is not None:
         tracker.close_stale_runs(by=f"dsv run (pid {os.getpid()})")
-        parent = tracker.start_run("pipeline", tags={"params_file": str(params_path), "runner": "prefect",
-                                                     "output_dir": str(paths.base)})
+        parent = tracker.start_run(run_name(cfg), tags={"params_file": str(params_path), "runner": "prefect",
+                                                        "output_dir": str(paths.base), "dsv.kind": "pipeline",
+                                                        "dataset": cfg.prepare.data.name})
         tracker.log_params_file(parent, cfg.to_dict())
     summary: dict[str, Any] = {
         "stages": {}, "mlflow_run_id": parent, "output_dir": str(paths.base),
@@ -272,13 +275,18 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
             if tracker is not None and run_id is not None:
                 tracker.log_params_file(run_id, cfg.sections(spec.sections))
                 log = tracker.log(run_id)
-                log.tags({"cached": str(cached).lower(), **{f"sha256.{k}": v[:16] for k, v in out.files.items()}})
+                log.tags({"cached": str(cached).lower()})
                 from tasks.tracking import dvc_hashes
 
-                log.tags(dvc_hashes(root_path, stage))
-                numbers = {k: v for k, v in flatten(out.metrics).items() if isinstance(v, (int, float))}
-                if cached:  # the cached run's metrics, so the UI shows them on this run too
+                tracker.log_json(run_id, {"sha256": out.files, "dvc_md5": dvc_hashes(root_path, stage)},
+                                 "artifact_hashes.json")
+                numbers = {k: v for k, v in flatten({**out.metrics, **out.timings}).items()
+                           if isinstance(v, (int, float))}
+                if cached:  # the producing run's metrics and images, and a link to it
                     log.metrics(numbers)
+                    if out.produced_by and out.produced_by != run_id:
+                        log.tags({"dsv.produced_by": out.produced_by})
+                        tracker.copy_images(out.produced_by, run_id)
                 log.artifact(paths.resolved_params(stage))
                 log.metric("stage_seconds", time.perf_counter() - t0)
                 tracker.end_run(run_id)
@@ -292,17 +300,55 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
             tracker.end_run(parent, exc)
         raise
     if tracker is not None and parent is not None:
-        ev = outputs["evaluate"].metrics
+        try:
+            _log_results(tracker, parent, cfg, paths, outputs["distill"], summary["stages"]["distill"]["cached"])
+        except BaseException as exc:
+            tracker.end_run(parent, exc)
+            raise
         log = tracker.log(parent)
-        log.metric("teacher_acc", float(ev["teacher_acc"]))
-        for row in ev["rows"]:
-            if row["acc_mean"] is None:
-                continue
-            log.metric(f"{row['method']}_ipc{row['ipc']}.acc_mean", float(row["acc_mean"]))
+        log.metric("teacher_acc", float(outputs["evaluate"].metrics["teacher_acc"]))
         log.metric("pipeline_seconds", time.perf_counter() - started)
         log.tags({"cached_stages": ",".join(s for s, v in summary["stages"].items() if v["cached"])})
         log.artifact(paths.results_table)
         tracker.end_run(parent)
     return summary
+
+
+def run_name(cfg: PipelineConfig) -> str:
+    """The parent run's name: the dataset and a short hash of every non-runtime param ("fashion_mnist · 3f9c2a1b"),
+    so two runs with the same name ran the same configuration."""
+    from tasks.config import params_hash
+
+    data = cfg.prepare.data
+    name = data.name if data.name not in ("imagefolder", "tabular") else f"{data.name}:{Path(data.root).name}"
+    return f"{name} · {params_hash({k: v for k, v in cfg.to_dict().items() if k != 'runtime'})[:8]}"
+
+
+def _log_results(tracker: Tracker, parent: str, cfg: PipelineConfig, paths: Paths, distill: StageOutput,
+                 cached: bool) -> None:
+    """One MLflow run per result row, nested under the pipeline run (see ``Tracker.log_results``), with the
+    cell's training set as a picture and, when the students were trained in this run, its student model."""
+    from dsv.data.core import denormalize
+    from tasks.artifacts import load_model, load_split, load_tensors, read_data_meta
+    from tasks.figures import image_grid
+
+    rows = read_json(paths.results_json)["rows"]
+    meta = read_data_meta(paths.data_meta)
+    images, models = {}, {}
+    for row in rows:
+        key = f"{row['method']}_ipc{row['ipc']}"
+        if row["method"] != "full" and len(meta.input_shape) == 3 and paths.distill_set(row["method"], row["ipc"]).is_file():
+            t = load_tensors(paths.distill_set(row["method"], row["ipc"]), ("x", "y"))
+            if t["y"].numel():
+                mean, std = meta.stats()
+                images[key] = image_grid(denormalize(t["x"], mean, std), t["y"], meta.classes,
+                                         f"{row['method']}, IPC {row['ipc']}")
+        student = paths.distill_student(row["method"], row["ipc"])
+        if not cached and cfg.runtime.log_models and student.is_file():
+            models[key] = load_model(student, paths.distill_student_spec(row["method"], row["ipc"]))
+    example = load_split(paths.test, meta)[0][:2].numpy() if models else None
+    tags = {"dataset": cfg.prepare.data.name, **({"dsv.produced_by": distill.produced_by}
+                                                 if cached and distill.produced_by else {})}
+    tracker.log_results(parent, rows, tags, images, models, example)
 
 

@@ -334,9 +334,14 @@ class EvaluateConfig:
 
     Attributes:
         protocol: student architecture, trainer, label type and number of seeds.
+        cross_model: a second student architecture (e.g. ``{name: mlp, width: 256, depth: 2}`` or
+            ``{name: resnet18}``) trained with the same protocol and seeds on every set; its accuracy is
+            reported in extra columns (cross-architecture generalisation). None (default) skips it: it
+            doubles the students' cost.
     """
 
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    cross_model: ModelConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -530,6 +535,8 @@ def _shape_checks(cfg: PipelineConfig, input_shape: tuple[int, ...], num_classes
         models["distill.dm.model"] = cfg.distill.dm.model
     if {"forgetting", "el2n"} & set(cfg.distill.methods):
         models["distill.proxy.model"] = cfg.distill.proxy.model
+    if cfg.evaluate.cross_model is not None:
+        models["evaluate.cross_model"] = cfg.evaluate.cross_model
     for key, model in models.items():
         if ":" in model.name and key != "pretrain.model":
             continue  # torchvision/timm students are built per cell; their check is the same as the teacher's

@@ -185,8 +185,15 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
         model = train_student(x, y, teacher, protocol, meta.input_shape, meta.num_classes, seed, inp.device, on_fit)
         test = evaluate(model, x_test, y_test, meta.num_classes, batch_size=protocol.eval_batch_size)
         val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None
-        runs.append({"seed": seed, "test_acc": test.accuracy, "val_acc": val.accuracy if val else float("nan"),
-                     "per_class": test.per_class})
+        run = {"seed": seed, "test_acc": test.accuracy, "val_acc": val.accuracy if val else float("nan"),
+               "per_class": test.per_class}
+        cross = cfg.evaluate.cross_model
+        if cross is not None:
+            other = train_student(x, y, teacher, dataclasses.replace(protocol, model=cross), meta.input_shape,
+                                  meta.num_classes, seed, inp.device, None)
+            run["cross_acc"] = evaluate(other, x_test, y_test, meta.num_classes,
+                                        batch_size=protocol.eval_batch_size).accuracy
+        runs.append(run)
         log.metric(f"{key}/test_acc", test.accuracy, step=seed)
         if seed == 0:
             # Saved here, logged to MLflow by merge(): mlflow.pytorch.log_model runs torch.export, which
@@ -199,6 +206,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
         "method": method, "ipc": ipc if method != "full" else inp.per_class, "shots": shots,
         "protocol": protocol.name, "label_type": protocol.label_type, "n_train": int(y.shape[0]),
         "steps": fit_cfg.steps, "runs": runs,
+        **({"cross_model": cfg.evaluate.cross_model.name} if cfg.evaluate.cross_model is not None else {}),
     }
     cell_file = write_json(paths.distill_cell(method, ipc), cell)
     files = [cell_file, paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc)]
@@ -231,14 +239,7 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
         if accs:
             metrics[f"{c['method']}_ipc{c['ipc']}_acc_mean"] = sum(accs) / len(accs)
     log.metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
-    # Students of the cells computed in this run (cached cells were logged when they ran).
-    computed = [(str(r["unit"]["method"]), int(r["unit"]["ipc"])) for r in unit_results]
-    computed = [(m, k) for m, k in computed if paths.distill_student(m, k).exists()]
-    if computed:
-        x_example = load_split(paths.test, read_data_meta(paths.data_meta))[0][:2].numpy()
-        for method, ipc in computed:
-            student = load_model(paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc))
-            log.model(student, f"student_{method}_ipc{ipc}", x_example)
+    # The students are logged as MLflow models by the flow, each in its own result run (flows.pipeline).
     files = [paths.distill_runs]
     for u in units(cfg):
         files.append(paths.distill_cell(u["method"], u["ipc"]))

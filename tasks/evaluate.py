@@ -1,8 +1,19 @@
 """Stage ``evaluate``: summarise the students' runs into the results table.
 
-Outputs: ``metrics/evaluate.json`` = ``{"teacher_acc": ..., "protocol": ..., "rows": [{method, ipc,
-shots, protocol, label_type, acc_mean, acc_std, n_runs, accs, val_acc_mean, wall_s}, ...]}`` and
-``artifacts/evaluate/results.md`` (a markdown table naming the protocol and label type).
+Outputs (``artifacts/evaluate/``):
+
+* ``results.json``: ``{"teacher_acc", "protocol", "rows": [...]}``, one row per (method, IPC): shots, protocol,
+  label type, ``acc_mean``/``acc_std`` over the student seeds, ``accs``, ``val_acc_mean``, ``rank`` within its
+  IPC (1 = best; rows of one IPC and label type compete), ``best``, DD-Ranking's label-robust score
+  (``hlr_*``, ``ior_*``, ``lrs_*``, :func:`dsv.protocols.label_robust_score`) against the ``random`` row of the
+  same IPC, and the second architecture's accuracy when ``evaluate.cross_model`` is set;
+* ``results.md``: the table ranked within each IPC, the best marked;
+* ``acc_vs_ipc.json``: accuracy per (method, IPC), a DVC plot;
+* ``metrics/evaluate.json``: flat scalars DVC and MLflow display, ``acc.<method>_ipc<k>``,
+  ``acc_std.<method>_ipc<k>``, ``lrs.<method>_ipc<k>``, ``teacher_acc`` (:func:`flat_metrics`).
+
+The label-robust score needs the accuracy of a model trained on all real data with hard labels: the
+``full`` method's row when it ran, else the teacher's test accuracy (``lrs_reference`` says which).
 """
 
 from __future__ import annotations
@@ -11,56 +22,118 @@ import math
 import time
 from typing import Any
 
-from dsv.protocols import ResultRow
+from dsv.protocols import ResultRow, label_robust_score
 from tasks.artifacts import read_json
-from tasks.atomic import write_text
+from tasks.atomic import write_json, write_text
 from tasks.config import PipelineConfig
 from tasks.paths import Paths
 from tasks.stages import StageOutput, finish
 from tasks.tracking import StageLog
 
 
-def rows_from_cells(cells: list[dict[str, Any]], cell_seconds: dict[str, float]) -> list[dict[str, Any]]:
+def rows_from_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One table row per cell: mean ± population std over the runs (never the max)."""
     rows = []
     for c in cells:
-        key = f"{c['method']}_ipc{0 if c['method'] == 'full' else c['ipc']}"
         if not c["runs"]:  # empty training set (see tasks.distill): no accuracy, said explicitly
             rows.append({"method": c["method"], "ipc": int(c["ipc"]), "shots": int(c["shots"]),
                          "protocol": c["protocol"], "label_type": c["label_type"], "acc_mean": None,
-                         "acc_std": None, "n_runs": 0, "accs": [], "wall_s": cell_seconds.get(key),
-                         "val_acc_mean": None, "n_train": 0, "note": c.get("note", "")})
+                         "acc_std": None, "n_runs": 0, "accs": [], "val_acc_mean": None, "n_train": 0,
+                         "note": c.get("note", "")})
             continue
         row = ResultRow.from_results(
             c["method"], int(c["ipc"]), int(c["shots"]), c["protocol"], [r["test_acc"] for r in c["runs"]],
-            wall_s=float(cell_seconds.get(key, float("nan"))),
         ).to_dict()
+        row.pop("wall_s", None)  # wall times live in timings/distill.json, never in a DVC-tracked file
         vals = [r["val_acc"] for r in c["runs"] if not math.isnan(r["val_acc"])]
         row["val_acc_mean"] = sum(vals) / len(vals) if vals else float("nan")
         row["n_train"] = int(c["n_train"])
+        cross = [r["cross_acc"] for r in c["runs"] if r.get("cross_acc") is not None]
+        if cross:
+            row["cross_model"] = c.get("cross_model")
+            row["cross_acc_mean"] = sum(cross) / len(cross)
+            row["cross_acc_std"] = math.sqrt(sum((a - row["cross_acc_mean"]) ** 2 for a in cross) / len(cross))
         rows.append(row)
     return rows
 
 
-def markdown(teacher_acc: float, rows: list[dict[str, Any]]) -> str:
-    """The results as a markdown table (accuracies in %)."""
-    lines = [
-        f"Teacher test accuracy: {100 * teacher_acc:.2f}%",
-        "",
-        "| method | IPC | shots | protocol | labels | test acc (%) | runs | val acc (%) |",
-        "|---|---:|---:|---|---|---:|---:|---:|",
-    ]
+def add_scores(rows: list[dict[str, Any]], teacher_acc: float) -> list[dict[str, Any]]:
+    """Rank rows within each (IPC, label type), mark the best, and add the label-robust score."""
+    full = next((r for r in rows if r["method"] == "full" and r["acc_mean"] is not None), None)
+    real_acc, reference = (full["acc_mean"], "full") if full else (teacher_acc, "teacher")
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for r in rows:
-        if r["n_runs"] == 0:
-            lines.append(f"| {r['method']} | {r['ipc']} | {r['shots']} | {r['protocol']} | {r['label_type']} | "
-                         f"n/a ({r.get('note', 'no runs')}) | 0 | n/a |")
+        if r["method"] != "full":
+            groups.setdefault((r["ipc"], r["label_type"]), []).append(r)
+    for r in rows:
+        r["rank"], r["best"] = None, False
+        for key in ("hlr_mean", "hlr_std", "ior_mean", "ior_std", "lrs_mean", "lrs_std"):
+            r[key] = None
+    for members in groups.values():
+        scored = sorted((r for r in members if r["acc_mean"] is not None), key=lambda r: -r["acc_mean"])
+        for i, r in enumerate(scored):
+            r["rank"] = 1 + sum(1 for o in scored[:i] if o["acc_mean"] > r["acc_mean"])  # ties share a rank
+            r["best"] = r["rank"] == 1
+        random = next((r for r in members if r["method"] == "random" and r["accs"]), None)
+        for r in scored:
+            if random is None:
+                continue
+            s = label_robust_score(r["accs"], random["accs"], real_acc)
+            r.update({"hlr_mean": s.hlr_mean, "hlr_std": s.hlr_std, "ior_mean": s.ior_mean, "ior_std": s.ior_std,
+                      "lrs_mean": s.lrs_mean, "lrs_std": s.lrs_std, "lrs_reference": reference})
+    return rows
+
+
+def flat_metrics(teacher_acc: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The DVC/MLflow metrics: one level of nesting, scalars only (``dvc metrics show``/``dvc exp show``
+    print ``acc.dsv_nshot_ipc10``...); rows without runs are left out."""
+    out: dict[str, Any] = {"teacher_acc": teacher_acc, "acc": {}, "acc_std": {}, "lrs": {}}
+    for r in rows:
+        if r["acc_mean"] is None:
             continue
-        lines.append(
-            f"| {r['method']} | {r['ipc']} | {r['shots']} | {r['protocol']} | {r['label_type']} | "
-            f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | {r['n_runs']} | "
-            f"{100 * r['val_acc_mean']:.2f} |"
-        )
-    lines += ["", "Mean ± population std over runs; wall times per cell: metrics/evaluate.json (`wall_s`)."]
+        key = f"{r['method']}_ipc{r['ipc']}" + ("_soft" if r["label_type"] == "soft" else "")
+        out["acc"][key] = r["acc_mean"]
+        out["acc_std"][key] = r["acc_std"]
+        if r.get("lrs_mean") is not None:
+            out["lrs"][key] = r["lrs_mean"]
+        if r.get("cross_acc_mean") is not None:
+            out.setdefault("cross_acc", {})[key] = r["cross_acc_mean"]
+    return {k: v for k, v in out.items() if v != {}}
+
+
+def _pct(v: float | None, std: float | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{100 * v:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def markdown(teacher_acc: float, rows: list[dict[str, Any]]) -> str:
+    """The results as a markdown table (accuracies in %), ranked within each IPC, the best in bold."""
+    cross = any(r.get("cross_acc_mean") is not None for r in rows)
+    head = "| rank | method | IPC | shots | protocol | labels | test acc (%) | LRS (%) | runs | val acc (%) |"
+    sep = "|---:|---|---:|---:|---|---|---:|---:|---:|---:|"
+    if cross:
+        head, sep = head + " second architecture (%) |", sep + "---:|"
+    lines = [f"Teacher test accuracy: {100 * teacher_acc:.2f}%", "", head, sep]
+    ordered = sorted(rows, key=lambda r: (r["method"] == "full", r["label_type"], r["ipc"],
+                                          r["rank"] if r.get("rank") is not None else 1 << 30))
+    for r in ordered:
+        if r["n_runs"] == 0:
+            acc = f"n/a ({r.get('note', 'no runs')})"
+        else:
+            acc = _pct(r["acc_mean"], r["acc_std"])
+            acc = f"**{acc}**" if r.get("best") else acc
+        rank = "" if r.get("rank") is None else str(r["rank"])
+        line = (f"| {rank} | {r['method']} | {r['ipc']} | {r['shots']} | {r['protocol']} | {r['label_type']} | {acc} | "
+                f"{_pct(r.get('lrs_mean'), r.get('lrs_std'))} | {r['n_runs']} | {_pct(r.get('val_acc_mean'))} |")
+        if cross:
+            line += f" {_pct(r.get('cross_acc_mean'), r.get('cross_acc_std'))} |"
+        lines.append(line)
+    ref = next((r.get("lrs_reference") for r in rows if r.get("lrs_reference")), None)
+    lines += ["", "Mean ± population std over the student seeds; rank within each IPC (1 = best, in bold). LRS: "
+              "DD-Ranking's label-robust score against the random row of the same IPC and seeds (higher is better; "
+              "26.89 = no gain over random and no gap to real data; real-data accuracy from "
+              f"{'the full method' if ref == 'full' else 'the teacher'}). Wall times per cell: timings/distill.json."]
     return "\n".join(lines) + "\n"
 
 
@@ -68,19 +141,13 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     """Build the table; see the module docstring."""
     started = time.perf_counter()
     teacher_acc = float(read_json(paths.metrics("pretrain"))["test_acc"])
-    cells = read_json(paths.distill_runs)
-    try:
-        cell_seconds = read_json(paths.metrics("distill")).get("cell_seconds", {})
-    except Exception:  # wall times are informative only; the table does not depend on them
-        cell_seconds = {}
-    rows = rows_from_cells(cells, cell_seconds)
+    rows = add_scores(rows_from_cells(read_json(paths.distill_runs)), teacher_acc)
     write_text(paths.results_table, markdown(teacher_acc, rows))
-    for r in rows:
-        if r["n_runs"] == 0:
-            continue
-        log.metrics({f"{r['method']}_ipc{r['ipc']}.acc_mean": r["acc_mean"],
-                     f"{r['method']}_ipc{r['ipc']}.acc_std": r["acc_std"]})
+    write_json(paths.results_json, {"teacher_acc": teacher_acc, "protocol": cfg.evaluate.protocol.name, "rows": rows})
+    write_json(paths.results_plot, [{"method": r["method"], "ipc": r["ipc"], "acc": r["acc_mean"]}
+                                    for r in rows if r["acc_mean"] is not None and r["method"] != "full"])
+    metrics = flat_metrics(teacher_acc, rows)
     log.metric("teacher_acc", teacher_acc)
     log.artifact(paths.results_table)
-    metrics = {"teacher_acc": teacher_acc, "protocol": cfg.evaluate.protocol.name, "rows": rows}
-    return finish("evaluate", cfg, paths, [paths.results_table], metrics, started)
+    return finish("evaluate", cfg, paths, [paths.results_table, paths.results_json, paths.results_plot], metrics,
+                  started)

@@ -99,3 +99,30 @@ def scatter_labeled(xs: Sequence[float], ys: Sequence[float], names: Sequence[st
 
 def close(fig: Any) -> None:
     plt.close(fig)
+
+
+def ranked_bars(rows: Sequence[dict], title: str) -> Figure:
+    """Test accuracy (mean ± std) of every method, one panel per IPC, best first (result rows of
+    ``tasks.evaluate``)."""
+    import matplotlib.pyplot as plt
+
+    ipcs = sorted({r["ipc"] for r in rows if r.get("acc_mean") is not None and r["method"] != "full"})
+    fig, axes = plt.subplots(1, max(1, len(ipcs)), figsize=(4.5 * max(1, len(ipcs)), 3.6), squeeze=False)
+    for ax, ipc in zip(axes[0], ipcs):
+        sel = sorted((r for r in rows if r["ipc"] == ipc and r.get("acc_mean") is not None and r["method"] != "full"),
+                     key=lambda r: -r["acc_mean"])
+        names = [r["method"] + (f" ({r['label_type']})" if r["label_type"] != "hard" else "") for r in sel]
+        vals = [100 * r["acc_mean"] for r in sel]
+        errs = [100 * (r.get("acc_std") or 0.0) for r in sel]
+        colors = ["#d62728" if r.get("best") else ("#1f77b4" if r["method"].startswith("dsv_") else "#7f7f7f")
+                  for r in sel]
+        ax.barh(range(len(sel)), vals, xerr=errs, color=colors)
+        ax.set_yticks(range(len(sel)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("test accuracy (%)")
+        ax.set_title(f"IPC {ipc}")
+        if vals:
+            ax.set_xlim(max(0.0, min(vals) - 10), min(100.0, max(vals) + 5))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

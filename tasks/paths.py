@@ -4,7 +4,9 @@ Layout under the output folder (``runtime.output_dir``, the project root by defa
 
     artifacts/<stage>/...            stage outputs (tracked by DVC as the stage's ``outs``)
     artifacts/<stage>/params.resolved.yaml   the exact config the stage ran with
-    metrics/<stage>.json             scalar metrics (DVC metrics, MLflow metrics)
+    metrics/<stage>.json             scalar metrics (DVC metrics, MLflow metrics): deterministic values only
+    timings/<stage>.json             wall times of the stage and its units (not tracked by DVC: they differ
+                                     on every run, and would make ``dvc status`` dirty)
 
 Project-level state lives under the project root: ``.dsv/cache`` (the stages' JSON cache records,
 :mod:`flows.cache`; nothing there is ever unpickled), ``.dsv/prefect`` (PREFECT_HOME), ``mlflow.db`` and ``mlartifacts/``.
@@ -63,6 +65,10 @@ class Paths:
     def metrics(self, stage: str) -> Path:
         self.stage_dir(stage)  # validates the name
         return self.base / "metrics" / f"{stage}.json"
+
+    def timings(self, stage: str) -> Path:
+        self.stage_dir(stage)
+        return self.base / "timings" / f"{stage}.json"
 
     def resolved_params(self, stage: str) -> Path:
         return self.stage_dir(stage) / "params.resolved.yaml"
@@ -155,3 +161,13 @@ class Paths:
     @property
     def results_table(self) -> Path:
         return self.stage_dir("evaluate") / "results.md"
+
+    @property
+    def results_json(self) -> Path:
+        """Every result row (method, IPC, accuracies, rank, label-robust score), for programs."""
+        return self.stage_dir("evaluate") / "results.json"
+
+    @property
+    def results_plot(self) -> Path:
+        """Accuracy against IPC per method, a DVC plot."""
+        return self.stage_dir("evaluate") / "acc_vs_ipc.json"

@@ -60,12 +60,26 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _results(ev: dict[str, Any]) -> str:
+def _pm(v: Any, std: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f} ± {100 * (std or 0):.2f}"
+
+
+def _results(res: dict[str, Any]) -> str:
+    """The results ranked within each IPC (best marked ★), with the label-robust score, and a bar chart."""
+    from tasks.figures import ranked_bars
+
+    ordered = sorted(res.get("rows", []), key=lambda r: (r["method"] == "full", r.get("label_type", ""), r["ipc"],
+                                                         r.get("rank") or 1 << 30))
     rows = []
-    for r in ev.get("rows", []):
-        acc = "n/a" if r.get("acc_mean") is None else f"{100 * r['acc_mean']:.2f} ± {100 * (r.get('acc_std') or 0):.2f}"
-        rows.append([r["method"], r["ipc"], r.get("shots"), r.get("protocol"), acc, r.get("n_runs")])
-    return _table(["method", "IPC", "shots", "protocol", "test acc % (mean ± std)", "runs"], rows)
+    for r in ordered:
+        rank = "" if r.get("rank") is None else f"{r['rank']}{' ★' if r.get('best') else ''}"
+        rows.append([rank, r["method"], r["ipc"], r.get("shots"), r.get("protocol"), r.get("label_type"),
+                     _pm(r.get("acc_mean"), r.get("acc_std")), _pm(r.get("lrs_mean"), r.get("lrs_std")),
+                     r.get("n_runs")])
+    table = _table(["rank", "method", "IPC", "shots", "protocol", "labels", "test acc % (mean ± std)",
+                    "label-robust score %", "runs"], rows)
+    chart = _png(ranked_bars(res.get("rows", []), "student test accuracy, best in red, DSV methods in blue"))
+    return table + chart
 
 
 def _metrics_tables(paths: Paths) -> str:
@@ -143,14 +157,21 @@ def render(cfg: PipelineConfig, paths: Paths, run_url: str | None = None) -> str
         classes, dataset = [], "?"
     ev: dict[str, Any] = {}
     with contextlib.suppress(ArtifactError):
-        ev = read_json(paths.metrics("evaluate"))
+        ev = read_json(paths.results_json)
     kept = []
     try:
         ex = read_json(paths.metrics("extract"))
-        kept = [[k, m["survivors"], " ".join(str(n) for n in m["survivors_per_class"])]
+        kept = [[k, m["survivors"], *m["survivors_per_class"]]
                 for k, m in ex.items() if isinstance(m, dict) and "survivors_per_class" in m]
     except ArtifactError:
         pass
+    per_class = ""
+    with contextlib.suppress(ArtifactError, KeyError, TypeError):
+        pre_m = read_json(paths.metrics("pretrain"))
+        accs = [pre_m.get(f"test_acc_class_{i}") for i in range(len(classes))]
+        if classes and all(a is not None for a in accs):
+            per_class = "<h3>Teacher accuracy per class</h3>" + _table(
+                ["class", "test accuracy %"], [[c, f"{100 * a:.2f}"] for c, a in zip(classes, accs)])
     grids, plots = _figures(paths, classes) if classes else ("<p>No prepared data.</p>", "")
     teacher = f"{100 * ev['teacher_acc']:.2f}%" if "teacher_acc" in ev else "n/a"
     cert = "n/a (no weight decay, or not computed)"
@@ -172,7 +193,8 @@ written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
 <p>Teacher test accuracy: <b>{teacher}</b></p>
 <p>Teacher KKT certificate (relative stationarity residual at uniform λ = 1/(nω); 0 = a KKT point, where
 DeepKKT's stationarity condition can hold): {html.escape(cert)}</p>
-<h3>DSVs kept</h3>{_table(["init / IPC", "DSVs", "per class"], kept) if kept else "<p>n/a</p>"}
+{per_class}
+<h3>DSVs kept per class</h3>{_table(["init / IPC", "DSVs", *(classes or [])], kept) if kept else "<p>n/a</p>"}
 <h2>Results</h2>{_results(ev) if ev else "<p>No evaluation yet.</p>"}
 <h2>Deep Support Vectors</h2>{grids}
 <h2>Plots</h2>{plots}
@@ -184,7 +206,7 @@ DeepKKT's stationarity condition can hold): {html.escape(cert)}</p>
 
 def _latest_pipeline_run(client: Any, experiment_id: str, base: Path) -> Any:
     runs = client.search_runs(
-        [experiment_id], f"tags.output_dir = '{base}' and attributes.run_name = 'pipeline'",
+        [experiment_id], f"tags.output_dir = '{base}' and tags.`dsv.kind` = 'pipeline'",
         order_by=["attributes.start_time DESC"], max_results=1,
     )
     return runs[0] if runs else None

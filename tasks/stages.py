@@ -78,19 +78,25 @@ class StageOutput:
         stage: stage name.
         files: output path (relative to the output folder, POSIX) -> SHA-256 of its bytes; artifacts
             only (not the metrics file, which holds wall times).
-        metrics: the scalars written to ``metrics/<stage>.json``.
+        metrics: the deterministic metrics written to ``metrics/<stage>.json`` (DVC-tracked).
+        timings: wall times, written to ``timings/<stage>.json`` (not DVC-tracked).
+        produced_by: the MLflow run id of the stage run that computed this output (set by the flow).
     """
 
     stage: str
     files: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    produced_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "files": dict(self.files), "metrics": dict(self.metrics)}
+        return {"stage": self.stage, "files": dict(self.files), "metrics": dict(self.metrics),
+                "timings": dict(self.timings), "produced_by": self.produced_by}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StageOutput:
-        return cls(stage=d["stage"], files=dict(d["files"]), metrics=dict(d["metrics"]))
+        return cls(stage=d["stage"], files=dict(d["files"]), metrics=dict(d["metrics"]),
+                   timings=dict(d.get("timings") or {}), produced_by=d.get("produced_by"))
 
 
 # -------------------------------------------------------------------------------------- code closure
@@ -194,21 +200,30 @@ def finish(
     started: float,
     extra_seconds: float = 0.0,
 ) -> StageOutput:
-    """Write the stage's resolved params and metrics file, and hash its artifacts.
+    """Write the stage's resolved params, metrics and timings files, and hash its artifacts.
 
     Args:
         stage: stage name.
         cfg: the (restricted) config the stage ran with.
         paths: output layout.
         files: artifact files the stage wrote (the params file is added here).
-        metrics: scalar metrics; ``wall_seconds`` is added.
+        metrics: scalar metrics; wall times among them (keys ending in ``seconds``) go to the timings
+            file, with ``wall_seconds`` added, so the DVC-tracked metrics file is the same on every run.
         started: ``time.perf_counter()`` at the stage's start.
         extra_seconds: time spent in the stage's units (shards, cells) before ``started``.
     """
     resolved = write_text(paths.resolved_params(stage), dump_yaml(cfg.sections(STAGES[stage].sections)))
-    metrics = {**metrics, "wall_seconds": round(time.perf_counter() - started + extra_seconds, 3)}
+    timings = {k: v for k, v in metrics.items() if is_timing(k)}
+    timings["wall_seconds"] = round(time.perf_counter() - started + extra_seconds, 3)
+    metrics = {k: v for k, v in metrics.items() if not is_timing(k)}
     write_json(paths.metrics(stage), metrics)
-    return StageOutput(stage=stage, files=hash_files(paths, [*files, resolved]), metrics=metrics)
+    write_json(paths.timings(stage), timings)
+    return StageOutput(stage=stage, files=hash_files(paths, [*files, resolved]), metrics=metrics, timings=timings)
+
+
+def is_timing(key: str) -> bool:
+    """A metric that is a wall time (``*seconds``): reported, never DVC-tracked."""
+    return key.endswith("seconds")
 
 
 def verify(paths: Paths, out: StageOutput) -> list[str]:
@@ -222,16 +237,16 @@ def verify(paths: Paths, out: StageOutput) -> list[str]:
 
 
 def restore_metrics(paths: Paths, out: StageOutput) -> None:
-    """Rewrite ``metrics/<stage>.json`` from a cached output when it is missing or differs."""
-    target = paths.metrics(out.stage)
+    """Rewrite ``metrics/<stage>.json`` (and the timings file) from a cached output when missing or different."""
     import json
 
-    try:
-        current = json.loads(target.read_text())
-    except (OSError, ValueError):
-        current = None
-    if current != out.metrics:
-        write_json(target, out.metrics)
+    for target, data in ((paths.metrics(out.stage), out.metrics), (paths.timings(out.stage), out.timings)):
+        try:
+            current = json.loads(target.read_text())
+        except (OSError, ValueError):
+            current = None
+        if current != data:
+            write_json(target, data)
 
 
 def device_of(cfg: PipelineConfig) -> str:
@@ -250,12 +265,13 @@ def device_of(cfg: PipelineConfig) -> str:
 # ------------------------------------------------------------------------------------------ dvc.yaml
 
 # Files a stage reads from upstream stages, beyond their artifact folders.
-_EXTRA_DEPS: dict[str, tuple[str, ...]] = {"evaluate": ("metrics/pretrain.json", "metrics/distill.json")}
+_EXTRA_DEPS: dict[str, tuple[str, ...]] = {"evaluate": ("metrics/pretrain.json",)}
 # DVC plots: file -> (x, y) fields.
 DVC_PLOTS: dict[str, tuple[str, str]] = {
     "artifacts/pretrain/curve.json": ("step", "loss"),
     "artifacts/extract/trace.json": ("step", "entropy"),
     "artifacts/coreset/trace.json": ("batch", "residual_rel"),
+    "artifacts/evaluate/acc_vs_ipc.json": ("ipc", "acc"),
 }
 
 

@@ -280,6 +280,64 @@ class Tracker:
     def log(self, run_id: str) -> MlflowStageLog:
         return MlflowStageLog(self.client, run_id, self.log_models)
 
+    def log_json(self, run_id: str, data: Any, name: str) -> None:
+        """Log ``data`` as a JSON artifact ``name`` of the run."""
+        import json
+
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            p.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            self.client.log_artifact(run_id, str(p))
+
+    def copy_images(self, source_run: str, target_run: str) -> int:
+        """Log the PNG artifacts of ``source_run`` (the run that computed a stage) to ``target_run`` (the run
+        that restored it from cache), so the UI shows them on both. Returns how many were copied."""
+        copied = 0
+        with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:
+            todo = [""]
+            while todo:
+                folder = todo.pop()
+                for info in self.client.list_artifacts(source_run, folder or None):
+                    if info.is_dir:
+                        todo.append(info.path)
+                    elif info.path.endswith(".png"):
+                        local = self.client.download_artifacts(source_run, info.path, tmp)
+                        parent = str(Path(info.path).parent)
+                        self.client.log_artifact(target_run, local, None if parent == "." else parent)
+                        copied += 1
+        return copied
+
+    def log_results(self, parent_id: str, rows: list[dict[str, Any]], tags: Mapping[str, str] | None = None,
+                    images: Mapping[str, Any] | None = None, models: Mapping[str, Any] | None = None,
+                    input_example: Any = None) -> list[str]:
+        """One nested run per result row (method, IPC), named "<method> · IPC <k>", tag ``dsv.kind=result``,
+        with the row's own params (method, ipc, shots, protocol, labels, n_train) and metrics (acc_mean,
+        acc_std, val_acc_mean, rank, the label-robust score, the second architecture's accuracy), so MLflow's
+        table, compare and chart views rank the methods. ``images``/``models``: per "<method>_ipc<k>" key, a
+        figure of the cell's training set and its first-seed student (logged with only this run's metrics).
+        Returns the run ids."""
+        ids = []
+        for row in rows:
+            if row.get("acc_mean") is None:
+                continue
+            key = f"{row['method']}_ipc{row['ipc']}"
+            run_id = self.start_run(f"{row['method']} · IPC {row['ipc']}", parent_id,
+                                    {"dsv.kind": "result", **(tags or {})})
+            log = self.log(run_id)
+            log.params({"method": row["method"], "ipc": row["ipc"], "shots": row["shots"],
+                        "protocol": row["protocol"], "labels": row["label_type"], "n_train": row.get("n_train"),
+                        **({"cross_model": row["cross_model"]} if row.get("cross_model") else {})})
+            names = ("acc_mean", "acc_std", "val_acc_mean", "rank", "lrs_mean", "lrs_std", "hlr_mean", "ior_mean",
+                     "cross_acc_mean", "cross_acc_std", "n_runs")
+            log.metrics({k: row[k] for k in names if isinstance(row.get(k), (int, float))})
+            if images and key in images:
+                log.figure(images[key], f"set_{key}.png")
+            if models and key in models:
+                log.model(models[key], "student", input_example)
+            self.end_run(run_id)
+            ids.append(run_id)
+        return ids
+
     def log_params_file(self, run_id: str, params: Mapping[str, Any], name: str = "params.resolved.yaml") -> None:
         """Log params (flattened) and the resolved params file as an artifact."""
         from tasks.config import dump_yaml

@@ -160,3 +160,25 @@ def test_timed_students_row() -> None:
     row = timed_students(x, y, xt, yt, None, cfg, (1, 8, 8), 2, [0, 1], method="herding", ipc=5, shots=5,
                          extra_wall_s=100.0)
     assert row.protocol == "paper" and row.n_runs == 2 and row.wall_s >= 100.0
+
+
+def test_label_robust_score_by_hand() -> None:
+    """DD-Ranking's LRS on a case computed by hand: accs (0.6, 0.7), random (0.5, 0.5), real 0.9, w = 0.5.
+    Seed 1: HLR 0.3, IOR 0.1, α = 0.05·1 − 0.15 = −0.1; seed 2: HLR 0.2, IOR 0.2, α = 0.1 − 0.1 = 0.
+    LRS = (e^α − e^-1) / (e − e^-1) = (0.904837 − 0.367879) / 2.350402 = 0.228454 and 0.632121 / 2.350402 = 0.268941."""
+    import math
+
+    from dsv.protocols import label_robust_score
+
+    s = label_robust_score([0.6, 0.7], [0.5, 0.5], 0.9)
+    assert math.isclose(s.hlr_mean, 0.25) and math.isclose(s.hlr_std, 0.05)
+    assert math.isclose(s.ior_mean, 0.15) and math.isclose(s.ior_std, 0.05)
+    lrs = [(math.exp(a) - math.exp(-1)) / (math.exp(1) - math.exp(-1)) for a in (-0.1, 0.0)]
+    assert abs(lrs[0] - 0.228454) < 1e-6 and abs(lrs[1] - 0.268941) < 1e-6
+    assert math.isclose(s.lrs_mean, sum(lrs) / 2, rel_tol=1e-12)
+    assert math.isclose(s.lrs_std, abs(lrs[1] - lrs[0]) / 2, rel_tol=1e-9)
+    # the extremes of α map to 0 and 1
+    assert math.isclose(label_robust_score([0.0], [1.0], 1.0).lrs_mean, 0.0, abs_tol=1e-12)
+    assert math.isclose(label_robust_score([1.0], [0.0], 1.0, weight=1.0).lrs_mean, 1.0)
+    with pytest.raises(ValueError, match="at least one paired accuracy"):
+        label_robust_score([], [0.5], 0.9)

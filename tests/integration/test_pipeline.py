@@ -111,13 +111,19 @@ def test_first_run_end_to_end(project: Path, first: dict) -> None:
     lam = pd.read_parquet(project / "artifacts/coreset/lambdas.parquet")
     assert len(lam) == TINY_TRAIN and lam.groupby("label")["rank"].min().eq(0).all()
 
-    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    ev = json.loads((project / "artifacts/evaluate/results.json").read_text())
     assert 0.0 < ev["teacher_acc"] <= 1.0
 
     assert sorted(r["method"] for r in ev["rows"]) == sorted(METHOD_NAMES)
     for r in ev["rows"]:
-        assert {"method", "ipc", "shots", "protocol", "acc_mean", "acc_std", "n_runs"} <= set(r)
+        assert {"method", "ipc", "shots", "protocol", "acc_mean", "acc_std", "n_runs", "rank", "lrs_mean"} <= set(r)
         assert r["n_runs"] == 2 and 0.0 <= r["acc_mean"] <= 1.0
+    # DVC-readable metrics: scalars one level deep, no wall times (they live in timings/)
+    flat = json.loads((project / "metrics/evaluate.json").read_text())
+    assert set(flat["acc"]) == {f"{r['method']}_ipc{r['ipc']}" for r in ev["rows"]}
+    for stage in STAGES:
+        assert "seconds" not in (project / f"metrics/{stage}.json").read_text()
+        assert "wall_seconds" in json.loads((project / f"timings/{stage}.json").read_text())
     assert (project / "artifacts/evaluate/results.md").read_text().count("| dd | hard |") == len(METHOD_NAMES)
     for stage in STAGES:
         assert (project / f"artifacts/{stage}/params.resolved.yaml").is_file()
@@ -132,12 +138,32 @@ def test_mlflow_has_parent_nested_runs_metrics_and_images(project: Path, first: 
     parent_id = first["summary"]["mlflow_run_id"]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["git.commit"]
+    assert parent.info.run_name.startswith("digits · ") and len(parent.info.run_name) == len("digits · ") + 8
     assert "teacher_acc" in parent.data.metrics and "extract.solver.steps" in parent.data.params
+    assert not any(k.endswith("acc_mean") for k in parent.data.metrics), "per-method metrics belong to result runs"
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    by_name = {r.info.run_name: r for r in children}
+    by_name = {r.info.run_name: r for r in children if r.data.tags.get("stage")}
     assert set(by_name) == set(STAGES)
     for stage, run in by_name.items():
         assert run.info.status == "FINISHED" and run.data.tags["cached"] == "false", stage
+        assert not any(k.startswith("sha256.") for k in run.data.tags), stage
+        assert "artifact_hashes.json" in [f.path for f in client.list_artifacts(run.info.run_id)], stage
+    # One run per result cell, with its own params and metrics: MLflow's table ranks the methods.
+    from dsv.protocols import METHOD_NAMES
+
+    results = [r for r in children if r.data.tags.get("dsv.kind") == "result"]
+    assert sorted(r.data.params["method"] for r in results) == sorted(METHOD_NAMES)
+    for r in results:
+        assert r.info.run_name == f"{r.data.params['method']} · IPC {r.data.params['ipc']}"
+        assert {"acc_mean", "acc_std"} <= set(r.data.metrics) and r.data.params["labels"] == "hard"
+        assert ("rank" in r.data.metrics) == (r.data.params["method"] != "full")  # full is the reference, unranked
+        assert set(r.data.params) == {"method", "ipc", "shots", "protocol", "labels", "n_train"}
+    ranked = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                "tags.`dsv.kind` = 'result'", order_by=["metrics.acc_mean DESC"])
+    accs = [r.data.metrics["acc_mean"] for r in ranked]
+    assert accs == sorted(accs, reverse=True) and ranked[0].data.metrics["rank"] == 1
+    nshot = next(r for r in results if r.data.params["method"] == "dsv_nshot")
+    assert any(f.path.endswith(".png") for f in client.list_artifacts(nshot.info.run_id))
     assert len(client.get_metric_history(by_name["pretrain"].info.run_id, "train_loss")) >= 2
     assert any(k.endswith("/entropy") for k in by_name["extract"].data.metrics)
     extract_files = [f.path for f in client.list_artifacts(by_name["extract"].info.run_id, "extract")]
@@ -163,11 +189,18 @@ def test_unchanged_rerun_is_all_cache_hits(project: Path, first: dict) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    children = client.search_runs(
-        [client.get_experiment_by_name("dsv").experiment_id],
-        f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'",
-    )
-    assert len(children) == 6 and all(r.data.tags["cached"] == "true" for r in children)
+    exp_id = client.get_experiment_by_name("dsv").experiment_id
+    children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
+    stages = {r.info.run_name: r for r in children if r.data.tags.get("stage")}
+    assert len(stages) == 6 and all(r.data.tags["cached"] == "true" for r in stages.values())
+    # each restored stage run names the run that computed it, and shows that run's pictures
+    first_children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{first['summary']['mlflow_run_id']}'")
+    first_stages = {r.info.run_name: r.info.run_id for r in first_children if r.data.tags.get("stage")}
+    for name, run in stages.items():
+        assert run.data.tags["dsv.produced_by"] == first_stages[name], name
+    extract_files = [f.path for f in client.list_artifacts(stages["extract"].info.run_id, "extract")]
+    assert any("dsv_grid" in p and p.endswith(".png") for p in extract_files)
+    assert sum(r.data.tags.get("dsv.kind") == "result" for r in children) > 0
 
 
 def test_evaluation_param_change_reruns_only_distill_and_evaluate(project: Path, first: dict) -> None:
@@ -177,7 +210,7 @@ def test_evaluation_param_change_reruns_only_distill_and_evaluate(project: Path,
         assert by_stage[stage] == {"Cached"}, (stage, by_stage)
     for stage in ("distill", "evaluate"):
         assert by_stage[stage] == {"Completed"}, (stage, by_stage)
-    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    ev = json.loads((project / "artifacts/evaluate/results.json").read_text())
     assert {r["n_runs"] for r in ev["rows"]} == {1}
 
 
