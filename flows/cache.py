@@ -108,3 +108,21 @@ def external_inputs(cfg: Any, stage: str) -> dict[str, str]:
             if name in ("imagefolder", "tabular"):
                 out[f"external:{key}.root"] = _fingerprint(Path(root))
     return out
+
+
+# ----------------------------------------------------------------------------- the last output of a stage
+
+
+def store_last(root: Path, out: StageOutput) -> None:
+    """Record ``out`` as the stage's latest output (``.dsv/cache/<stage>/last.json``), written by ``dsv run``
+    and ``dsv stage`` alike, so either path can name its upstream artifacts the way the other does."""
+    write_json(cache_dir(root) / out.stage / "last.json", out.to_dict())
+
+
+def last_output(root: Path, stage: str, paths: Paths) -> StageOutput | None:
+    """The stage's latest recorded output when every artifact it names is intact, else None."""
+    rec = load_record(cache_dir(root) / stage / "last.json")
+    if rec is None or not isinstance(rec.get("metrics"), dict):
+        return None
+    out = StageOutput.from_dict({**rec, "stage": stage})
+    return None if verify(paths, out) else out

@@ -171,7 +171,31 @@ def _cmd_run(args: argparse.Namespace, root: Path) -> int:
     finally:
         lock.release()
     print(run_summary(summary, cfg, root, time.perf_counter() - started, args.params))
+    _dvc_commit(cfg, root)
     return 0
+
+
+def _dvc_commit(cfg, root: Path) -> None:  # noqa: ANN001 - PipelineConfig
+    """Record a finished run's outputs in dvc.lock (``runtime.dvc_commit``): ``dvc status`` is then clean and
+    ``dvc repro`` reuses the run. Only in a DVC repository, and only for the default output folder (the
+    paths dvc.yaml names); a failure is one warning line, never a failed run."""
+    if not (cfg.runtime.dvc_commit and (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()):
+        return
+    if (root / cfg.runtime.output_dir).resolve() != root.resolve():
+        return
+    started = time.perf_counter()
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"dsv: warning: dvc commit did not run ({type(exc).__name__}: {exc}); dvc.lock not updated")
+        return
+    if done.returncode != 0:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        print(f"dsv: warning: dvc commit failed ({last[0]}); dvc.lock not updated")
+        return
+    print(f"dvc.lock updated in {time.perf_counter() - started:.1f} s: `dvc status` is clean, `dvc repro` reuses this run")
 
 
 def mlflow_run_url(experiment_id: str, run_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
@@ -228,22 +252,24 @@ def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
     from flows.environment import configure
 
     configure(root)
+    from flows.pipeline import run_stage_direct
     from tasks.paths import Paths
-    from tasks.stages import STAGES, stage_function
+    from tasks.stages import STAGES
     from tasks.tracking import NullLog, Tracker
 
     spec = STAGES[args.name]
-    view = cfg.restricted(spec.sections)
     paths = Paths((root / cfg.runtime.output_dir).resolve())
-    fn = stage_function(args.name)
     lock = _lock(cfg, root, f"dsv stage {args.name}", args.wait)
+    cached = False
     try:
         if args.no_mlflow:
-            out = fn(view, paths, NullLog())
+            out, cached = run_stage_direct(args.name, cfg, root, paths, NullLog())
         else:
             tracker = Tracker(root, cfg.runtime.mlflow_experiment, cfg.runtime.log_models)
             with tracker.stage_run(args.name, None, cfg.sections(spec.sections), tags={"runner": "dvc"}) as log:
-                out = fn(view, paths, log)
+                out, cached = run_stage_direct(args.name, cfg, root, paths, log, log.run_id)
+                log.tags({"cached": str(cached).lower(), **({"dsv.produced_by": out.produced_by}
+                                                            if cached and out.produced_by else {})})
                 log.artifact(paths.resolved_params(args.name))
     except Exception as exc:
         if os.environ.get("DSV_TRACEBACK"):
@@ -251,7 +277,10 @@ def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
         _fail(f"stage {args.name} failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
     finally:
         lock.release()
-    print(f"dsv: stage {args.name} wrote {len(out.files)} files in {out.timings.get('wall_seconds', 0):.1f} s")
+    if cached:
+        print(f"dsv: stage {args.name} restored from cache ({len(out.files)} files verified)")
+    else:
+        print(f"dsv: stage {args.name} wrote {len(out.files)} files in {out.timings.get('wall_seconds', 0):.1f} s")
     return 0
 
 

@@ -33,7 +33,7 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
-from flows.cache import cache_key, external_inputs, lookup, source_hash, store
+from flows.cache import cache_key, external_inputs, last_output, lookup, source_hash, store, store_last
 from tasks.artifacts import read_json
 from tasks.config import ConfigError, PipelineConfig, config_from_dict, data_checks, flatten, load_config
 from tasks.lock import OutputLock
@@ -207,6 +207,59 @@ def run_stage(
     return StageOutput.from_dict(result), all_cached and cached
 
 
+def run_stage_direct(stage: str, cfg: PipelineConfig, root: Path, paths: Paths, log: StageLog,
+                     run_id: str | None = None) -> tuple[StageOutput, bool]:
+    """One stage in this process, without Prefect (``dsv stage``, what dvc.yaml runs), through the same JSON
+    cache records as the flow: the upstream artifacts are named by the upstream stages' latest outputs
+    (``flows.cache.last_output``), so a stage ``dsv run`` finished is restored here, and a stage run here is
+    restored by the next ``dsv run``. Returns (output, restored from cache). Without intact upstream records
+    the stage simply runs and records nothing but its latest output.
+    """
+    import importlib
+
+    spec = STAGES[stage]
+    view = cfg.restricted(spec.sections)
+    params = cfg.sections(spec.sections)
+    ups = [last_output(root, u, paths) for u in spec.upstream]
+    keyed = all(u is not None for u in ups)
+    upstream = {rel: sha for u in ups if u is not None for rel, sha in u.files.items()}
+    upstream.update(external_inputs(cfg, stage))
+    context = {"root": str(root), "base": str(paths.base), "run_id": run_id}
+
+    def cached_or(kind: str, inputs: dict[str, Any], fn: Any) -> tuple[Any, bool]:
+        if not keyed:
+            return json.loads(json.dumps(fn(), allow_nan=True)), False
+        key = cache_key(kind, _TASK_SOURCES[kind], stage, **inputs)
+        hit = lookup(root, stage, key, paths)
+        if hit is not None:
+            return hit, True
+        result = json.loads(json.dumps(fn(), allow_nan=True))
+        if kind != "unit":
+            result["produced_by"] = context["run_id"]
+        store(root, stage, key, result)
+        return result, False
+
+    if not spec.mapped:
+        result, cached = cached_or("stage", {"params": params, "upstream": upstream},
+                                   lambda: stage_function(stage)(view, paths, log).to_dict())
+    else:
+        module = importlib.import_module(spec.module)
+        unit_results, cached = [], True
+        for unit in module.units(view):
+            r, hit = cached_or("unit", {"unit": unit, "params": params, "upstream": upstream},
+                               lambda unit=unit: module.run_unit(view, paths, unit, log))
+            unit_results.append(r)
+            cached &= hit
+        unit_files = [r["files"] for r in unit_results]
+        result, hit = cached_or("merge", {"params": params, "upstream": upstream, "unit_files": unit_files},
+                                lambda: module.merge(view, paths, log, unit_results).to_dict())
+        cached &= hit
+    out = StageOutput.from_dict(result)
+    restore_metrics(paths, out)
+    store_last(root, out)
+    return out, cached
+
+
 def _check_data(cfg: PipelineConfig, paths: Paths) -> None:
     """The data-dependent checks (:func:`tasks.config.data_checks`) on the prepared data's class counts."""
     meta = read_json(paths.data_meta)
@@ -291,6 +344,7 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
                 log.metric("stage_seconds", time.perf_counter() - t0)
                 tracker.end_run(run_id)
             outputs[stage] = out
+            store_last(root_path, out)
             summary["stages"][stage] = {"cached": cached, "files": out.files}
             if stage == "prepare":
                 _check_data(cfg, paths)

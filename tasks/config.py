@@ -80,6 +80,9 @@ class RuntimeConfig:
         dask_address: scheduler address of an existing Dask cluster (e.g. "tcp://127.0.0.1:8786")
             for ``task_runner: dask``; null starts a LocalCluster of ``workers`` processes on
             127.0.0.1 for the run.
+        dvc_commit: after a successful ``dsv run`` in a DVC repository (a ``.dvc/`` folder next to
+            dvc.yaml) with the default output folder, record the outputs in dvc.lock (``dvc commit``), so
+            ``dvc status`` is clean and ``dvc repro`` reuses the run.
     """
 
     device: str = "cpu"
@@ -91,6 +94,7 @@ class RuntimeConfig:
     workers: int = 1
     task_runner: str = "thread"
     dask_address: str | None = None
+    dvc_commit: bool = True
 
     def __post_init__(self) -> None:
         if self.workers < 1:

@@ -279,7 +279,8 @@ def dvc_stages(root: Path) -> dict[str, Any]:
     """The ``stages`` mapping of dvc.yaml, derived from the registry (default output folder).
 
     Each stage: ``cmd: dsv stage <name>``, its params sections, its code closure and upstream
-    artifact folders as deps, ``artifacts/<name>`` as out and ``metrics/<name>.json`` as metrics.
+    artifact folders as deps, ``artifacts/<name>`` as a persistent out (not deleted before the command runs,
+    so finished work can be reused) and ``metrics/<name>.json`` as metrics.
     """
     out: dict[str, Any] = {}
     for name, spec in STAGES.items():
@@ -288,7 +289,9 @@ def dvc_stages(root: Path) -> dict[str, Any]:
             "cmd": f"dsv stage {name}",
             "params": list(spec.sections),
             "deps": deps,
-            "outs": [f"artifacts/{name}"],
+            # persist: DVC would delete the folder before running the command, and `dsv stage` could then not
+            # reuse the stage's verified work from the shared cache (flows.pipeline.run_stage_direct)
+            "outs": [{f"artifacts/{name}": {"persist": True}}],
             "metrics": [{f"metrics/{name}.json": {"cache": False}}],
         }
     return out

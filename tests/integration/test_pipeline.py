@@ -271,14 +271,40 @@ def test_dvc_repro_matches_the_flow_and_skips_when_unchanged(repo: Path, prefect
     run_in_process(repo)  # the flow's artifacts for the default params (cache hits, verified)
     flow_artifacts = tree_hashes(repo / "artifacts")
     assert len(flow_artifacts) > 20
+    t0 = time.perf_counter()
     out = _sh([sys.executable, "-m", "dvc", "repro"], repo, env, timeout=600)
-    for stage in STAGES:
+    repro_seconds = time.perf_counter() - t0
+    for stage in STAGES:  # no dvc.lock yet, so DVC runs every stage; each reuses the flow's finished work
         assert f"Running stage '{stage}'" in out
+        assert f"dsv: stage {stage} restored from cache" in out, out[-3000:]
     assert tree_hashes(repo / "artifacts") == flow_artifacts  # same code path, identical bytes
+    print(f"dvc repro after the flow: {repro_seconds:.1f} s, every stage restored")
     out = _sh([sys.executable, "-m", "dvc", "repro"], repo, env)
     assert "Running stage" not in out
     assert "up to date" in out or "didn't change" in out
     assert 0 < len(pd.read_parquet(repo / "artifacts/extract/dsv.parquet")) <= TINY_DSV_ROWS
+
+
+def test_dvc_experiment_is_reused_by_the_flow_and_shown(repo: Path, prefect_api: str) -> None:
+    """`dvc exp run -S` computes through `dsv stage`; `dvc exp show` prints the accuracies; the flow with the
+    same override then restores every stage; `dsv run` leaves `dvc status` clean."""
+    env = _env(repo, prefect_api)
+    _sh([sys.executable, "-m", "dvc", "repro"], repo, env, timeout=600)
+    _sh(["git", "add", "-A"], repo, env)
+    _sh(["git", "commit", "-q", "-m", "baseline"], repo, env)
+    out = _sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "evaluate.protocol.n_runs=1"], repo, env, timeout=600)
+    assert "Running stage 'distill'" in out and "Running stage 'extract'" not in out
+    shown = _sh([sys.executable, "-m", "dvc", "exp", "show", "--no-pager", "--md", "--drop", ".*", "--keep",
+                 "Experiment|acc.dsv_nshot_ipc2|acc.random_ipc2|evaluate.protocol.n_runs"], repo,
+                {**env, "COLUMNS": "250"})
+    row = next(line for line in shown.splitlines() if "workspace" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 4 and all(c not in ("!", "-", "") for c in cells[1:]), shown
+    assert 0.0 <= float(cells[1]) <= 1.0 and cells[3] == "1"
+    summary, states = run_in_process(repo, ("evaluate.protocol.n_runs=1",))
+    assert all(state == "Cached" for _, state in states), states
+    _sh([sys.executable, "-m", "flows.cli", "run", "-S", "evaluate.protocol.n_runs=1"], repo, env)
+    assert "up to date" in _sh([sys.executable, "-m", "dvc", "status"], repo, env)
 
 
 def test_editing_a_dsv_function_reruns_extract_and_dependants(repo: Path, prefect_api: str) -> None:

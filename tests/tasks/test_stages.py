@@ -40,7 +40,7 @@ def test_dvc_yaml_is_current_and_lists_each_stages_params() -> None:
         assert stages[name]["cmd"] == f"dsv stage {name}"
         assert stages[name]["params"] == list(spec.sections)
         assert f"tasks/{name}.py" in stages[name]["deps"]
-        assert stages[name]["outs"] == [f"artifacts/{name}"]
+        assert stages[name]["outs"] == [{f"artifacts/{name}": {"persist": True}}]
 
 
 def test_verify_detects_missing_and_changed_files(tmp_path: Path) -> None:
