@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 # Pipeline/orchestration packages dsv must never import.
-FORBIDDEN = ("prefect", "mlflow", "dvc", "pyarrow", "tasks", "flows")
-# Optional dependencies dsv may only import lazily, inside the function that needs them.
-LAZY = ("sklearn", "PIL", "torchvision", "matplotlib", "pandas")
+FORBIDDEN = ("prefect", "mlflow", "dvc", "tasks", "flows")
+# Optional dependencies dsv may only import lazily, inside the function that needs them (pyarrow: only to
+# read a user's CSV or Parquet table in dsv.data.readers.read_tabular; timm: only for "timm:" models).
+LAZY = ("sklearn", "PIL", "torchvision", "matplotlib", "pandas", "pyarrow", "timm")
 
 _SCRIPT = """
 import importlib, json, pkgutil, sys

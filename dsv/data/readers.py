@@ -526,20 +526,27 @@ def read_imagefolder(
 TABULAR_SUFFIXES: tuple[str, ...] = (".csv", ".parquet", ".pq")
 
 
-def _read_frame(path: Path) -> Any:
-    """The file as a pandas DataFrame (pandas reads CSV itself and Parquet through pyarrow)."""
-    import pandas as pd
+def _read_table(path: Path) -> Any:
+    """The file as a pyarrow Table: columns are read as plain Arrow arrays (no pandas metadata is interpreted,
+    no extension type is deserialised)."""
+    import pyarrow as pa
 
     if not path.is_file():
         raise FileNotFoundError(f"tabular: file {str(path)!r} not found (prepare.data.root names the CSV or "
                                 f"Parquet file)")
     suffix = path.suffix.lower()
-    if suffix not in TABULAR_SUFFIXES:
-        raise ValueError(f"tabular: {path} is not a {' or '.join(TABULAR_SUFFIXES)} file")
     try:
-        return pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
-    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        if suffix == ".csv":
+            import pyarrow.csv as pcsv
+
+            return pcsv.read_csv(path)
+        if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
         raise ValueError(f"tabular: {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    raise ValueError(f"tabular: {path} is not a {' or '.join(TABULAR_SUFFIXES)} file")
 
 
 def read_tabular(path: Path, label: str, features: tuple[str, ...] | None = None, test_fraction: float = 0.2,
@@ -559,10 +566,10 @@ def read_tabular(path: Path, label: str, features: tuple[str, ...] | None = None
         ValueError: a missing column, a non-numeric or incomplete feature column (naming it), fewer than two
             rows in a class.
     """
-    import pandas as pd
+    import pyarrow as pa
 
-    frame = _read_frame(path)
-    names = [str(c) for c in frame.columns]
+    table = _read_table(path)
+    names = list(table.column_names)
     if label not in names:
         raise ValueError(f"tabular: label column {label!r} is not in {path}; its columns: {', '.join(names)}")
     cols = list(features) if features else [c for c in names if c != label]
@@ -572,22 +579,22 @@ def read_tabular(path: Path, label: str, features: tuple[str, ...] | None = None
     if not cols:
         raise ValueError(f"tabular: {path} has no feature column besides the label {label!r}")
     arrays = []
-    for c in cols:
-        col = frame[c]
-        if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)):
-            raise ValueError(f"tabular: feature column {c!r} of {path} is {col.dtype}, not numeric; encode it or "
+    for name in cols:
+        col = table.column(name)
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
+            raise ValueError(f"tabular: feature column {name!r} of {path} is {col.type}, not numeric; encode it or "
                              "leave it out of prepare.data.features")
-        if int(col.isna().sum()):
-            raise ValueError(f"tabular: feature column {c!r} of {path} has {int(col.isna().sum())} missing value(s)")
-        values = col.to_numpy(dtype=np.float64)
+        if col.null_count:
+            raise ValueError(f"tabular: feature column {name!r} of {path} has {col.null_count} missing value(s)")
+        values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
         if not np.isfinite(values).all():
-            raise ValueError(f"tabular: feature column {c!r} of {path} has NaN or infinite values")
+            raise ValueError(f"tabular: feature column {name!r} of {path} has NaN or infinite values")
         arrays.append(values)
     x = torch.from_numpy(np.stack(arrays, axis=1).astype(np.float32))
-    lab = frame[label]
-    if int(lab.isna().sum()):
-        raise ValueError(f"tabular: label column {label!r} of {path} has {int(lab.isna().sum())} missing value(s)")
-    raw = [v.item() if hasattr(v, "item") else v for v in lab.tolist()]
+    lab = table.column(label)
+    if lab.null_count:
+        raise ValueError(f"tabular: label column {label!r} of {path} has {lab.null_count} missing value(s)")
+    raw = lab.to_pylist()
     distinct = sorted(set(raw), key=lambda v: (not isinstance(v, int | float), v if isinstance(v, int | float) else str(v)))
     index = {v: i for i, v in enumerate(distinct)}
     y = torch.tensor([index[v] for v in raw], dtype=torch.long)

@@ -34,7 +34,8 @@ def test_nan_stops_the_stage_and_marks_mlflow_failed(
         pipeline(params_path="params.yaml", overrides=[override], root=str(project))
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("dsv")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    runs = {("pipeline" if r.data.tags.get("dsv.kind") == "pipeline" else r.info.run_name): r
+            for r in client.search_runs([exp.experiment_id])}
     assert runs["pipeline"].info.status == "FAILED"
     assert runs[stage].info.status == "FAILED"
     import re
