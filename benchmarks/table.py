@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         f"evaluate.protocol.min_steps={args.min_steps}",
         f"evaluate.protocol.model.width={args.student_width}",
         f"runtime.output_dir={out_dir}",
+        "extract.inits=[nshot,0shot,noise]",
         f"distill.methods=[{','.join(ALL_METHODS)}]",  # every method (the main job runs the headline ones)
         *args.extra,
     ]
