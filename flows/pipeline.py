@@ -218,6 +218,7 @@ def run_stage_direct(stage: str, cfg: PipelineConfig, root: Path, paths: Paths, 
     import importlib
 
     spec = STAGES[stage]
+    _sweep(root, paths)
     view = cfg.restricted(spec.sections)
     params = cfg.sections(spec.sections)
     ups = [last_output(root, u, paths) for u in spec.upstream]
@@ -290,7 +291,16 @@ def pipeline(
     cfg = load_config(p if p.is_absolute() else root_path / p, overrides or [])
     paths = Paths((root_path / cfg.runtime.output_dir).resolve())
     with OutputLock(paths.base, "dsv run", lock_wait):
+        _sweep(root_path, paths)
         return _pipeline(cfg, params_path, root_path, paths, track)
+
+
+def _sweep(root: Path, paths: Paths) -> None:
+    """Temp files of a writer that was killed (SIGKILL, OOM) in the output folder and the stage cache."""
+    from flows.cache import cache_dir
+    from tasks.atomic import sweep_stale_temps
+
+    sweep_stale_temps(cache_dir(root), *(paths.base / d for d in ("artifacts", "metrics", "timings")))
 
 
 def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Paths, track: bool) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Crash-safe file writes: a temp file in the destination folder, fsync, then ``os.replace``.
 
 A reader sees either the old file or the complete new one, never a half-written file, even if the
-process is killed mid-write (the temp file, named ``.<name>.<random>.tmp``, is left behind at worst
-and ignored by every reader).
+process is killed mid-write (the temp file, named ``.<name>.<pid>.<random>.tmp``, is left behind at worst,
+ignored by every reader, and removed by the next run: :func:`sweep_stale_temps`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,33 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_stale_temps(*folders: Path) -> list[Path]:
+    """Remove the temp files that a killed writer left under ``folders`` (``.<name>.<pid>.<random>.tmp``
+    whose process no longer exists); a live process's temp file is never touched. Returns what was removed."""
+    removed = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for p in folder.rglob(".*.tmp"):
+            parts = p.name[1 : -len(".tmp")].rsplit(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit() or _pid_alive(int(parts[1])) or p.is_symlink():
+                continue
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path next to ``dest``; on success it is fsynced and renamed onto ``dest``.
@@ -49,7 +76,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent)
     except OSError as exc:
         raise OSError(exc.errno, _describe(exc, dest)) from exc
     os.close(fd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,22 @@ def test_sha256_matches_hashlib(tmp_path: Path) -> None:
     data = bytes(range(256)) * 5000
     p = write_bytes(tmp_path / "d", data)
     assert file_sha256(p, chunk=1000) == hashlib.sha256(data).hexdigest()
+
+
+def test_stale_temp_files_of_dead_writers_are_swept(tmp_path: Path) -> None:
+    """A killed writer's temp file (its pid in the name) is removed; a live writer's is kept."""
+    import subprocess
+    import sys
+
+    from tasks.atomic import sweep_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / "sub").mkdir()
+    stale = tmp_path / "sub" / f".record.json.{dead_pid}.abc123.tmp"
+    live = tmp_path / f".record.json.{os.getpid()}.def456.tmp"
+    other = tmp_path / ".notes.tmp"  # not the writer's pattern
+    for p in (stale, live, other):
+        p.write_text("partial")
+    assert sweep_stale_temps(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
