@@ -113,7 +113,7 @@ class Certificate:
 
 
 def full_batch_grad(
-    model: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor, batch_size: int = 1024
+    model: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor, batch_size: int = 128
 ) -> list[Tensor]:
     """∇_θ of the mean cross-entropy over all of (x, y), accumulated over batches (model in eval mode).
 
@@ -144,7 +144,7 @@ def kkt_certificate(
     weight_decay: float,
     params: list[nn.Parameter],
     subset: str = "all",
-    batch_size: int = 1024,
+    batch_size: int = 128,
 ) -> Certificate:
     """The relative stationarity residual of θ* at uniform λ = 1/(nω) (see the module docstring).
 
@@ -155,7 +155,8 @@ def kkt_certificate(
         weight_decay: ω the teacher was trained with (> 0: without weight decay no finite λ exists).
         params: the parameters θ to certify (see :func:`dsv.kkt.stationarity_params`).
         subset: the subset's name, recorded in the result.
-        batch_size: samples per forward (memory only).
+        batch_size: samples per forward and backward (memory and speed only: 128 runs a CPU pass over
+            Fashion-MNIST ~1.6x faster than 1024, the activations staying in cache).
 
     Raises:
         ValueError: when ``weight_decay`` is not > 0 or x is empty.
@@ -178,7 +179,7 @@ def kkt_certificates(
     y: Tensor,
     weight_decay: float,
     subsets: dict[str, list[nn.Parameter]],
-    batch_size: int = 1024,
+    batch_size: int = 128,
 ) -> dict[str, Certificate]:
     """:func:`kkt_certificate` for several parameter subsets from one pass over the training split."""
     if not weight_decay > 0:

@@ -85,8 +85,8 @@ class _Inputs:
     def features(self) -> Tensor:
         x = self.train[0]
         with torch.no_grad():
-            return torch.cat([self.teacher.embed(x[i : i + 1024].to(self.device)).cpu()  # type: ignore[operator]
-                              for i in range(0, x.shape[0], 1024)])
+            return torch.cat([self.teacher.embed(x[i : i + 256].to(self.device)).cpu()  # type: ignore[operator]
+                              for i in range(0, x.shape[0], 256)])
 
     @cached_property
     def logits(self) -> Tensor:
