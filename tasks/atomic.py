@@ -33,7 +33,8 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this host)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,7 +53,7 @@ def sweep_stale_temps(*folders: Path) -> list[Path]:
             continue
         for p in folder.rglob(".*.tmp"):
             parts = p.name[1 : -len(".tmp")].rsplit(".", 2)
-            if len(parts) != 3 or not parts[1].isdigit() or _pid_alive(int(parts[1])) or p.is_symlink():
+            if len(parts) != 3 or not parts[1].isdigit() or pid_alive(int(parts[1])) or p.is_symlink():
                 continue
             with contextlib.suppress(OSError):
                 p.unlink()

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from tasks.atomic import pid_alive
 from tasks.config import flatten
 from tasks.paths import ProjectPaths
 
@@ -183,16 +184,6 @@ def is_interrupt(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt) or type(exc).__name__ in ("Terminated", "TerminationSignal")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Tracker:
     """An MLflow experiment in the project's store, with explicit-id runs.
 
@@ -268,7 +259,7 @@ class Tracker:
                 if tags.get("dsv.host") != host or not tags.get("dsv.pid", "").isdigit():
                     continue
                 pid = int(tags["dsv.pid"])
-                if pid == os.getpid() or _alive(pid):
+                if pid == os.getpid() or pid_alive(pid):
                     continue
                 self.client.set_tag(r.info.run_id, "dsv.stale_reason",
                                     f"process {pid} ended without closing the run (killed, crashed or out of "
