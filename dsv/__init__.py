@@ -11,7 +11,9 @@ from dsv.augment import AugmentConfig, augment, dsa_config
 from dsv.certificate import ConvergeConfig, converge, final_linear, kkt_certificate
 from dsv.data.core import ImageDataset, denormalize, normalize
 from dsv.data.registry import DataConfig, load_dataset
-from dsv.extract import DSVResult, ExtractConfig, edit, extract, generate, init_candidates, soft_targets
+from dsv.extract import DSVResult, ExtractConfig, extract, init_candidates, soft_targets
+from dsv.generate import GenerateConfig, Generated, edit_images, generate_images, interpolate, sample
+from dsv.judge import JudgeScore, frechet_distance, judge_score, matched_real
 from dsv.kkt import KKTConfig, kkt_objective, primal_loss, stationarity_loss, stationarity_residual
 from dsv.lam import LambdaConfig, LambdaResult, class_lambda_sums, fit_lambdas, pearson
 from dsv.models import ModelConfig, build_model, build_seeded, load_checkpoint, read_checkpoint
@@ -31,7 +33,10 @@ __all__ = [
     "ExtractConfig",
     "FitConfig",
     "FitResult",
+    "GenerateConfig",
+    "Generated",
     "ImageDataset",
+    "JudgeScore",
     "KKTConfig",
     "LambdaConfig",
     "LambdaResult",
@@ -43,22 +48,27 @@ __all__ = [
     "converge",
     "denormalize",
     "dsa_config",
-    "edit",
+    "edit_images",
     "evaluate",
     "extract",
     "final_linear",
     "fit",
     "fit_lambdas",
-    "generate",
+    "frechet_distance",
+    "generate_images",
     "init_candidates",
+    "interpolate",
+    "judge_score",
     "kkt_certificate",
     "kkt_objective",
     "load_checkpoint",
     "load_dataset",
+    "matched_real",
     "normalize",
     "pearson",
     "primal_loss",
     "read_checkpoint",
+    "sample",
     "soft_targets",
     "stationarity_loss",
     "stationarity_residual",

@@ -1,4 +1,4 @@
-"""Deep Support Vector synthesis (paper §4, Algorithm 1), generation and editing.
+"""Deep Support Vector synthesis (paper §4, Algorithm 1). Generation and editing: :mod:`dsv.generate`.
 
 Candidates x_i (with targets y_i) and multipliers λ_i are optimised jointly under the DeepKKT
 objective of :mod:`dsv.kkt` while the teacher stays frozen and in eval mode. λ is optimised in units
@@ -462,43 +462,3 @@ def _trace_row(step: int, terms, y: Tensor, lam: Tensor, d0: float) -> dict[str,
         "lam_mean": float(lam.detach().mean()),
         "residual_rel": float(terms.stat) / max(d0, 1e-30),
     }
-
-
-def generate(
-    teacher: nn.Module,
-    x0: Tensor,
-    class_a: int,
-    class_b: int,
-    deltas: list[float],
-    num_classes: int,
-    cfg: ExtractConfig,
-    seed: int = 0,
-    pixel_bounds: tuple[Tensor, Tensor] | None = None,
-) -> list[DSVResult]:
-    """Generation / interpolation with soft labels y = (1 − δ)·y_a + δ·y_b (paper §5.4).
-
-    Runs one synthesis per δ from the same start ``x0`` (K candidates), so a δ sweep interpolates
-    between classes a and b. Soft targets use the soft cross-entropy in every term.
-
-    Returns:
-        One :class:`DSVResult` per δ, in order.
-    """
-    out = []
-    for delta in deltas:
-        y = soft_targets(class_a, class_b, delta, num_classes).expand(x0.shape[0], -1).clone()
-        out.append(extract(teacher, x0, y, cfg, seed=seed, pixel_bounds=pixel_bounds, keep_zero_lambda=True))
-    return out
-
-
-def edit(
-    teacher: nn.Module,
-    image: Tensor,
-    target_class: int,
-    cfg: ExtractConfig,
-    seed: int = 0,
-    pixel_bounds: tuple[Tensor, Tensor] | None = None,
-) -> DSVResult:
-    """Editing: start from a real image (C, H, W) and optimise it towards ``target_class`` (paper §5.4)."""
-    x0 = image.unsqueeze(0) if image.dim() == 3 else image
-    y0 = torch.full((x0.shape[0],), target_class, dtype=torch.long)
-    return extract(teacher, x0, y0, cfg, seed=seed, pixel_bounds=pixel_bounds, keep_zero_lambda=True)

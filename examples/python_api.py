@@ -48,11 +48,9 @@ def main(steps: int = 60, seed: int = 0) -> dict[str, float]:
     top_support = int(lam.support_rank.argmin()) if lam.support_rank is not None else -1
 
     # 5. The classifier as a generator: an interpolation between classes 3 and 8 (soft targets).
-    noise, _ = dsv.init_candidates("noise", 1, 1, shape, g)
-    strip = dsv.generate(teacher, noise, 3, 8, [0.0, 0.5, 1.0], c, dsv.ExtractConfig(steps=steps, dual="clamp"),
-                         seed=seed, pixel_bounds=(lo, hi))
-    with torch.no_grad():
-        ends = [int(teacher(r.x).argmax(1)[0]) for r in (strip[0], strip[-1])]
+    strip, _, _ = dsv.interpolate(teacher, [(3, 8)], [0.0, 0.5, 1.0], c, shape, dsv.GenerateConfig(steps=steps),
+                                  seed=seed, pixel_bounds=(lo, hi))
+    ends = [int(strip.probs[0].argmax()), int(strip.probs[-1].argmax())]
 
     out = {"teacher_acc": acc, "n_dsv": float(images.shape[0]), "dsv_min": float(images.min()),
            "dsv_max": float(images.max()), "lam_rows": float(lam.lam.numel()), "top_support_index": float(top_support),

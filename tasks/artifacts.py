@@ -234,6 +234,49 @@ def write_dsv_parquet(
     return _write_table(path, table)
 
 
+def write_generated_parquet(
+    path: str | Path,
+    *,
+    x: Tensor,
+    kind: list[str],
+    target: Tensor,
+    soft_target: Tensor,
+    delta: Tensor,
+    pair: Tensor,
+    source_index: Tensor,
+    teacher_probs: Tensor,
+    judge_probs: Tensor,
+    class_names: list[str],
+    metadata: dict[str, str],
+) -> Path:
+    """Atomically write generated images: ``x`` (M, C, H, W) in pixel units; ``kind`` is "sample",
+    "interpolation" or "edit"; ``soft_target``, ``teacher_probs`` and ``judge_probs`` are (M, classes);
+    ``delta`` is NaN and ``pair``/``source_index`` are -1 where they do not apply (``source_index``: the edited
+    image's index in the prepared test split). Images are also PNG bytes in ``png``, like ``dsv.parquet``."""
+    arr = np.ascontiguousarray(x.detach().cpu().numpy().astype(np.float32))
+    if arr.ndim != 4 or arr.shape[0] == 0:
+        raise ValueError(f"generated images must be a non-empty (M, C, H, W) batch, got shape {arr.shape}")
+
+    def rows(t: Tensor) -> pa.Array:
+        return pa.array(list(t.detach().cpu().double().numpy()), type=pa.list_(pa.float64()))
+
+    table = pa.table({
+        "image": pa.FixedShapeTensorArray.from_numpy_ndarray(arr),
+        "kind": pa.array(kind, type=pa.string()),
+        "target": pa.array(target.cpu().numpy().astype(np.int64)),
+        "class_name": pa.array([class_names[int(t)] for t in target], type=pa.string()),
+        "soft_target": rows(soft_target),
+        "delta": pa.array(delta.cpu().numpy().astype(np.float64)),
+        "pair": pa.array(pair.cpu().numpy().astype(np.int64)),
+        "source_index": pa.array(source_index.cpu().numpy().astype(np.int64)),
+        "teacher_probs": rows(teacher_probs),
+        "judge_probs": rows(judge_probs),
+        **({"png": pa.array(png_bytes(arr), type=pa.binary())} if arr.shape[1] in (1, 3) else {}),
+    })
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+    return _write_table(path, table)
+
+
 def _col(values: Tensor | None, like: Tensor) -> np.ndarray:
     """A float64 column, or NaN of ``like``'s length when the values are not known."""
     if values is None:

@@ -9,8 +9,12 @@ Outputs (``artifacts/evaluate/``):
   same IPC, and the second architecture's accuracy when ``evaluate.cross_model`` is set;
 * ``results.md``: the table ranked within each IPC, the best marked;
 * ``acc_vs_ipc.json``: accuracy per (method, IPC), a DVC plot;
+* ``judge.json``: how the independent judge (stage ``judge``) sees every image training set (distilled or
+  selected) and, per IPC, raw noise of the same size: accuracy on the intended class, mean confidence, and the
+  Fréchet distance to as many real test images of the same classes (:func:`judge_sets`);
 * ``metrics/evaluate.json``: flat scalars DVC and MLflow display, ``acc.<method>_ipc<k>``,
-  ``acc_std.<method>_ipc<k>``, ``lrs.<method>_ipc<k>``, ``teacher_acc`` (:func:`flat_metrics`).
+  ``acc_std.<method>_ipc<k>``, ``lrs.<method>_ipc<k>``, ``judge_acc.<set>``, ``frechet.<set>``, ``teacher_acc``
+  (:func:`flat_metrics`).
 
 The label-robust score needs the accuracy of a model trained on all real data with hard labels: the
 ``full`` method's row when it ran, else the teacher's test accuracy (``lrs_reference`` says which).
@@ -22,8 +26,11 @@ import math
 import time
 from typing import Any
 
+import torch
+
+from dsv.judge import judge_score, matched_real
 from dsv.protocols import ResultRow, label_robust_score
-from tasks.artifacts import read_json
+from tasks.artifacts import load_model, load_split, load_tensors, read_data_meta, read_json
 from tasks.atomic import write_json, write_text
 from tasks.config import PipelineConfig
 from tasks.paths import Paths
@@ -84,9 +91,11 @@ def add_scores(rows: list[dict[str, Any]], teacher_acc: float) -> list[dict[str,
     return rows
 
 
-def flat_metrics(teacher_acc: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def flat_metrics(teacher_acc: float, rows: list[dict[str, Any]], judged: list[dict[str, Any]] | None = None
+                 ) -> dict[str, Any]:
     """The DVC/MLflow metrics: one level of nesting, scalars only (``dvc metrics show``/``dvc exp show``
-    print ``acc.dsv_nshot_ipc10``...); rows without runs are left out."""
+    print ``acc.dsv_nshot_ipc10``...); rows without runs are left out. ``judged`` (:func:`judge_sets`) adds
+    ``judge_acc.<set>`` and ``frechet.<set>``."""
     out: dict[str, Any] = {"teacher_acc": teacher_acc, "acc": {}, "acc_std": {}, "lrs": {}}
     for r in rows:
         if r["acc_mean"] is None:
@@ -98,6 +107,9 @@ def flat_metrics(teacher_acc: float, rows: list[dict[str, Any]]) -> dict[str, An
             out["lrs"][key] = r["lrs_mean"]
         if r.get("cross_acc_mean") is not None:
             out.setdefault("cross_acc", {})[key] = r["cross_acc_mean"]
+    for j in judged or ():
+        out.setdefault("judge_acc", {})[j["set"]] = j["judge_acc"]
+        out.setdefault("frechet", {})[j["set"]] = j["frechet"]
     return {k: v for k, v in out.items() if v != {}}
 
 
@@ -105,6 +117,20 @@ def _pct(v: float | None, std: float | None = None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     return f"{100 * v:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def judge_markdown(judged: list[dict[str, Any]]) -> str:
+    """The judge table (empty when nothing was judged)."""
+    if not judged:
+        return ""
+    lines = ["", "Independent judge (stage `judge`, never the teacher) on each training set: accuracy on the intended",
+             "class, mean confidence, Fréchet distance of its features to as many real test images of the same classes",
+             "(lower = closer to real; `real_test` is a second real draw, the floor at this size; `noise` the ceiling).",
+             "", "| set | IPC | images | judge acc (%) | judge conf | Fréchet |", "|---|---:|---:|---:|---:|---:|"]
+    for j in sorted(judged, key=lambda j: (j["ipc"], j["frechet"])):
+        lines.append(f"| {j['method']} | {j['ipc']} | {j['n']} | {100 * j['judge_acc']:.1f} | {j['judge_conf']:.3f} | "
+                     f"{j['frechet']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(teacher_acc: float, rows: list[dict[str, Any]]) -> str:
@@ -137,17 +163,63 @@ def markdown(teacher_acc: float, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def judge_sets(paths: Paths, rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """The judge's view of every image set the students were trained on (one per (method, IPC) with a hard-label
+    set of images), plus raw noise of the IPC's size: ``{"set", "method", "ipc", "n", "judge_acc", "judge_conf",
+    "frechet"}``. Each set's reference is a seeded draw of real test images with the set's class counts; the
+    ``real_test`` row per IPC is a second, disjoint draw: the Fréchet floor at that size."""
+    meta = read_data_meta(paths.data_meta)
+    if len(meta.input_shape) != 3:
+        return []
+    judge = load_model(paths.judge, paths.judge_spec)
+    x_test, y_test = load_split(paths.test, meta)
+    mean, std = meta.stats()
+    lo, hi = ((0.0 - mean) / std).view(1, -1, 1, 1), ((1.0 - mean) / std).view(1, -1, 1, 1)
+    out: list[dict[str, Any]] = []
+    for ipc in sorted({int(r["ipc"]) for r in rows}):
+        g = torch.Generator().manual_seed(seed + ipc)
+        y_ref = torch.arange(meta.num_classes).repeat_interleave(ipc)
+        sets: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []
+        for r in rows:
+            f = paths.distill_set(r["method"], r["ipc"])
+            if r["ipc"] != ipc or r["label_type"] != "hard" or not f.is_file():
+                continue
+            t = load_tensors(f, ("x", "y"))
+            if t["y"].dim() == 1 and t["y"].numel() >= 2:
+                sets.append((f"{r['method']}_ipc{ipc}", r["method"], t["x"], t["y"]))
+        if not sets:
+            continue
+        try:
+            ref = matched_real(y_ref, y_test, g)
+            taken = torch.zeros_like(y_test, dtype=torch.bool)
+            taken[ref] = True
+            second = matched_real(y_ref, y_test, g, exclude=taken)
+        except ValueError:  # too few test images per class for two disjoint draws of this size
+            continue
+        sets.append((f"real_test_ipc{ipc}", "real_test", x_test[second], y_ref))
+        sets.append((f"noise_ipc{ipc}", "noise", torch.randn((y_ref.numel(), *meta.input_shape), generator=g)
+                     .clamp(lo, hi), y_ref))
+        for name, method, x, y in sets:
+            reference = x_test[matched_real(y, y_test, torch.Generator().manual_seed(seed + ipc))]
+            s = judge_score(judge, x, y, reference)
+            out.append({"set": name, "method": method, "ipc": ipc, "n": s.n, "judge_acc": s.acc,
+                        "judge_conf": s.conf, "frechet": s.frechet})
+    return out
+
+
 def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     """Build the table; see the module docstring."""
     started = time.perf_counter()
     teacher_acc = float(read_json(paths.metrics("pretrain"))["test_acc"])
     rows = add_scores(rows_from_cells(read_json(paths.distill_runs)), teacher_acc)
-    write_text(paths.results_table, markdown(teacher_acc, rows))
+    judged = judge_sets(paths, rows)
+    write_json(paths.judge_table, judged)
+    write_text(paths.results_table, markdown(teacher_acc, rows) + judge_markdown(judged))
     write_json(paths.results_json, {"teacher_acc": teacher_acc, "protocol": cfg.evaluate.protocol.name, "rows": rows})
     write_json(paths.results_plot, [{"method": r["method"], "ipc": r["ipc"], "acc": r["acc_mean"]}
                                     for r in rows if r["acc_mean"] is not None and r["method"] != "full"])
-    metrics = flat_metrics(teacher_acc, rows)
+    metrics = flat_metrics(teacher_acc, rows, judged)
     log.metric("teacher_acc", teacher_acc)
     log.artifact(paths.results_table)
-    return finish("evaluate", cfg, paths, [paths.results_table, paths.results_json, paths.results_plot], metrics,
-                  started)
+    return finish("evaluate", cfg, paths, [paths.results_table, paths.results_json, paths.results_plot,
+                                           paths.judge_table], metrics, started)

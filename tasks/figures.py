@@ -49,6 +49,42 @@ def image_grid(x: Tensor, labels: Tensor, class_names: Sequence[str], title: str
     return fig
 
 
+def image_matrix(rows: Sequence[Tensor], row_labels: Sequence[str], col_labels: Sequence[Sequence[str]] | Sequence[str],
+                 title: str) -> Figure:
+    """Rows of images (interpolation strips, edits), labelled per row and per column.
+
+    Args:
+        rows: one (K, C, H, W) tensor per row, pixel units [0, 1].
+        row_labels: one label per row (left).
+        col_labels: one label per column (the same for every row), or one list per row.
+        title: figure title.
+    """
+    cols = max((r.shape[0] for r in rows), default=1)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 1.0 + 1.4, len(rows) * 1.15 + 0.5), squeeze=False)
+    per_row = bool(col_labels) and not isinstance(col_labels[0], str)
+    for i, r in enumerate(rows):
+        labels = col_labels[i] if per_row else col_labels
+        for j in range(cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if j < r.shape[0]:
+                img = r[j].detach().cpu().clamp(0, 1)
+                if img.shape[0] == 1:
+                    ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+                else:
+                    ax.imshow(img.permute(1, 2, 0).numpy())
+                if j < len(labels):
+                    ax.set_title(str(labels[j]), fontsize=6)
+            if j == 0:
+                ax.set_ylabel(row_labels[i], rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def lam_histograms(lam: Tensor, labels: Tensor, class_names: Sequence[str]) -> Figure:
     """Histogram of λ for each class (small multiples)."""
     n_cls = len(class_names)

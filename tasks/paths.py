@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGE_NAMES: tuple[str, ...] = ("prepare", "pretrain", "extract", "coreset", "distill", "evaluate")
+STAGE_NAMES: tuple[str, ...] = ("prepare", "pretrain", "judge", "extract", "coreset", "distill", "generate", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,15 @@ class Paths:
     def pretrain_curve(self) -> Path:
         return self.stage_dir("pretrain") / "curve.json"
 
+    # judge
+    @property
+    def judge(self) -> Path:
+        return self.stage_dir("judge") / "judge.safetensors"
+
+    @property
+    def judge_spec(self) -> Path:
+        return self.stage_dir("judge") / "model.json"
+
     # extract
     def extract_shard(self, init: str, ipc: int, shard: int) -> Path:
         return self.stage_dir("extract") / "shards" / f"{init}_ipc{ipc}_shard{shard}.safetensors"
@@ -157,7 +166,31 @@ class Paths:
     def distill_runs(self) -> Path:
         return self.stage_dir("distill") / "runs.json"
 
+    # generate
+    @property
+    def generated_parquet(self) -> Path:
+        """Every generated image (samples, interpolation strips, edits) with its target and probabilities."""
+        return self.stage_dir("generate") / "generated.parquet"
+
+    @property
+    def generated(self) -> Path:
+        """The same images as tensors (normalised space), for programs."""
+        return self.stage_dir("generate") / "generated.safetensors"
+
+    def generate_figure(self, name: str) -> Path:
+        """``samples.png``, ``interpolation.png``, ``edits.png``."""
+        return self.stage_dir("generate") / f"{name}.png"
+
+    @property
+    def generate_trace(self) -> Path:
+        return self.stage_dir("generate") / "trace.json"
+
     # evaluate
+    @property
+    def judge_table(self) -> Path:
+        """Judge accuracy, confidence and Fréchet distance of every image set (distilled and real)."""
+        return self.stage_dir("evaluate") / "judge.json"
+
     @property
     def results_table(self) -> Path:
         return self.stage_dir("evaluate") / "results.md"

@@ -62,10 +62,12 @@ MAPPED: frozenset[str] = frozenset({"extract", "distill"})
 STAGES: dict[str, StageSpec] = {
     "prepare": StageSpec("prepare", ("prepare",), ()),
     "pretrain": StageSpec("pretrain", ("pretrain",), ("prepare",)),
+    "judge": StageSpec("judge", ("judge",), ("prepare",)),
     "extract": StageSpec("extract", ("extract",), ("prepare", "pretrain")),
     "coreset": StageSpec("coreset", ("coreset",), ("prepare", "pretrain")),
     "distill": StageSpec("distill", ("distill", "evaluate"), ("prepare", "pretrain", "extract", "coreset")),
-    "evaluate": StageSpec("evaluate", ("evaluate",), ("pretrain", "distill")),
+    "generate": StageSpec("generate", ("generate",), ("prepare", "pretrain", "judge")),
+    "evaluate": StageSpec("evaluate", ("evaluate",), ("prepare", "pretrain", "judge", "distill")),
 }
 assert tuple(STAGES) == STAGE_NAMES
 
@@ -271,6 +273,7 @@ DVC_PLOTS: dict[str, tuple[str, str]] = {
     "artifacts/pretrain/curve.json": ("step", "loss"),
     "artifacts/extract/trace.json": ("step", "entropy"),
     "artifacts/coreset/trace.json": ("batch", "residual_rel"),
+    "artifacts/generate/trace.json": ("step", "conf_target"),
     "artifacts/evaluate/acc_vs_ipc.json": ("ipc", "acc"),
 }
 

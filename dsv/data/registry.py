@@ -14,11 +14,14 @@ name               source
 ``tabular``        ``root`` = a CSV or Parquet file, ``label`` = its label column, ``features`` = the
                    numeric feature columns (default: all others); (N, D) features in their own units.
 ``digits``         scikit-learn's bundled 8x8 digits as (1, 8, 8) images; fixed stratified 80/20 split.
+``photos``         crops of the two photographs bundled with scikit-learn (``load_sample_images``: a temple
+                   in China, a flower) as (3, 32, 32) RGB images, classes = the photo; a natural-image pool
+                   for 0-shot initialisation that needs no download (1000 train / 200 test crops, fixed seed).
 ``moons``          scikit-learn ``make_moons``, 2 classes, (N, 2) standardised features.
 ``blobs``          scikit-learn ``make_blobs``, 3 classes, (N, 2) standardised features.
 =================  =========================================================================
 
-The generated and bundled sets (digits, moons, blobs) use a fixed data seed, so their test split
+The generated and bundled sets (digits, photos, moons, blobs) use a fixed data seed, so their test split
 never changes; ``DataConfig.seed`` only picks the per-class subsets. Channel mean/std are computed
 on the *full* training split before subsetting, so a smoke run on a subset normalises like the
 full run does.
@@ -265,6 +268,29 @@ def _load_digits(cfg: DataConfig) -> tuple[SplitTensors, str]:
     return SplitTensors(x[tr], y[tr], x[te], y[te], DIGIT_CLASSES), "sklearn.datasets.load_digits"
 
 
+def _load_photos(cfg: DataConfig) -> tuple[SplitTensors, str]:
+    from sklearn.datasets import load_sample_images  # lazy: two JPEGs inside scikit-learn's wheel
+
+    photos = load_sample_images()
+    g = torch.Generator().manual_seed(_DATA_SEED)
+    xs, ys = [], []
+    for k, img in enumerate(photos.images):
+        t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+        h, w = t.shape[-2:]
+        for _ in range(600):
+            side = int(torch.randint(32, min(h, w) // 2 + 1, (1,), generator=g))
+            top = int(torch.randint(0, h - side + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - side + 1, (1,), generator=g))
+            crop = t[:, top:top + side, left:left + side].unsqueeze(0)
+            xs.append(torch.nn.functional.interpolate(crop, size=(32, 32), mode="bilinear", antialias=True,
+                                                      align_corners=False)[0].clamp(0, 1))
+            ys.append(k)
+    x, y = torch.stack(xs), torch.tensor(ys)
+    tr, te = _stratified_split(y, 1 / 6, _DATA_SEED)
+    names = tuple(Path(f).stem for f in photos.filenames)
+    return SplitTensors(x[tr], y[tr], x[te], y[te], names), "sklearn.datasets.load_sample_images (random crops)"
+
+
 def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[Tensor, Tensor]:
     mean, std = train.mean(axis=0), train.std(axis=0)
     std = np.where(std > 0, std, 1.0)
@@ -301,6 +327,7 @@ _LOADERS: dict[str, Callable[[DataConfig], tuple[SplitTensors, str]]] = {
     "imagefolder": _load_imagefolder,
     "tabular": _load_tabular,
     "digits": _load_digits,
+    "photos": _load_photos,
     "moons": _load_moons,
     "blobs": _load_blobs,
 }

@@ -458,7 +458,7 @@ def test_unknown_name_suggests() -> None:
     with pytest.raises(ValueError, match="data.n_per_class must be >= 1"):
         DataConfig(name="digits", n_per_class=0)
     assert set(DATASET_NAMES) == {
-        "fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "tabular", "digits", "moons", "blobs"
+        "fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "tabular", "digits", "photos", "moons", "blobs"
     }
 
 
@@ -476,3 +476,14 @@ def test_resize_images() -> None:
     torch.testing.assert_close(resize_images(const, (3, 28, 28)), torch.full((2, 3, 28, 28), 0.4))
     with pytest.raises(ValueError, match="cannot convert 2 channels to 3"):
         resize_images(torch.zeros(1, 2, 4, 4), (3, 4, 4))
+
+
+def test_photos_are_natural_image_crops_without_download() -> None:
+    ds = load_dataset(DataConfig(name="photos"))
+    assert ds.input_shape == (3, 32, 32) and ds.classes == ("china", "flower")
+    assert ds.train_x.shape[0] == 1000 and ds.test_x.shape[0] == 200
+    assert float(ds.train_x.min()) >= 0.0 and float(ds.train_x.max()) <= 1.0
+    # natural images: neighbouring pixels are strongly correlated (noise would give ~0)
+    a, b = ds.train_x[..., :-1].flatten(), ds.train_x[..., 1:].flatten()
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.8
+    assert torch.equal(load_dataset(DataConfig(name="photos")).train_x[:3], ds.train_x[:3])  # fixed seed

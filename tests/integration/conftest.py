@@ -47,6 +47,14 @@ distill:
     el2n_epochs: 1
 evaluate:
   protocol: {name: dd, epochs: 1, min_steps: 3, n_runs: 2, model: {name: convnet_tiny}}
+judge:
+  model: {name: convnet_tiny, norm: batch, pool: max}
+  fit: {optimizer: adam, lr: 5e-3, steps: 20, batch_size: 64}
+generate:
+  per_class: 1
+  deltas: [0.0, 1.0]
+  edits: 3
+  recipe: {steps: 6, views: 1, log_every: 2}
 runtime: {threads: 1, log_models: false}
 """
 # Rows the tiny project can produce at most: 3 inits x IPC 2 x 10 classes DSVs (a candidate whose λ
