@@ -101,7 +101,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         "images": n_images,
         "samples_teacher_acc": float((samples.probs.argmax(1) == samples.y).float().mean()),
         **{f"{name}_judge_{k}": getattr(s, k) for name, s in scores.items() for k in ("acc", "conf", "frechet")},
-        "seconds_per_image": round(gen_seconds / max(n_images, 1), 4),
+        "per_image_seconds": round(gen_seconds / max(n_images, 1), 4),
     }
     metrics.update(_strip_metrics(teacher, judge, strips, pair_idx, deltas, pairs))
     if edits is not None:

@@ -133,6 +133,39 @@ def _figures(paths: Paths, classes: list[str]) -> tuple[str, str]:
     return "".join(grids) or "<p>No DSVs on disk.</p>", "".join(plots) or "<p>No plots.</p>"
 
 
+def _generation(paths: Paths) -> str:
+    """The generate stage's pictures (embedded from artifacts/generate) and the judge's view of the samples and of
+    every training set (artifacts/evaluate/judge.json)."""
+    import base64
+
+    parts = []
+    with contextlib.suppress(ArtifactError):
+        m = read_json(paths.metrics("generate"))
+        if "samples_judge_acc" in m:
+            rows = [[name, f"{100 * m[f'{name}_judge_acc']:.1f}", f"{m[f'{name}_judge_conf']:.3f}",
+                     f"{m[f'{name}_judge_frechet']:.1f}"] for name in ("samples", "real", "noise")]
+            parts.append("<p>The independent judge on the samples, on real test images (a second draw: the Fréchet "
+                         "floor) and on raw noise:</p>" + _table(["images", "judge acc %", "judge conf", "Fréchet"], rows))
+            extra = [[k, f"{v:.3f}"] for k, v in sorted(m.items()) if k.startswith(("strips_", "edits_"))]
+            if extra:
+                parts.append(_table(["interpolation / edits", "value"], extra))
+    for name, caption in (("samples", "samples from noise"), ("interpolation", "interpolation strips (soft targets)"),
+                          ("edits", "edits: real test images pushed to the next class")):
+        f = paths.generate_figure(name)
+        if f.is_file():
+            data = base64.b64encode(f.read_bytes()).decode()
+            parts.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{caption}'
+                         "</figcaption></figure>")
+    with contextlib.suppress(ArtifactError):
+        judged = read_json(paths.judge_table)
+        if judged:
+            parts.append("<h3>The judge on every training set</h3>" + _table(
+                ["set", "IPC", "images", "judge acc %", "judge conf", "Fréchet"],
+                [[j["method"], j["ipc"], j["n"], f"{100 * j['judge_acc']:.1f}", f"{j['judge_conf']:.3f}",
+                  f"{j['frechet']:.1f}"] for j in sorted(judged, key=lambda j: (j["ipc"], j["frechet"]))]))
+    return "".join(parts) or "<p>No generation yet.</p>"
+
+
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
@@ -197,6 +230,7 @@ DeepKKT's stationarity condition can hold): {html.escape(cert)}</p>
 <h3>DSVs kept per class</h3>{_table(["init / IPC", "DSVs", *(classes or [])], kept) if kept else "<p>n/a</p>"}
 <h2>Results</h2>{_results(ev) if ev else "<p>No evaluation yet.</p>"}
 <h2>Deep Support Vectors</h2>{grids}
+<h2>The classifier as a generator</h2>{_generation(paths)}
 <h2>Plots</h2>{plots}
 <h2>Metrics</h2>{_metrics_tables(paths)}
 <h2>Params</h2><pre>{params}</pre>

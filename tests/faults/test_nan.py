@@ -18,6 +18,7 @@ CASES = [
     ("extract.solver.kkt.beta_tv=1e308", "extract",
      r"extract shard 1/2 \(init nshot, IPC 2, 1 per class\) diverged: non-finite DeepKKT loss \(inf\) at step 0"),
     ("pretrain.fit.lr=1e30", "pretrain", r"non-finite training loss \(nan\) at step \d+ of 40"),
+    ("generate.recipe.beta_tv=1e308", "generate", r"non-finite generation loss \(inf\) at step 0"),
 ]
 
 
@@ -42,7 +43,9 @@ def test_nan_stops_the_stage_and_marks_mlflow_failed(
 
     assert re.search(match, runs[stage].data.tags["error"]), runs[stage].data.tags["error"]
     assert re.search(match, runs["pipeline"].data.tags["error"])
-    order = ["prepare", "pretrain", "extract", "coreset", "distill", "evaluate"]
+    from tasks.paths import STAGE_NAMES
+
+    order = list(STAGE_NAMES)
     downstream = order[order.index(stage) + 1:]
     assert not set(downstream) & set(runs), sorted(runs)  # nothing downstream ran
     for later in downstream:

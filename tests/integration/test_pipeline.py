@@ -23,7 +23,7 @@ from tests.integration.conftest import ROOT, TINY_DSV_ROWS, TINY_TRAIN, copy_pro
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("prepare", "pretrain", "extract", "coreset", "distill", "evaluate")
+STAGES = ("prepare", "pretrain", "judge", "extract", "coreset", "distill", "generate", "evaluate")
 
 
 def _stage_of(task_run_name: str) -> str:
@@ -127,6 +127,20 @@ def test_first_run_end_to_end(project: Path, first: dict) -> None:
     assert (project / "artifacts/evaluate/results.md").read_text().count("| dd | hard |") == len(METHOD_NAMES)
     for stage in STAGES:
         assert (project / f"artifacts/{stage}/params.resolved.yaml").is_file()
+    # the generate stage: samples, strips and edits in one table, pictures, the judge's scores
+    gen = pd.read_parquet(project / "artifacts/generate/generated.parquet")
+    assert gen["kind"].value_counts().to_dict() == {"sample": 10, "interpolation": 6, "edit": 3}
+    strips = gen[gen["kind"] == "interpolation"]
+    assert sorted(strips["delta"].unique()) == [0.0, 1.0] and (gen[gen["kind"] == "edit"]["source_index"] >= 0).all()
+    assert all(abs(sum(p) - 1) < 1e-5 for p in gen["teacher_probs"]) and len(gen["judge_probs"][0]) == 10
+    for name in ("samples", "interpolation", "edits"):
+        assert (project / f"artifacts/generate/{name}.png").stat().st_size > 1000
+    g = json.loads((project / "metrics/generate.json").read_text())
+    assert {"samples_judge_acc", "samples_judge_frechet", "noise_judge_frechet", "real_judge_frechet",
+            "edits_teacher_flip_rate", "strips_teacher_ends_acc"} <= set(g)
+    judged = json.loads((project / "artifacts/evaluate/judge.json").read_text())
+    assert {"random", "dsv_nshot", "real_test", "noise"} <= {j["method"] for j in judged}
+    assert "judge_acc" in flat and "frechet" in flat
 
 
 def test_mlflow_has_parent_nested_runs_metrics_and_images(project: Path, first: dict) -> None:
@@ -192,7 +206,7 @@ def test_unchanged_rerun_is_all_cache_hits(project: Path, first: dict) -> None:
     exp_id = client.get_experiment_by_name("dsv").experiment_id
     children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
     stages = {r.info.run_name: r for r in children if r.data.tags.get("stage")}
-    assert len(stages) == 6 and all(r.data.tags["cached"] == "true" for r in stages.values())
+    assert len(stages) == len(STAGES) and all(r.data.tags["cached"] == "true" for r in stages.values())
     # each restored stage run names the run that computed it, and shows that run's pictures
     first_children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{first['summary']['mlflow_run_id']}'")
     first_stages = {r.info.run_name: r.info.run_id for r in first_children if r.data.tags.get("stage")}
@@ -212,6 +226,18 @@ def test_evaluation_param_change_reruns_only_distill_and_evaluate(project: Path,
         assert by_stage[stage] == {"Completed"}, (stage, by_stage)
     ev = json.loads((project / "artifacts/evaluate/results.json").read_text())
     assert {r["n_runs"] for r in ev["rows"]} == {1}
+
+
+def test_generate_param_change_reruns_only_generate(project: Path, first: dict) -> None:
+    run_in_process(project)  # back to the default params (an earlier test changed the students')
+    before = tree_hashes(project / "artifacts/generate")
+    summary, states = run_in_process(project, ("generate.recipe.steps=4",))
+    by_stage = stages_by_state(states)
+    assert by_stage["generate"] == {"Completed"}, by_stage
+    assert all(by_stage[s] == {"Cached"} for s in STAGES if s != "generate"), by_stage
+    assert tree_hashes(project / "artifacts/generate") != before
+    summary, states = run_in_process(project, ("generate.recipe.steps=4",))
+    assert stages_by_state(states)["generate"] == {"Cached"}
 
 
 def test_deleted_or_corrupted_artifact_is_rebuilt(project: Path, first: dict) -> None:
