@@ -45,7 +45,7 @@ from dsv.data.core import denormalize, per_class_indices  # noqa: E402
 from dsv.data.registry import DataConfig, load_dataset, resize_images  # noqa: E402
 from dsv.generate import GenerateConfig, sample  # noqa: E402
 from dsv.judge import judge_score, matched_real  # noqa: E402
-from dsv.protocols import ProtocolConfig, train_students  # noqa: E402
+from dsv.protocols import train_students  # noqa: E402
 from tasks.artifacts import load_model, load_split, read_data_meta  # noqa: E402
 from tasks.config import load_config  # noqa: E402
 from tasks.figures import image_grid  # noqa: E402
@@ -78,7 +78,7 @@ def ablations(recipe: GenerateConfig) -> dict[str, GenerateConfig]:
         "default": recipe,
         "no coarse-to-fine (levels 0)": replace(recipe, levels=0),
         "one coarse level (levels 1)": replace(recipe, levels=1),
-        "TV prior x3": replace(recipe, beta_tv=3 * recipe.beta_tv if recipe.beta_tv else 0.3),
+        "TV prior 0.3" if not recipe.beta_tv else "TV prior x3": replace(recipe, beta_tv=3 * recipe.beta_tv if recipe.beta_tv else 0.3),
         "no TV prior" if recipe.beta_tv else "TV prior 0.1": replace(recipe, beta_tv=0.0 if recipe.beta_tv else 0.1),
         "no norm prior": replace(recipe, beta_norm=0.0),
         "no augmentation": replace(recipe, augment=AugmentConfig(ops=())),

@@ -73,12 +73,12 @@ class GenerateConfig:
         log_every: trace interval in steps.
     """
 
-    steps: int = 300
+    steps: int = 200
     levels: int = 2
     lr: float = 0.1
-    views: int = 4
+    views: int = 1
     augment: AugmentConfig = field(default_factory=generation_augment)
-    beta_tv: float = 0.3
+    beta_tv: float = 0.0
     beta_norm: float = 0.01
     beta_bn: float = 0.01
     beta_stat: float = 0.0
