@@ -504,6 +504,10 @@ def cross_check(cfg: PipelineConfig) -> list[str]:
     if ckpt is not None and not Path(ckpt).is_file():
         errors.append(f"pretrain.checkpoint = {ckpt!r}: file not found (relative paths start at the project root)")
     errors.extend(check_columns(cfg.prepare.data))
+    uses_pool = "0shot" in cfg.extract.inits or cfg.generate.init == "pool"
+    if uses_pool and cfg.prepare.init_pool.dataset == cfg.prepare.data.name:
+        errors.append(f"prepare.init_pool.dataset = {cfg.prepare.data.name!r} is the task's own dataset: 0-shot starts "
+                      "must come from another one (e.g. photos, digits)")
     dsv_methods = [m for m in cfg.distill.methods if m.startswith("dsv_")]
     missing_init = [m for m in dsv_methods if m.removeprefix("dsv_") not in cfg.extract.inits]
     if missing_init:

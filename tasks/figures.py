@@ -27,7 +27,7 @@ def image_grid(x: Tensor, labels: Tensor, class_names: Sequence[str], title: str
     """
     n_cls = len(class_names)
     cols = max(1, min(per_class, max((int((labels == c).sum()) for c in range(n_cls)), default=1)))
-    fig, axes = plt.subplots(n_cls, cols, figsize=(cols * 0.9 + 1.2, n_cls * 0.9 + 0.4), squeeze=False)
+    fig, axes = plt.subplots(n_cls, cols, figsize=(max(cols * 0.9 + 1.2, 4.0), n_cls * 0.9 + 0.4), squeeze=False)
     for c in range(n_cls):
         idx = (labels == c).nonzero(as_tuple=True)[0][:cols]
         for j in range(cols):
@@ -60,7 +60,8 @@ def image_matrix(rows: Sequence[Tensor], row_labels: Sequence[str], col_labels: 
         title: figure title.
     """
     cols = max((r.shape[0] for r in rows), default=1)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 1.0 + 1.4, len(rows) * 1.15 + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(max(cols * 1.0 + 1.4, 4.0), len(rows) * 1.15 + 0.5),
+                             squeeze=False)
     per_row = bool(col_labels) and not isinstance(col_labels[0], str)
     for i, r in enumerate(rows):
         labels = col_labels[i] if per_row else col_labels

@@ -29,6 +29,8 @@ from tasks.paths import STAGE_NAMES, Paths
 
 # tasks modules that only log/plot: editing them never changes an artifact.
 LOGGING_ONLY: frozenset[str] = frozenset({"tasks.tracking", "tasks.figures", "tasks.progress"})
+# ...except for stages whose artifacts include figures (generate writes its PNGs next to its tables).
+FIGURE_ARTIFACTS: dict[str, frozenset[str]] = {"generate": frozenset({"tasks.figures"})}
 PACKAGES = ("tasks", "dsv")
 
 
@@ -157,7 +159,8 @@ def code_modules(stage: str) -> dict[str, Path]:
 def _code_modules(stage: str) -> dict[str, Path]:
     spec = STAGES[stage]
     own = _closure([spec.module], ("tasks",))
-    own = {k: v for k, v in own.items() if k not in LOGGING_ONLY or k == spec.module}
+    keep = FIGURE_ARTIFACTS.get(stage, frozenset()) | {spec.module}
+    own = {k: v for k, v in own.items() if k not in LOGGING_ONLY or k in keep}
     dsv_roots = [m for m in _imports(own[spec.module]) if m.split(".")[0] == "dsv"]
     lib = _closure(dsv_roots, ("dsv",))
     return dict(sorted({**own, **lib}.items()))

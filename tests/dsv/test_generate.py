@@ -31,7 +31,7 @@ def digits() -> dict:
             "bounds": bounds}
 
 
-FAST = GenerateConfig(steps=60, views=2, levels=1, log_every=10)
+FAST = GenerateConfig(steps=60, views=2, levels=1, min_side=4, log_every=10)
 
 
 def test_samples_from_noise_convince_the_independent_judge(digits: dict) -> None:
@@ -84,7 +84,9 @@ def test_edit_flips_the_teacher_and_stays_near_the_image(digits: dict) -> None:
 
 def test_coarse_to_fine_grids() -> None:
     assert _sides((28, 28), 2) == [(7, 7), (14, 14), (28, 28)]
-    assert _sides((8, 8), 3) == [(4, 4), (8, 8)]  # never below 4 px
+    assert _sides((8, 8), 3) == [(8, 8)]  # never below 7 px by default
+    assert _sides((8, 8), 3, min_side=4) == [(4, 4), (8, 8)]
+    assert _sides((32, 24), 2) == [(8, 6), (16, 12), (32, 24)][1:]  # 6 px would be too coarse
     assert _sides((32, 24), 0) == [(32, 24)]
 
 

@@ -26,7 +26,7 @@ TINY_PARAMS = """\
 prepare:
   data: {name: digits, n_per_class: 40, seed: 0}
   val_per_class: 5
-  init_pool: {dataset: digits, size: 60}
+  init_pool: {dataset: photos, size: 60}
 pretrain:
   model: {name: convnet_tiny}
   fit: {optimizer: adam, lr: 5e-3, weight_decay: 5e-3, steps: 40, batch_size: 64, augment: none}

@@ -88,6 +88,23 @@ def test_cross_section_checks() -> None:
                            "distill.ipcs=[50]"])
     with pytest.raises(ConfigError, match=r"distill\.methods lists \['dsv_noise'\]"):
         load_config(None, ["extract.inits=[nshot]", "distill.methods=[dsv_noise]"])
+    # a 0-shot pool drawn from the task's own data would leak real images into "0-shot"
+    with pytest.raises(ConfigError, match=r"prepare\.init_pool\.dataset = 'digits' is the task's own dataset"):
+        load_config(None, ["prepare.data.name=digits", "prepare.init_pool.dataset=digits"])
+    load_config(None, ["prepare.data.name=digits", "prepare.init_pool.dataset=photos"])
+    load_config(None, ["prepare.data.name=digits", "prepare.init_pool.dataset=digits", "extract.inits=[nshot]",
+                       "distill.methods=[dsv_nshot,random]"])  # no pool is used
+
+
+def test_generate_and_judge_sections() -> None:
+    cfg = load_config(None, [])
+    assert cfg.generate.class_pairs(10) == [(0, 1), (2, 3), (4, 5)] and cfg.generate.class_pairs(2) == [(0, 1)]
+    assert cfg.judge.model_for((1, 28, 28)).norm == "batch" and cfg.judge.model_for((13,)).name == "mlp"
+    for override, match in (("generate.deltas=[0.5,1.5]", "generate.deltas"), ("generate.init=data", "generate.init"),
+                            ("generate.pairs=[[1,1]]", "generate.pairs"), ("generate.recipe.views=0", "views"),
+                            ("generate.recipe.stepz=3", "did you mean 'generate.recipe.steps'")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [override])
 
 
 def test_overrides_and_missing_file(tmp_path: Path) -> None:

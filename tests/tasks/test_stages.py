@@ -24,6 +24,10 @@ def test_code_closures_follow_dsv_imports_of_the_stage_only() -> None:
     assert {"dsv/dm.py", "dsv/baselines.py", "dsv/protocols.py"} <= distill
     assert "dsv/extract.py" not in distill
     assert "dsv/lam.py" in set(code_files("coreset", ROOT))
+    # generate writes its pictures as artifacts: the figure code is part of its key (of no other stage's)
+    generate = set(code_files("generate", ROOT))
+    assert {"tasks/generate.py", "dsv/generate.py", "dsv/judge.py", "tasks/figures.py"} <= generate
+    assert "tasks/figures.py" not in extract
 
 
 def test_code_hash_is_stable_and_per_stage() -> None:
