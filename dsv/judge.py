@@ -81,16 +81,17 @@ def judge_score(judge: nn.Module, x: Tensor, y: Tensor, reference: Tensor) -> Ju
     )
 
 
-def matched_real(y: Tensor, real_y: Tensor, generator: torch.Generator, exclude: Tensor | None = None) -> Tensor:
+def matched_real(y: Tensor, real_y: Tensor, generator: torch.Generator, exclude: Tensor | None = None,
+                 strict: bool = True) -> Tensor:
     """Indices into ``real_y`` with as many images of every class as the (hard) targets ``y`` have, drawn
     without replacement (and outside ``exclude``, a boolean mask), so a set and its reference match in size
-    and class mix."""
+    and class mix. ``strict=False`` takes what a class has when it has fewer (small test splits)."""
     hard = y.argmax(1) if y.dim() == 2 else y
     out = []
     for c, k in zip(*torch.unique(hard, return_counts=True)):
         pool = (real_y == c) if exclude is None else (real_y == c) & ~exclude
         members = pool.nonzero(as_tuple=True)[0]
-        if members.numel() < int(k):
+        if members.numel() < int(k) and strict:
             raise ValueError(f"class {int(c)} has {members.numel()} real images, {int(k)} are needed for the reference")
         out.append(members[torch.randperm(members.numel(), generator=generator)[: int(k)]])
     return torch.cat(out)
