@@ -108,7 +108,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         s = judge_score(judge, xs, ys, x_test[reference]) if ok else None
         for k in ("acc", "conf", "frechet"):
             metrics[f"{name}_judge_{k}"] = getattr(s, k) if s is not None else float("nan")
-    metrics.update(_strip_metrics(teacher, judge, strips, pair_idx, deltas, pairs))
+    metrics.update(_strip_metrics(judge, strips, pair_idx, deltas, pairs))
     if edits is not None:
         metrics["edits_teacher_flip_rate"] = float((edits.probs.argmax(1) == edit_to).float().mean())
         metrics["edits_judge_flip_rate"] = float((predict_logits(judge, edits.x).argmax(1) == edit_to).float().mean())
@@ -171,7 +171,7 @@ def _soft(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return y.float() if y.dim() == 2 else F.one_hot(y, num_classes).float()
 
 
-def _strip_metrics(teacher: torch.nn.Module, judge: torch.nn.Module, strips: Generated, pair_idx: torch.Tensor,
+def _strip_metrics(judge: torch.nn.Module, strips: Generated, pair_idx: torch.Tensor,
                    deltas: torch.Tensor, pairs: list[tuple[int, int]]) -> dict[str, float]:
     """Fraction of strips whose δ = min end is classified as a and δ = max end as b (teacher, judge)."""
     if not pairs:
@@ -183,7 +183,6 @@ def _strip_metrics(teacher: torch.nn.Module, judge: torch.nn.Module, strips: Gen
     for name, pred in (("teacher", strips.probs.argmax(1)), ("judge", predict_logits(judge, strips.x).argmax(1))):
         ends = torch.cat([pred[deltas == lo] == a[deltas == lo], pred[deltas == hi] == b[deltas == hi]])
         out[f"strips_{name}_ends_acc"] = float(ends.float().mean())
-    del teacher
     return out
 
 
