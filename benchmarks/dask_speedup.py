@@ -1,11 +1,12 @@
-"""Benchmark: the extract stage of params.smoke.yaml on a Dask LocalCluster with 1 vs 2 worker processes.
+"""Benchmark: the extract stage of params.smoke.yaml in one process vs on a Dask LocalCluster of 2+ processes.
 
 What is measured (one process drives everything; the same process-level settings for every run):
 
 * ``prepare`` and ``pretrain`` run once (thread runner) in a scratch project; each measured run then
   starts from a copy of that project, so the extract stage has nothing cached and the same teacher.
 * For each worker count, the flow :func:`flows.runners.pipeline_until` (``until="extract"``) runs with
-  ``runtime.task_runner=dask``, ``runtime.workers=N`` (``extract.shards`` as in the params file: 2 shards x
+  ``runtime.workers=N`` (1: in the flow's process; more: a Dask LocalCluster; ``extract.shards`` as in the
+  params file: 2 shards x
   3 inits = 6 shard tasks). ``extract_s`` is the extract stage's wall time inside the flow: Dask
   LocalCluster start-up (N spawned worker processes importing torch and Prefect), the 6 shard tasks,
   and the merge. ``shard_s`` is the sum of the shard tasks' own wall times (from metrics/extract.json).
@@ -85,7 +86,7 @@ def main() -> None:
     for n in args.workers:
         root = scratch / f"workers{n}"
         shutil.copytree(base, root, symlinks=True)
-        overrides = ["runtime.task_runner=dask", f"runtime.workers={n}"]
+        overrides = [f"runtime.workers={n}"]
         load_before = _loadavg()
         started = time.perf_counter()
         summary = _run(root, args.params, overrides, "extract")

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     students = []
     if args.students:
-        proto = replace(cfg.evaluate.protocol, name="paper", epochs=200, min_steps=400, n_runs=args.n_runs)
+        proto = replace(cfg.distill.protocol, name="paper", epochs=200, min_steps=400, n_runs=args.n_runs)
         random_real = x_train[per_class_indices(y_train, k, c, torch.Generator().manual_seed(0))]
         for name, x in [*sets.items(), ("random real", random_real)]:
             began = time.perf_counter()

@@ -12,7 +12,6 @@ library uses: ``forward``, ``embed`` (the final linear layer's input) and that l
 from __future__ import annotations
 
 import difflib
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,17 +321,13 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -
     return model
 
 
-# torch's layer initialisers draw from the global RNG; one lock makes seeded construction safe when
-# several threads (the pipeline's thread task runner with workers > 1) build models at once.
-_SEEDED_BUILD = threading.Lock()
-
-
 def build_seeded(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
     """:func:`build_model` with initial weights fixed by ``seed`` (the global RNG state is restored).
 
-    Thread-safe: concurrent calls are serialised, so each model's weights depend on its seed only.
+    torch's layer initialisers draw from the global RNG, so two threads building at once would interleave their
+    draws; the pipeline builds models in one thread per process (parallel units are Dask processes).
     """
-    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(cfg, in_shape, num_classes)
 

@@ -151,7 +151,7 @@ def _cmd_run(args: argparse.Namespace, root: Path) -> int:
 
     configure(root)
     started = time.perf_counter()
-    # Locked before Prefect starts, so a refused run leaves no trace anywhere (the flow re-enters it).
+    # Locked before Prefect starts, so a refused run leaves no trace anywhere (the flow is told it is held).
     lock = _lock(cfg, root, "dsv run", args.wait)
     try:
         _start_server()
@@ -160,10 +160,10 @@ def _cmd_run(args: argparse.Namespace, root: Path) -> int:
     except BaseException:
         lock.release()
         raise
-    flow = with_runner(pipeline, cfg.runtime)  # runtime.task_runner: threads or Dask for the mapped units
+    flow = with_runner(pipeline, cfg.runtime)  # runtime.workers > 1: Dask processes for the mapped units
     try:
         summary = flow(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides), root=str(root),
-                       track=not args.no_mlflow)
+                       track=not args.no_mlflow, lock_wait=None)
     except ConfigError as exc:  # a data-dependent check after prepare (names the key)
         _fail(str(exc))
     except Exception as exc:  # the flow already logged the traceback; end with one line

@@ -1,7 +1,7 @@
 """prefect-dask's DaskTaskRunner, handing its workers this process's environment and Prefect API.
 
-Imported only for ``runtime.task_runner: dask`` (see :mod:`flows.runners`), so a thread-pool run never
-imports ``distributed``. Lives at module level so that worker processes unpickle it by reference.
+Imported only when the mapped units go to Dask (``runtime.workers > 1`` or ``runtime.dask_address``, see
+:mod:`flows.runners`), so a single-process run never imports ``distributed``. Lives at module level so that worker processes unpickle it by reference.
 """
 
 from __future__ import annotations

@@ -35,11 +35,13 @@ from prefect.utilities.annotations import unmapped
 
 from flows.cache import cache_key, external_inputs, last_output, lookup, source_hash, store, store_last
 from tasks.artifacts import read_json
-from tasks.config import ConfigError, PipelineConfig, config_from_dict, data_checks, flatten, load_config
+from tasks.config import ConfigError, PipelineConfig, data_checks, load_config
 from tasks.lock import OutputLock
+from tasks.output import StageOutput
 from tasks.paths import STAGE_NAMES, Paths
+from tasks.plain import flatten
 from tasks.progress import Bar
-from tasks.stages import STAGES, StageOutput, restore_metrics, stage_function
+from tasks.stages import STAGES, restore_metrics, stage_function, stage_module
 from tasks.tracking import NullLog, StageLog, Tracker
 
 FLOW_NAME = "dsv-pipeline"
@@ -64,25 +66,26 @@ def retry_on_io(task: Any, task_run: Any, state: State) -> bool:
 _TRACKERS: dict[tuple[str, str], Tracker] = {}
 
 
-def _open(stage: str, params: dict[str, Any], context: dict[str, Any]) -> tuple[PipelineConfig, Paths, StageLog]:
-    """Rebuild the stage's config, paths and logger inside a task (from plain data only)."""
-    cfg = config_from_dict({**params, "runtime": context["runtime"]}, source=f"{stage} task", cross=False)
-    paths = Paths(Path(context["base"]))
-    log: StageLog = NullLog()
-    if context.get("run_id"):
-        key = (context["root"], cfg.runtime.mlflow_experiment)
-        if key not in _TRACKERS:
-            try:
-                _TRACKERS[key] = Tracker(Path(context["root"]), cfg.runtime.mlflow_experiment,
-                                         cfg.runtime.log_models)
-            except Exception as exc:  # noqa: BLE001 - e.g. a Dask worker that cannot reach the store
-                # Logging is a courtesy; the artifacts are the record: warn and run the unit unlogged.
-                from prefect.logging import get_run_logger
+def _open(cfg: PipelineConfig, context: dict[str, Any]) -> tuple[Paths, StageLog]:
+    """The output layout and MLflow logger inside a task (in this process or a Dask worker), and torch's threads."""
+    if cfg.runtime.threads > 0:
+        import torch
 
-                get_run_logger().warning(f"MLflow logging skipped in this worker process: {type(exc).__name__}: {exc}")
-                return cfg, paths, log
-        log = _TRACKERS[key].log(context["run_id"])
-    return cfg, paths, log
+        torch.set_num_threads(cfg.runtime.threads)
+    paths = Paths(Path(context["base"]))
+    if not context.get("run_id"):
+        return paths, NullLog()
+    key = (context["root"], cfg.runtime.mlflow_experiment)
+    if key not in _TRACKERS:
+        try:
+            _TRACKERS[key] = Tracker(Path(context["root"]), cfg.runtime.mlflow_experiment, cfg.runtime.log_models)
+        except Exception as exc:  # noqa: BLE001 - e.g. a Dask worker that cannot reach the store
+            # Logging is a courtesy; the artifacts are the record: warn and run the unit unlogged.
+            from prefect.logging import get_run_logger
+
+            get_run_logger().warning(f"MLflow logging skipped in this worker process: {type(exc).__name__}: {exc}")
+            return paths, NullLog()
+    return paths, _TRACKERS[key].log(context["run_id"])
 
 
 # Prefect persists nothing and caches nothing: its result files are cloudpickle, unpickled on load
@@ -96,65 +99,72 @@ _TASK_OPTIONS: dict[str, Any] = {
 }
 
 
-def _cached_or_run(kind: str, stage: str, context: dict[str, Any], inputs: dict[str, Any],
-                   run: Any) -> Any:
-    """The verified cache record for these inputs as a ``Cached`` state, else ``run()``'s result, recorded.
+def cached_call(kind: str, stage: str, inputs: dict[str, Any], fn: Any, context: dict[str, Any]) -> tuple[Any, bool]:
+    """(the verified cache record for these inputs, True), else (``fn()``'s result, recorded, False).
 
-    Results go through JSON both ways, so a fresh result and a cached one are the same plain data.
+    Results go through JSON both ways, so a fresh result and a cached one are the same plain data. The Prefect
+    tasks and ``dsv stage`` (:func:`run_stage_direct`) share it, so each restores what the other computed.
     """
     root, paths = Path(context["root"]), Paths(Path(context["base"]))
     key = cache_key(kind, _TASK_SOURCES[kind], stage, **inputs)
     hit = lookup(root, stage, key, paths)
     if hit is not None:
-        return Completed(data=hit, name="Cached", message=f"JSON cache record {key[:12]}")
-    result = json.loads(json.dumps(run(), allow_nan=True))
+        return hit, True
+    result = json.loads(json.dumps(fn(), allow_nan=True))
     if kind != "unit":
         result["produced_by"] = context.get("run_id")  # the MLflow run a later cache hit points to
     store(root, stage, key, result)
-    return result
+    return result, False
+
+
+def _as_state(result: Any, hit: bool) -> Any:
+    return Completed(data=result, name="Cached", message="restored from its JSON cache record") if hit else result
+
+
+def _params(stage: str, cfg: PipelineConfig) -> dict[str, Any]:
+    """The stage's params section as plain data: its cache-key input."""
+    return cfg.sections(STAGES[stage].sections)
 
 
 @task(name="stage", task_run_name="{stage}", **_TASK_OPTIONS)
-def stage_task(stage: str, params: dict[str, Any], upstream: dict[str, str], context: dict[str, Any]) -> Any:
-    """Run a whole (unmapped) stage; returns its :class:`StageOutput` as a dict."""
+def stage_task(stage: str, cfg: PipelineConfig, upstream: dict[str, str], context: dict[str, Any]) -> Any:
+    """Run a whole (unmapped) stage on its restricted config; returns its :class:`StageOutput` as a dict."""
 
     def run() -> dict:
-        cfg, paths, log = _open(stage, params, context)
-        return stage_function(stage)(cfg, paths, log).to_dict()
+        return stage_function(stage)(cfg, *_open(cfg, context)).to_dict()
 
-    return _cached_or_run("stage", stage, context, {"params": params, "upstream": upstream}, run)
+    inputs = {"params": _params(stage, cfg), "upstream": upstream}
+    return _as_state(*cached_call("stage", stage, inputs, run, context))
 
 
 @task(name="unit", task_run_name="{stage}-{label}", **_TASK_OPTIONS)
 def unit_task(
-    stage: str, label: str, unit: dict[str, Any], params: dict[str, Any], upstream: dict[str, str],
+    stage: str, label: str, unit: dict[str, Any], cfg: PipelineConfig, upstream: dict[str, str],
     context: dict[str, Any],
 ) -> Any:
     """Run one unit (extract shard, distill cell) of a mapped stage."""
-    import importlib
 
     def run() -> dict:
-        cfg, paths, log = _open(stage, params, context)
-        return importlib.import_module(STAGES[stage].module).run_unit(cfg, paths, unit, log)  # type: ignore[no-any-return]
+        paths, log = _open(cfg, context)
+        return stage_module(stage).run_unit(cfg, paths, unit, log)  # type: ignore[no-any-return]
 
-    inputs = {"unit": unit, "params": params, "upstream": upstream}
-    return _cached_or_run("unit", stage, context, inputs, run)
+    inputs = {"unit": unit, "params": _params(stage, cfg), "upstream": upstream}
+    return _as_state(*cached_call("unit", stage, inputs, run, context))
 
 
 @task(name="merge", task_run_name="{stage}-merge", **_TASK_OPTIONS)
 def merge_task(
-    stage: str, params: dict[str, Any], upstream: dict[str, str], unit_files: list[dict[str, str]],
+    stage: str, cfg: PipelineConfig, upstream: dict[str, str], unit_files: list[dict[str, str]],
     unit_results: list[dict[str, Any]], context: dict[str, Any],
 ) -> Any:
     """Merge the units of a mapped stage (``unit_files`` keys the cache on the units' outputs)."""
-    import importlib
 
     def run() -> dict:
-        cfg, paths, log = _open(stage, params, context)
-        return importlib.import_module(STAGES[stage].module).merge(cfg, paths, log, unit_results).to_dict()  # type: ignore[no-any-return]
+        paths, log = _open(cfg, context)
+        return stage_module(stage).merge(cfg, paths, log, unit_results).to_dict()  # type: ignore[no-any-return]
 
-    inputs = {"params": params, "upstream": upstream, "unit_files": unit_files}
-    return _cached_or_run("merge", stage, context, inputs, run)
+    inputs = {"params": _params(stage, cfg), "upstream": upstream, "unit_files": unit_files}
+    return _as_state(*cached_call("merge", stage, inputs, run, context))
 
 
 # The wrappers' sources, part of every cache key (hashed here, where the module is imported from its file).
@@ -172,26 +182,24 @@ def _checked(state: State) -> tuple[Any, bool]:
 
 
 def run_stage(
-    stage: str, cfg: PipelineConfig, upstream: dict[str, str], context: dict[str, Any], paths: Paths
+    stage: str, cfg: PipelineConfig, upstream: dict[str, str], context: dict[str, Any]
 ) -> tuple[StageOutput, bool]:
-    """Run one stage through its task(s); returns (output, restored entirely from cache)."""
+    """Run one stage through its task(s) on ``cfg`` restricted to its section; returns (output, restored entirely
+    from cache)."""
     spec = STAGES[stage]
-    params = cfg.sections(spec.sections)
+    view = cfg.restricted(spec.sections)
     if not spec.mapped:
-        state = stage_task(stage, params, upstream, context, return_state=True)
+        state = stage_task(stage, view, upstream, context, return_state=True)
         result, cached = _checked(state)
         return StageOutput.from_dict(result), cached
 
-    import importlib
-
-    module = importlib.import_module(spec.module)
-    units: list[dict[str, Any]] = module.units(cfg)
+    units: list[dict[str, Any]] = stage_module(stage).units(view)
     labels = [_unit_label(u) for u in units]
     futures = unit_task.map(
-        unmapped(stage), labels, units, unmapped(params), unmapped(upstream), unmapped(context), return_state=False
+        unmapped(stage), labels, units, unmapped(view), unmapped(upstream), unmapped(context), return_state=False
     )
     # One tick per finished unit (shard, cell), in submission order.
-    with Bar(context["runtime"].get("progress", "auto"), len(futures), stage, unit="unit") as bar:
+    with Bar(cfg.runtime.progress, len(futures), stage, unit="unit") as bar:
         for fut in futures:
             fut.wait()
             bar.advance()
@@ -202,7 +210,7 @@ def run_stage(
         unit_results.append(result)
         all_cached &= cached
     unit_files = [r["files"] for r in unit_results]
-    state = merge_task(stage, params, upstream, unit_files, unit_results, context, return_state=True)
+    state = merge_task(stage, view, upstream, unit_files, unit_results, context, return_state=True)
     result, cached = _checked(state)
     return StageOutput.from_dict(result), all_cached and cached
 
@@ -215,12 +223,14 @@ def run_stage_direct(stage: str, cfg: PipelineConfig, root: Path, paths: Paths, 
     restored by the next ``dsv run``. Returns (output, restored from cache). Without intact upstream records
     the stage simply runs and records nothing but its latest output.
     """
-    import importlib
-
     spec = STAGES[stage]
     _sweep(root, paths)
+    if cfg.runtime.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.runtime.threads)
     view = cfg.restricted(spec.sections)
-    params = cfg.sections(spec.sections)
+    params = _params(stage, view)
     ups = [last_output(root, u, paths) for u in spec.upstream]
     keyed = all(u is not None for u in ups)
     upstream = {rel: sha for u in ups if u is not None for rel, sha in u.files.items()}
@@ -230,21 +240,13 @@ def run_stage_direct(stage: str, cfg: PipelineConfig, root: Path, paths: Paths, 
     def cached_or(kind: str, inputs: dict[str, Any], fn: Any) -> tuple[Any, bool]:
         if not keyed:
             return json.loads(json.dumps(fn(), allow_nan=True)), False
-        key = cache_key(kind, _TASK_SOURCES[kind], stage, **inputs)
-        hit = lookup(root, stage, key, paths)
-        if hit is not None:
-            return hit, True
-        result = json.loads(json.dumps(fn(), allow_nan=True))
-        if kind != "unit":
-            result["produced_by"] = context["run_id"]
-        store(root, stage, key, result)
-        return result, False
+        return cached_call(kind, stage, inputs, fn, context)
 
     if not spec.mapped:
         result, cached = cached_or("stage", {"params": params, "upstream": upstream},
                                    lambda: stage_function(stage)(view, paths, log).to_dict())
     else:
-        module = importlib.import_module(spec.module)
+        module = stage_module(stage)
         unit_results, cached = [], True
         for unit in module.units(view):
             r, hit = cached_or("unit", {"unit": unit, "params": params, "upstream": upstream},
@@ -273,7 +275,7 @@ def _check_data(cfg: PipelineConfig, paths: Paths) -> None:
 @flow(name=FLOW_NAME, log_prints=True, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(
     params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".", track: bool = True,
-    lock_wait: float = 0.0,
+    lock_wait: float | None = 0.0,
 ) -> dict[str, Any]:
     """The whole pipeline; returns {"stages": {name: {"cached": bool, "files": {...}}}, "mlflow_run_id",
     "mlflow_experiment_id", "mlflow_uri", "output_dir"}.
@@ -284,12 +286,16 @@ def pipeline(
         root: project root (MLflow store, Prefect results; output folder from ``runtime.output_dir``).
         track: log to MLflow.
         lock_wait: seconds to wait when another dsv process holds the output folder's lock
-            (:mod:`tasks.lock`); 0 refuses at once.
+            (:mod:`tasks.lock`); 0 refuses at once; None: the caller holds it (``dsv run`` takes it before
+            Prefect starts).
     """
     root_path = Path(root).resolve()
     p = Path(params_path)
     cfg = load_config(p if p.is_absolute() else root_path / p, overrides or [])
     paths = Paths((root_path / cfg.runtime.output_dir).resolve())
+    if lock_wait is None:
+        _sweep(root_path, paths)
+        return _pipeline(cfg, params_path, root_path, paths, track)
     with OutputLock(paths.base, "dsv run", lock_wait):
         _sweep(root_path, paths)
         return _pipeline(cfg, params_path, root_path, paths, track)
@@ -325,11 +331,10 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
             upstream = {rel: sha for up in spec.upstream for rel, sha in outputs[up].files.items()}
             upstream.update(external_inputs(cfg, stage))
             run_id = tracker.start_run(stage, parent, {"stage": stage, "runner": "prefect"}) if tracker else None
-            context = {"root": str(root_path), "base": str(paths.base), "runtime": cfg.section_dict("runtime"),
-                       "run_id": run_id}
+            context = {"root": str(root_path), "base": str(paths.base), "run_id": run_id}
             t0 = time.perf_counter()
             try:
-                out, cached = run_stage(stage, cfg, upstream, context, paths)
+                out, cached = run_stage(stage, cfg, upstream, context)
                 restore_metrics(paths, out)
             except BaseException as exc:
                 if tracker is not None and run_id is not None:
@@ -381,7 +386,7 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
 def run_name(cfg: PipelineConfig) -> str:
     """The parent run's name: the dataset and a short hash of every non-runtime param ("fashion_mnist · 3f9c2a1b"),
     so two runs with the same name ran the same configuration."""
-    from tasks.config import params_hash
+    from tasks.plain import params_hash
 
     data = cfg.prepare.data
     name = data.name if data.name not in ("imagefolder", "tabular") else f"{data.name}:{Path(data.root).name}"

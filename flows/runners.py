@@ -1,12 +1,12 @@
-"""Task runners for the mapped units (extract shards, distill cells): a thread pool or Dask.
+"""What runs the mapped units (extract shards, distill cells): this process, or Dask worker processes.
 
-``runtime.task_runner``:
+One parallel model, processes (no state shared between units):
 
-- ``thread`` (default): Prefect's ThreadPoolTaskRunner with ``runtime.workers`` threads, in this process.
-- ``dask``: prefect-dask's DaskTaskRunner. With ``runtime.dask_address: null`` the run starts a
-  LocalCluster of ``runtime.workers`` worker processes (one thread each) listening on 127.0.0.1 only,
-  without a dashboard, and stops it at the end; with an address it connects to that existing cluster
-  (e.g. one worker per GPU, see the README).
+- ``runtime.workers: 1`` and no ``dask_address`` (default): one unit after another in the flow's process.
+- ``runtime.workers: N > 1``: prefect-dask's DaskTaskRunner on a LocalCluster of N worker processes (one thread
+  each) listening on 127.0.0.1 only, without a dashboard, stopped at the end of the run.
+- ``runtime.dask_address``: the same runner connected to that existing cluster (e.g. one worker per GPU, see
+  the README).
 
 Only the mapped units go to the runner; whole stages and merges run in the flow's own thread. Every
 unit is deterministic given its seed and reads/writes files under the output folder, so the merged
@@ -17,7 +17,7 @@ Worker processes get the main process's Prefect/MLflow/DVC/telemetry environment
 cluster's processes start with it, a remote cluster's workers receive it through a worker plugin.
 When the flow uses Prefect's temporary local server (no ``PREFECT_API_URL``), its address is handed to
 the workers with each task, so they report to the same server instead of each starting their own.
-Torch threads are set per unit from ``runtime.threads`` (:func:`tasks.stages.device_of`); Dask itself
+Torch threads are set per unit from ``runtime.threads`` (``flows.pipeline``); Dask itself
 starts workers with ``OMP_NUM_THREADS=1``.
 """
 
@@ -44,16 +44,10 @@ def worker_environment() -> dict[str, str]:
 
 
 def task_runner(runtime: RuntimeConfig) -> TaskRunner[Any]:
-    """The task runner named by ``runtime.task_runner`` (see the module docstring).
-
-    Args:
-        runtime: the run's runtime section (``task_runner``, ``workers``, ``dask_address``).
-    """
-    if runtime.task_runner == "thread":
-        return ThreadPoolTaskRunner(max_workers=runtime.workers)
-    if runtime.task_runner == "dask":
+    """The task runner ``runtime.workers`` and ``runtime.dask_address`` ask for (see the module docstring)."""
+    if runtime.workers > 1 or runtime.dask_address:
         return _dask_runner(runtime)
-    raise ValueError(f"runtime.task_runner = {runtime.task_runner!r} is not one of thread, dask")
+    return ThreadPoolTaskRunner(max_workers=1)
 
 
 def with_runner(flow_obj: Any, runtime: RuntimeConfig) -> Any:
@@ -113,10 +107,9 @@ def pipeline_until(params_path: str, overrides: list[str] | None = None, root: s
     with OutputLock(paths.base, "dsv stages", 0.0):
         for stage in STAGE_NAMES[: STAGE_NAMES.index(until) + 1]:
             upstream = {rel: sha for up in STAGES[stage].upstream for rel, sha in outputs[up].files.items()}
-            context = {"root": str(root_path), "base": str(paths.base), "runtime": cfg.section_dict("runtime"),
-                       "run_id": None}
+            context = {"root": str(root_path), "base": str(paths.base), "run_id": None}
             t0 = time.perf_counter()
-            out, cached = run_stage(stage, cfg, upstream, context, paths)
+            out, cached = run_stage(stage, cfg, upstream, context)
             outputs[stage] = out
             summary[stage] = {"cached": cached, "files": out.files, "seconds": time.perf_counter() - t0}
     return summary

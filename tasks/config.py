@@ -1,7 +1,8 @@
 """params.yaml -> one typed, frozen :class:`PipelineConfig`, validated before anything runs.
 
-The file has one section per stage (``prepare``, ``pretrain``, ``extract``, ``coreset``, ``distill``,
-``evaluate``) plus ``runtime`` (device, output folder, logging; never part of a cache key). Each
+The file has one section per stage that has settings (``prepare``, ``pretrain``, ``judge``, ``extract``,
+``coreset``, ``distill``, ``generate``; ``evaluate`` only summarises and has none) plus ``runtime`` (device,
+output folder, logging, parallelism; never part of a cache key). Each
 section is a frozen dataclass that composes the ``dsv`` components' own config dataclasses
 (``ModelConfig``, ``FitConfig``, ``ExtractConfig``/``KKTConfig``/``AugmentConfig``, ``LambdaConfig``,
 ``DataConfig``, ``ProtocolConfig``, ...), so every default lives with the component that uses it.
@@ -10,6 +11,10 @@ Validation is driven by the dataclass fields: unknown keys get a did-you-mean, v
 against the field's type hint with pydantic (strict: ``"5"`` is not an int; YAML lists become tuples),
 and the dataclasses' own ``__post_init__`` range checks are reported under their full dotted key.
 All problems are collected into one :class:`ConfigError` whose message is a single line.
+
+This module decides nothing a stage computes: the stages see its work only as their params section's values,
+which key their cache (so it is outside every stage's code closure, :mod:`tasks.stages`). Logic that turns a
+value into behaviour (a default architecture, the merged per-init solver) lives in the stage module.
 
 YAML is parsed exactly as DVC parses it (ruamel.yaml's safe loader, YAML 1.2: ``5e-4`` is a float;
 duplicate keys are errors); aliases, non-UTF-8 text and files over 1 MiB are refused. Every float must
@@ -21,9 +26,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -32,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from dsv.baselines import ProxyConfig
@@ -45,12 +49,19 @@ from dsv.lam import LambdaConfig
 from dsv.models import ModelConfig
 from dsv.protocols import METHOD_NAMES, ProtocolConfig
 from dsv.train import FitConfig
+from tasks.plain import to_plain
 
 T = TypeVar("T")
 
 DEVICES = ("cpu", "cuda", "auto")
 PROGRESS = ("auto", "on", "off")
-TASK_RUNNERS = ("thread", "dask")
+# Keys that moved or went away, and what to write instead (an old params file gets this, not a bare "unknown key").
+MOVED: dict[str, str] = {
+    "evaluate": "the student protocol moved to the stage that trains the students: distill.protocol and "
+                "distill.cross_model (the evaluate stage has no settings)",
+    "runtime.task_runner": "runtime.workers > 1 (or runtime.dask_address) runs the mapped units on Dask worker "
+                           "processes; threads are gone",
+}
 
 
 class ConfigError(ValueError):
@@ -72,15 +83,11 @@ class RuntimeConfig:
         log_models: log the teacher and one student per (method, IPC) with ``mlflow.pytorch``.
         progress: progress bars: "auto" (only on a terminal), "on" or "off" (YAML's unquoted on/off and
             true/false booleans mean the same).
-        workers: Prefect task-runner threads for the mapped units (shards, cells). Seeded model
-            construction is serialised, so a unit's result does not depend on what runs beside it. With
-            ``task_runner: dask`` and no ``dask_address``: the number of local worker processes.
-        task_runner: what runs the mapped units: "thread" (a thread pool of ``workers`` in this
-            process) or "dask" (prefect-dask's DaskTaskRunner: worker processes, one unit at a time
-            each; see :mod:`flows.runners`).
-        dask_address: scheduler address of an existing Dask cluster (e.g. "tcp://127.0.0.1:8786")
-            for ``task_runner: dask``; null starts a LocalCluster of ``workers`` processes on
-            127.0.0.1 for the run.
+        workers: processes for the mapped units (shards, cells): 1 runs them one after another in this
+            process; more starts a Dask LocalCluster of that many worker processes on 127.0.0.1 for the run
+            (prefect-dask, one unit at a time each, no shared state; see :mod:`flows.runners`).
+        dask_address: scheduler address of an existing Dask cluster (e.g. "tcp://127.0.0.1:8786") to run the
+            mapped units on instead (``workers`` is then unused); null = as ``workers`` says.
         dvc_commit: after a successful ``dsv run`` in a DVC repository (a ``.dvc/`` folder next to
             dvc.yaml) with the default output folder, record the outputs in dvc.lock (``dvc commit``), so
             ``dvc status`` is clean and ``dvc repro`` reuses the run.
@@ -93,21 +100,16 @@ class RuntimeConfig:
     log_models: bool = True
     progress: str | bool = "auto"
     workers: int = 1
-    task_runner: str = "thread"
     dask_address: str | None = None
     dvc_commit: bool = True
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
-        _choice("task_runner", self.task_runner, TASK_RUNNERS)
-        if self.dask_address is not None:
-            if not self.dask_address.strip() or any(c.isspace() for c in self.dask_address):
-                raise ValueError(f"dask_address must be a scheduler address like 'tcp://host:8786' or null, "
-                                 f"got {self.dask_address!r}")
-            if self.task_runner != "dask":
-                raise ValueError(f"dask_address is set ({self.dask_address!r}) but task_runner = "
-                                 f"{self.task_runner!r}; set runtime.task_runner=dask")
+        if self.dask_address is not None and (not self.dask_address.strip()
+                                              or any(c.isspace() for c in self.dask_address)):
+            raise ValueError(f"dask_address must be a scheduler address like 'tcp://host:8786' or null, "
+                             f"got {self.dask_address!r}")
         _choice("device", self.device, DEVICES)
         if isinstance(self.progress, bool):  # YAML 1.1 reads an unquoted on/off as a boolean
             object.__setattr__(self, "progress", "on" if self.progress else "off")
@@ -256,21 +258,16 @@ class ExtractStageConfig:
     solver: ExtractConfig = field(default_factory=ExtractConfig)
     by_init: dict[str, dict[str, Any]] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_BY_INIT)))
 
-    def solver_for(self, init: str) -> ExtractConfig:
-        """``solver`` with the keys ``by_init[init]`` overrides (nested sections merge key by key)."""
-        errors: list[str] = []
-        cfg = build(ExtractConfig, self.by_init.get(init, {}), f"by_init.{init}", errors, base=self.solver)
-        if errors or cfg is None:
-            raise ValueError("; ".join(errors))
-        return cfg
-
     def __post_init__(self) -> None:
         _choices("inits", self.inits, INITS)
         unknown = [k for k in self.by_init if k not in INITS]
         if unknown:
             raise ValueError(f"by_init has {unknown}; its keys are init kinds: {', '.join(INITS)}")
-        for init in self.by_init:
-            self.solver_for(init)
+        for init, keys in self.by_init.items():  # validated here, merged by tasks.extract.solver_for
+            errors: list[str] = []
+            build(ExtractConfig, keys, f"by_init.{init}", errors, base=self.solver)
+            if errors:
+                raise ValueError("; ".join(errors))
         _positive_ints("ipcs", self.ipcs)
         if self.shards < 1:
             raise ValueError(f"shards must be >= 1, got {self.shards}")
@@ -315,6 +312,12 @@ class DistillConfig:
         dm_real: real images DM may use: "shots" (default; `ipc` per class, the same budget as
             dsv_nshot, synthetic images start from noise) or "full" (the whole training split, DM's
             original setting, initialised from real images).
+        protocol: the students: architecture, trainer, label type and number of seeds
+            (``dsv.protocols.ProtocolConfig``).
+        cross_model: a second student architecture (e.g. ``{name: mlp, width: 256, depth: 2}`` or
+            ``{name: resnet18}``) trained with the same protocol and seeds on every set; its accuracy is
+            reported in extra columns (cross-architecture generalisation). None (default) skips it: it
+            doubles the students' cost.
     """
 
     methods: tuple[str, ...] = METHOD_NAMES
@@ -324,6 +327,8 @@ class DistillConfig:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     full_epochs: int = 2
     dm_real: str = "shots"
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    cross_model: ModelConfig | None = None
 
     def __post_init__(self) -> None:
         _choices("methods", self.methods, METHOD_NAMES)
@@ -331,22 +336,6 @@ class DistillConfig:
         _positive_ints("ipcs", self.ipcs)
         if self.full_epochs < 1:
             raise ValueError(f"full_epochs must be >= 1, got {self.full_epochs}")
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Stage ``evaluate`` (read by ``distill`` too): the student evaluation protocol.
-
-    Attributes:
-        protocol: student architecture, trainer, label type and number of seeds.
-        cross_model: a second student architecture (e.g. ``{name: mlp, width: 256, depth: 2}`` or
-            ``{name: resnet18}``) trained with the same protocol and seeds on every set; its accuracy is
-            reported in extra columns (cross-architecture generalisation). None (default) skips it: it
-            doubles the students' cost.
-    """
-
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    cross_model: ModelConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -369,14 +358,6 @@ class JudgeConfig:
     fit: FitConfig = field(default_factory=lambda: FitConfig(optimizer="adam", lr=2e-3, epochs=2, batch_size=256,
                                                              schedule="cosine"))
     seed: int = 1
-
-    def model_for(self, input_shape: Sequence[int]) -> ModelConfig:
-        """The judge architecture for inputs of ``input_shape`` (see ``model``)."""
-        if self.model is not None:
-            return self.model
-        if len(input_shape) == 3:
-            return ModelConfig(name="convnet", width=32, depth=3, norm="batch", pool="max")
-        return ModelConfig(name="mlp", width=128, depth=2)
 
 
 GENERATE_INITS = ("noise", "pool")
@@ -424,12 +405,6 @@ class GenerateStageConfig:
             if a == b or min(a, b) < 0:
                 raise ValueError(f"pairs must hold two different class indices >= 0, got [{a}, {b}]")
 
-    def class_pairs(self, num_classes: int) -> list[tuple[int, int]]:
-        """The strips' class pairs for a task with ``num_classes`` classes."""
-        if self.pairs is not None:
-            return [tuple(p) for p in self.pairs]  # type: ignore[misc]
-        return [(a, a + 1) for a in range(0, min(num_classes - 1, 6), 2)]
-
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -442,7 +417,6 @@ class PipelineConfig:
     coreset: CoresetConfig = field(default_factory=CoresetConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     generate: GenerateStageConfig = field(default_factory=GenerateStageConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def section_dict(self, name: str) -> dict[str, Any]:
@@ -628,14 +602,16 @@ def _shape_checks(cfg: PipelineConfig, input_shape: tuple[int, ...], num_classes
     from dsv.models import build_model
 
     errors = []
-    models = {"pretrain.model": cfg.pretrain.model, "evaluate.protocol.model": cfg.evaluate.protocol.model}
+    from tasks.judge import judge_model
+
+    models = {"pretrain.model": cfg.pretrain.model, "distill.protocol.model": cfg.distill.protocol.model}
     if "dm" in cfg.distill.methods:
         models["distill.dm.model"] = cfg.distill.dm.model
     if {"forgetting", "el2n"} & set(cfg.distill.methods):
         models["distill.proxy.model"] = cfg.distill.proxy.model
-    if cfg.evaluate.cross_model is not None:
-        models["evaluate.cross_model"] = cfg.evaluate.cross_model
-    models["judge.model"] = cfg.judge.model_for(input_shape)
+    if cfg.distill.cross_model is not None:
+        models["distill.cross_model"] = cfg.distill.cross_model
+    models["judge.model"] = judge_model(cfg.judge, input_shape)
     for key, model in models.items():
         if ":" in model.name and key != "pretrain.model":
             continue  # torchvision/timm students are built per cell; their check is the same as the teacher's
@@ -721,25 +697,19 @@ def _check_tree(data: Any, source: str) -> None:
             raise ConfigError(f"{source}: more than {MAX_PARAMS_NODES} values; not a params file")
 
 
-def read_params_file(path: str | Path) -> dict[str, Any]:
-    """Read a params file into a plain dict (empty file = all defaults)."""
+def _read_text(path: str | Path) -> str:
+    """A params file's text (at most 1 MiB of UTF-8)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"params file {str(p)!r} not found")
     try:
         if p.stat().st_size > MAX_PARAMS_BYTES:
             raise ConfigError(f"{p}: {p.stat().st_size} bytes; a params file may have at most {MAX_PARAMS_BYTES}")
-        text = p.read_bytes().decode("utf-8")
+        return p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except OSError as exc:
         raise ConfigError(f"params file {str(p)!r} cannot be read: {exc.strerror}") from None
-    raw = parse_yaml(text, str(p))
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
-    return raw
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -766,13 +736,29 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
     """Load, override and validate a params file; raises :class:`ConfigError` naming every bad key.
 
+    Parsed once per process: ``dsv run`` validates before Prefect starts and the flow asks again for the same
+    file; the second call returns the same frozen object (keyed on the file's text, not its name or age).
+
     Args:
         path: params.yaml path; None = defaults only.
         overrides: ``section.key=value`` strings (``-S`` on the command line).
     """
-    raw = read_params_file(path) if path is not None else {}
-    raw = apply_overrides(raw, overrides)
-    return config_from_dict(raw, source=str(path) if path is not None else "params")
+    text = _read_text(path) if path is not None else None
+    # Relative paths in the params (a checkpoint, a CSV) are read from the working directory: part of the key.
+    key = (os.getcwd(), text, tuple(overrides))
+    if key not in _PARSED:
+        source = str(path) if path is not None else "params"
+        raw = parse_yaml(text, source) if text is not None else {}
+        if raw is None:  # an empty file: all defaults
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), "
+                              f"got {type(raw).__name__}")
+        _PARSED[key] = config_from_dict(apply_overrides(raw, overrides), source=source)
+    return _PARSED[key]
+
+
+_PARSED: dict[tuple[str, str | None, tuple[str, ...]], PipelineConfig] = {}
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "params", cross: bool = True) -> PipelineConfig:
@@ -871,7 +857,9 @@ def build(cls: type[T], raw: Any, prefix: str, errors: list[str], base: T | None
     hints = _hints(cls)
     n_errors = len(errors)
     for key in raw:
-        if key not in fields:
+        if key not in fields and _join(prefix, str(key)) in MOVED:
+            errors.append(f"{_join(prefix, str(key))!r} is gone: {MOVED[_join(prefix, str(key))]}")
+        elif key not in fields:
             hint = _suggest(str(key), cls)
             extra = f" (did you mean {_join(prefix, hint)!r}?)" if hint else ""
             errors.append(f"unknown key {_join(prefix, str(key))!r}{extra}; allowed keys in {where}: "
@@ -939,40 +927,3 @@ def _suggest(key: str, cls: type) -> str | None:
 
 def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-
-
-# ----------------------------------------------------------------------------------------- output
-
-
-def to_plain(obj: Any) -> Any:
-    """Dataclasses -> dicts, tuples -> lists (YAML/JSON-able, hash-stable)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    return obj
-
-
-def dump_yaml(data: Any) -> str:
-    """Deterministic YAML text of plain data (re-readable by :func:`parse_yaml` and by DVC)."""
-    return yaml.safe_dump(to_plain(data), sort_keys=False, default_flow_style=None, width=100)
-
-
-def params_hash(data: Any) -> str:
-    """SHA-256 of the canonical JSON of plain data (the "params hash" stored with artifacts)."""
-    text = json.dumps(to_plain(data), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1} (for MLflow params)."""
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        key = _join(prefix, str(k))
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out

@@ -9,6 +9,7 @@ correlation (paper §5.1 reports ρ = 0.783 on CIFAR-10).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,12 +18,15 @@ from dsv.lam import LambdaEvent, class_lambda_sums, fit_lambdas, pearson
 from dsv.train import evaluate
 from tasks.artifacts import PARAMS_HASH_KEY, load_model, load_split, read_data_meta, write_lambdas_parquet
 from tasks.atomic import write_json
-from tasks.config import PipelineConfig, params_hash
 from tasks.figures import lam_histograms, scatter_labeled
+from tasks.output import StageOutput, device_of, finish
 from tasks.paths import Paths
+from tasks.plain import params_hash
 from tasks.progress import Bar
-from tasks.stages import StageOutput, device_of, finish
 from tasks.tracking import StageLog
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
 
 
 def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:

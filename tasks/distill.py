@@ -16,7 +16,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -38,12 +38,15 @@ from tasks.artifacts import (
     save_tensors,
 )
 from tasks.atomic import write_json
-from tasks.config import PipelineConfig, to_plain
 from tasks.figures import image_grid
+from tasks.output import StageOutput, device_of, finish, hash_files
 from tasks.paths import Paths
+from tasks.plain import to_plain
 from tasks.progress import Bar
-from tasks.stages import StageOutput, device_of, finish, hash_files
 from tasks.tracking import StageLog
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
 
 DSV_METHODS = {"dsv_nshot": "nshot", "dsv_0shot": "0shot", "dsv_noise": "noise"}
 FULL_DATA_METHODS = frozenset({"lambda_topk", "support_topk", "herding", "kcenter", "forgetting", "el2n", "entropy", "dm", "full"})
@@ -153,7 +156,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     inp = _Inputs(cfg, paths, device_of(cfg))
     x, y, shots = build_set(method, ipc, inp)
     select_seconds = time.perf_counter() - started
-    protocol: ProtocolConfig = cfg.evaluate.protocol
+    protocol: ProtocolConfig = cfg.distill.protocol
     if method == "full":
         protocol = dataclasses.replace(protocol, epochs=cfg.distill.full_epochs, min_steps=0)
     meta = inp.meta
@@ -187,7 +190,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
         val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None
         run = {"seed": seed, "test_acc": test.accuracy, "val_acc": val.accuracy if val else float("nan"),
                "per_class": test.per_class}
-        cross = cfg.evaluate.cross_model
+        cross = cfg.distill.cross_model
         if cross is not None:
             other = train_student(x, y, teacher, dataclasses.replace(protocol, model=cross), meta.input_shape,
                                   meta.num_classes, seed, inp.device, None)
@@ -196,8 +199,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
         runs.append(run)
         log.metric(f"{key}/test_acc", test.accuracy, step=seed)
         if seed == 0:
-            # Saved here, logged to MLflow by merge(): mlflow.pytorch.log_model runs torch.export, which
-            # changes the numerics of students training on other threads (runtime.workers > 1).
+            # Saved here; the flow logs it to MLflow in the cell's result run (flows.pipeline).
             spec = {"model": to_plain(protocol.model), "in_shape": list(meta.input_shape),
                     "num_classes": meta.num_classes}
             save_model(paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc), model.cpu(), spec)
@@ -206,7 +208,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
         "method": method, "ipc": ipc if method != "full" else inp.per_class, "shots": shots,
         "protocol": protocol.name, "label_type": protocol.label_type, "n_train": int(y.shape[0]),
         "steps": fit_cfg.steps, "runs": runs,
-        **({"cross_model": cfg.evaluate.cross_model.name} if cfg.evaluate.cross_model is not None else {}),
+        **({"cross_model": cfg.distill.cross_model.name} if cfg.distill.cross_model is not None else {}),
     }
     cell_file = write_json(paths.distill_cell(method, ipc), cell)
     files = [cell_file, paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc)]

@@ -6,7 +6,7 @@ Outputs (``artifacts/evaluate/``):
   label type, ``acc_mean``/``acc_std`` over the student seeds, ``accs``, ``val_acc_mean``, ``rank`` within its
   IPC (1 = best; rows of one IPC and label type compete), ``best``, DD-Ranking's label-robust score
   (``hlr_*``, ``ior_*``, ``lrs_*``, :func:`dsv.protocols.label_robust_score`) against the ``random`` row of the
-  same IPC, and the second architecture's accuracy when ``evaluate.cross_model`` is set;
+  same IPC, and the second architecture's accuracy when ``distill.cross_model`` is set;
 * ``results.md``: the table ranked within each IPC, the best marked;
 * ``acc_vs_ipc.json``: accuracy per (method, IPC), a DVC plot;
 * ``judge.json``: how the independent judge (stage ``judge``) sees every image training set (distilled or
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,10 +32,12 @@ from dsv.judge import judge_score, matched_real
 from dsv.protocols import ResultRow, label_robust_score
 from tasks.artifacts import load_model, load_split, load_tensors, read_data_meta, read_json
 from tasks.atomic import write_json, write_text
-from tasks.config import PipelineConfig
+from tasks.output import StageOutput, finish
 from tasks.paths import Paths
-from tasks.stages import StageOutput, finish
 from tasks.tracking import StageLog
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
 
 
 def rows_from_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -211,11 +213,13 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     """Build the table; see the module docstring."""
     started = time.perf_counter()
     teacher_acc = float(read_json(paths.metrics("pretrain"))["test_acc"])
-    rows = add_scores(rows_from_cells(read_json(paths.distill_runs)), teacher_acc)
+    cells = read_json(paths.distill_runs)
+    rows = add_scores(rows_from_cells(cells), teacher_acc)
     judged = judge_sets(paths, rows)
     write_json(paths.judge_table, judged)
     write_text(paths.results_table, markdown(teacher_acc, rows) + judge_markdown(judged))
-    write_json(paths.results_json, {"teacher_acc": teacher_acc, "protocol": cfg.evaluate.protocol.name, "rows": rows})
+    write_json(paths.results_json, {"teacher_acc": teacher_acc, "protocol": next((c["protocol"] for c in cells), None),
+                                    "rows": rows})
     write_json(paths.results_plot, [{"method": r["method"], "ipc": r["ipc"], "acc": r["acc_mean"]}
                                     for r in rows if r["acc_mean"] is not None and r["method"] != "full"])
     metrics = flat_metrics(teacher_acc, rows, judged)

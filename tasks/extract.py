@@ -12,11 +12,12 @@ for plots); ``metrics/extract.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,12 +35,15 @@ from tasks.artifacts import (
     write_records_parquet,
 )
 from tasks.atomic import write_json
-from tasks.config import PipelineConfig, params_hash
 from tasks.figures import curves, image_grid
+from tasks.output import StageOutput, device_of, finish, hash_files
 from tasks.paths import Paths
+from tasks.plain import params_hash
 from tasks.progress import Bar
-from tasks.stages import StageOutput, device_of, finish, hash_files
 from tasks.tracking import StageLog
+
+if TYPE_CHECKING:
+    from tasks.config import ExtractStageConfig, PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,21 @@ def jobs(cfg: PipelineConfig) -> list[ShardJob]:
 def units(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """The shards as plain dicts (what the flow maps its shard tasks over)."""
     return [asdict(j) for j in jobs(cfg)]
+
+
+def _merged(base: Any, keys: dict[str, Any]) -> Any:
+    """``base`` (a config dataclass) with ``keys`` replaced; nested mappings merge into nested dataclasses."""
+    def value(old: Any, new: Any) -> Any:
+        if isinstance(new, dict) and dataclasses.is_dataclass(old):
+            return _merged(old, new)
+        return tuple(value(None, v) for v in new) if isinstance(new, list) else new
+
+    return dataclasses.replace(base, **{k: value(getattr(base, k), v) for k, v in keys.items()})
+
+
+def solver_for(e: ExtractStageConfig, init: str) -> ExtractConfig:
+    """``extract.solver`` with the keys ``extract.by_init[init]`` overrides (validated by the params loader)."""
+    return _merged(e.solver, e.by_init.get(init, {}))  # type: ignore[no-any-return]
 
 
 def _seed(base: int, *parts: int) -> int:
@@ -120,7 +139,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     c = meta.num_classes
     # All candidates of this (init, IPC) are drawn at once, then sliced per shard.
     all_jobs = [ShardJob(job.init, job.ipc, s, job.shards) for s in range(job.shards)]
-    solver = e.solver_for(job.init)
+    solver = solver_for(e, job.init)
     widths = [_with_spare(j.per_class, solver.spare) for j in all_jobs]
     total = sum(widths)
     g = torch.Generator().manual_seed(_seed(e.seed, INITS.index(job.init), job.ipc))
@@ -211,7 +230,7 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
         class_names=names, init=inits, ipc=ipcs, shard=shard_ids,
         support=torch.cat(supports) if supports else None, margin=torch.cat(margins) if margins else None,
         metadata={PARAMS_HASH_KEY: digest, "dsv.dataset": meta.name,
-                  "dsv.dual": json.dumps({i: _dual(cfg.extract.solver_for(i)) for i in cfg.extract.inits}),
+                  "dsv.dual": json.dumps({i: _dual(solver_for(cfg.extract, i)) for i in cfg.extract.inits}),
                   "dsv.classes": ",".join(meta.classes)},
         feature_names=meta.features,
     )

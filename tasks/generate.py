@@ -20,7 +20,7 @@ Inputs that are not images (tabular data) are skipped: the stage writes an empty
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +39,15 @@ from tasks.artifacts import (
     write_generated_parquet,
 )
 from tasks.atomic import write_json
-from tasks.config import PipelineConfig, params_hash
 from tasks.figures import image_grid, image_matrix
+from tasks.output import StageOutput, device_of, finish
 from tasks.paths import Paths
+from tasks.plain import params_hash
 from tasks.progress import Bar
-from tasks.stages import StageOutput, device_of, finish
 from tasks.tracking import StageLog
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
 
 
 def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
@@ -64,7 +67,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     c, shape = meta.num_classes, tuple(meta.input_shape)
     x_test, y_test = load_split(paths.test, meta)
     recipe = gcfg.recipe
-    pairs = gcfg.class_pairs(c)
+    pairs = class_pairs(gcfg.pairs, c)
     edit_idx, edit_to = _edit_choice(y_test, gcfg.edits, c)
     n_images = gcfg.per_class * c + len(pairs) * len(gcfg.deltas) + edit_idx.numel()
     trace: list[dict[str, Any]] = []
@@ -141,6 +144,14 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     log.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return finish("generate", cfg, paths, [paths.generated_parquet, paths.generated, paths.generate_trace, *written],
                   metrics, started)
+
+
+def class_pairs(pairs: tuple[tuple[int, int], ...] | None, num_classes: int) -> list[tuple[int, int]]:
+    """The interpolation strips' class pairs: ``generate.pairs``, or when null (0, 1), (2, 3), (4, 5) (as many as
+    ``num_classes`` allows)."""
+    if pairs is not None:
+        return [(int(a), int(b)) for a, b in pairs]
+    return [(a, a + 1) for a in range(0, min(num_classes - 1, 6), 2)]
 
 
 def _edit_choice(y_test: torch.Tensor, n: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,15 +10,30 @@ validation accuracy).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from dsv.models import build_seeded
+from dsv.models import ModelConfig, build_seeded
 from dsv.train import TrainEvent, evaluate, fit
 from tasks.artifacts import load_split, read_data_meta, save_model
-from tasks.config import PipelineConfig, to_plain
+from tasks.output import StageOutput, device_of, finish
 from tasks.paths import Paths
+from tasks.plain import to_plain
 from tasks.progress import Bar
-from tasks.stages import StageOutput, device_of, finish
 from tasks.tracking import StageLog
+
+if TYPE_CHECKING:
+    from tasks.config import JudgeConfig, PipelineConfig
+
+
+def judge_model(j: JudgeConfig, input_shape: Sequence[int]) -> ModelConfig:
+    """The judge's architecture for inputs of ``input_shape``: ``judge.model``, or when null a ConvNet (width 32,
+    depth 3, BatchNorm, max pooling) for images and an MLP (width 128, depth 2) for feature vectors."""
+    if j.model is not None:
+        return j.model
+    if len(input_shape) == 3:
+        return ModelConfig(name="convnet", width=32, depth=3, norm="batch", pool="max")
+    return ModelConfig(name="mlp", width=128, depth=2)
 
 
 def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
@@ -30,7 +45,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     x, y = load_split(paths.train, meta)
     x_val, y_val = load_split(paths.val, meta)
     x_test, y_test = load_split(paths.test, meta)
-    arch = j.model_for(meta.input_shape)
+    arch = judge_model(j, meta.input_shape)
     model = build_seeded(arch, meta.input_shape, meta.num_classes, j.seed).to(device)
     bar = Bar(cfg.runtime.progress, 0, "judge", unit="step")
 

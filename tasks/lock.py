@@ -5,8 +5,9 @@ folder never interleave writes: the second one refuses at once (naming the holde
 ``--wait SECONDS``, waits for the first to finish. The kernel releases a ``flock`` when its holder
 dies (SIGKILL included), so a *stale* lock file (its recorded pid dead) is simply taken over.
 
-The lock is re-entrant within one process (the CLI takes it before starting the flow, and the flow
-takes it again for in-process and scheduled runs): a nested acquire only counts.
+It is taken once per run: by the CLI before Prefect starts (a refused run leaves no trace), or by the flow
+itself when nobody holds it for it (a scheduled run, a test calling the flow). A second acquire, even in
+the same process, is refused like any other.
 
 While the lock is held nobody else can be writing, so :func:`OutputLock.acquire` also removes the
 temp files (``.<name>.<random>.tmp``, see :mod:`tasks.atomic`) a killed writer left behind.
@@ -22,15 +23,10 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
 LOCK_NAME = ".dsv/output.lock"
-
-
-# lock file (resolved) -> [fd, depth] of the locks this process holds.
-_HELD: dict[str, list[int]] = {}
 
 
 class LockError(RuntimeError):
@@ -88,11 +84,6 @@ class OutputLock:
             LockError: the folder is locked by another process (its pid and command named).
             OSError: the folder cannot be created or the lock file written (the path named).
         """
-        key = str(self.path.resolve())
-        if key in _HELD:
-            _HELD[key][1] += 1
-            self._fd = _HELD[key][0]
-            return self
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.parent.is_symlink():
@@ -135,7 +126,6 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         self._fd = fd
-        _HELD[key] = [fd, 1]
         self.swept = sweep_temp_files(self.base)
         return self
 
@@ -143,13 +133,6 @@ class OutputLock:
         """Release the lock (the lock file stays; its content is only informative)."""
         if self._fd is None:
             return
-        key = str(self.path.resolve())
-        held = _HELD.get(key)
-        if held is not None and held[1] > 1:
-            held[1] -= 1
-            self._fd = None
-            return
-        _HELD.pop(key, None)
         with contextlib.suppress(OSError):
             os.ftruncate(self._fd, 0)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -163,11 +146,3 @@ class OutputLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
-
-
-@contextlib.contextmanager
-def locked(base: Path, command: str = "dsv", wait: float = 0.0) -> Iterator[OutputLock]:
-    """``with locked(paths.base, "dsv run"): ...`` (see :class:`OutputLock`)."""
-    lock = OutputLock(base, command, wait)
-    with lock:
-        yield lock

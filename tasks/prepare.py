@@ -8,6 +8,7 @@ Outputs (``artifacts/prepare/``): ``train``/``val``/``test.safetensors`` (``x`` 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,11 +16,13 @@ from dsv.data.core import class_counts, split_validation
 from dsv.data.registry import DataConfig, load_dataset, resize_images
 from tasks.artifacts import save_tensors
 from tasks.atomic import write_json
-from tasks.config import PipelineConfig
 from tasks.figures import image_grid
+from tasks.output import StageOutput, finish
 from tasks.paths import Paths
-from tasks.stages import StageOutput, finish
 from tasks.tracking import StageLog
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
 
 
 def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:

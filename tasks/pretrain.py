@@ -15,6 +15,7 @@ before and after the optional convergence phase (``pretrain.converge``).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,12 +25,15 @@ from dsv.models import build_seeded, load_checkpoint
 from dsv.train import TrainEvent, evaluate, fit
 from tasks.artifacts import load_split, read_data_meta, save_model
 from tasks.atomic import write_json
-from tasks.config import PipelineConfig, to_plain
 from tasks.figures import curves
+from tasks.output import StageOutput, device_of, finish
 from tasks.paths import Paths
+from tasks.plain import to_plain
 from tasks.progress import Bar
-from tasks.stages import StageOutput, device_of, finish
 from tasks.tracking import StageLog
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
 
 
 def certificates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, omega: float) -> dict[str, float]:

@@ -23,8 +23,9 @@ from typing import Any
 
 from tasks.artifacts import ArtifactError, read_dsv_parquet, read_json, read_lambdas_parquet
 from tasks.atomic import write_text
-from tasks.config import PipelineConfig, flatten
+from tasks.config import PipelineConfig
 from tasks.paths import STAGE_NAMES, Paths
+from tasks.plain import flatten
 
 REPORT_NAME = "report.html"
 

@@ -1,36 +1,40 @@
-"""The stage registry: what each stage reads (params sections, upstream stages) and which code it runs.
+"""The stage registry: what each stage reads (its params section, upstream stages) and which code it runs.
 
 Used by the Prefect flow (cache keys), ``dsv stage`` (the DVC path) and the dvc.yaml consistency test,
 so the three can never disagree about a stage's inputs.
 
 A stage's *code closure* is its own module ``tasks/<stage>.py``, every ``tasks`` module it imports
 (transitively, except logging-only modules), and every ``dsv`` module that the stage module imports,
-followed transitively through ``dsv``'s own imports. ``tasks.config`` imports every component's
-config class, so ``dsv`` imports are followed from the stage module only: an edit to ``dsv/dm.py``
-must not rerun ``extract``.
+followed transitively through ``dsv``'s own imports; imports under ``if TYPE_CHECKING:`` never run and
+are not followed. The params loader (:mod:`tasks.config`) and this registry are outside every closure:
+a stage sees the loader's work only as the values of its params section, which are part of its cache key
+(and its DVC ``params``), so editing a message, a check or the dvc.yaml writer reruns nothing.
+``dsv`` imports are followed from the stage module only: an edit to ``dsv/dm.py`` must not rerun ``extract``.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import importlib
 import importlib.util
-import threading
-import time
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tasks.atomic import file_sha256, write_json, write_text
-from tasks.config import PipelineConfig, dump_yaml
+from tasks.atomic import file_sha256, write_json
+from tasks.output import StageOutput
 from tasks.paths import STAGE_NAMES, Paths
 
 # tasks modules that only log/plot: editing them never changes an artifact.
 LOGGING_ONLY: frozenset[str] = frozenset({"tasks.tracking", "tasks.figures", "tasks.progress"})
 # ...except for stages whose artifacts include figures (generate writes its PNGs next to its tables).
 FIGURE_ARTIFACTS: dict[str, frozenset[str]] = {"generate": frozenset({"tasks.figures"})}
+# Never in a closure (see the module docstring): tests/tasks/test_stages.py checks that no stage reaches them.
+OUTSIDE_CLOSURES: frozenset[str] = frozenset({"tasks.config", "tasks.stages"})
 PACKAGES = ("tasks", "dsv")
 
 
@@ -40,13 +44,13 @@ class StageSpec:
 
     Attributes:
         name: the stage name (params section, module, artifact folder, metrics file, MLflow run).
-        sections: params sections the stage reads (its DVC ``params`` and cache-key inputs).
         upstream: stages whose artifacts it reads.
+        sections: the params sections it reads: its own (``evaluate`` has none, it only summarises).
     """
 
     name: str
-    sections: tuple[str, ...]
     upstream: tuple[str, ...]
+    sections: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -62,45 +66,17 @@ class StageSpec:
 MAPPED: frozenset[str] = frozenset({"extract", "distill"})
 
 STAGES: dict[str, StageSpec] = {
-    "prepare": StageSpec("prepare", ("prepare",), ()),
-    "pretrain": StageSpec("pretrain", ("pretrain",), ("prepare",)),
-    "judge": StageSpec("judge", ("judge",), ("prepare",)),
-    "extract": StageSpec("extract", ("extract",), ("prepare", "pretrain")),
-    "coreset": StageSpec("coreset", ("coreset",), ("prepare", "pretrain")),
-    "distill": StageSpec("distill", ("distill", "evaluate"), ("prepare", "pretrain", "extract", "coreset")),
-    "generate": StageSpec("generate", ("generate",), ("prepare", "pretrain", "judge")),
-    "evaluate": StageSpec("evaluate", ("evaluate",), ("prepare", "pretrain", "judge", "distill")),
+    "prepare": StageSpec("prepare", (), ("prepare",)),
+    "pretrain": StageSpec("pretrain", ("prepare",), ("pretrain",)),
+    "judge": StageSpec("judge", ("prepare",), ("judge",)),
+    "extract": StageSpec("extract", ("prepare", "pretrain"), ("extract",)),
+    "coreset": StageSpec("coreset", ("prepare", "pretrain"), ("coreset",)),
+    "distill": StageSpec("distill", ("prepare", "pretrain", "extract", "coreset"), ("distill",)),
+    "generate": StageSpec("generate", ("prepare", "pretrain", "judge"), ("generate",)),
+    "evaluate": StageSpec("evaluate", ("prepare", "pretrain", "judge", "distill")),
 }
 assert tuple(STAGES) == STAGE_NAMES
-
-
-@dataclass
-class StageOutput:
-    """What a stage returns (and what Prefect persists): references, never tensors.
-
-    Attributes:
-        stage: stage name.
-        files: output path (relative to the output folder, POSIX) -> SHA-256 of its bytes; artifacts
-            only (not the metrics file, which holds wall times).
-        metrics: the deterministic metrics written to ``metrics/<stage>.json`` (DVC-tracked).
-        timings: wall times, written to ``timings/<stage>.json`` (not DVC-tracked).
-        produced_by: the MLflow run id of the stage run that computed this output (set by the flow).
-    """
-
-    stage: str
-    files: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, Any] = field(default_factory=dict)
-    produced_by: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "files": dict(self.files), "metrics": dict(self.metrics),
-                "timings": dict(self.timings), "produced_by": self.produced_by}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StageOutput:
-        return cls(stage=d["stage"], files=dict(d["files"]), metrics=dict(d["metrics"]),
-                   timings=dict(d.get("timings") or {}), produced_by=d.get("produced_by"))
+assert all(spec.sections in ((), (name,)) for name, spec in STAGES.items())  # one section per stage
 
 
 # -------------------------------------------------------------------------------------- code closure
@@ -116,11 +92,23 @@ def _module_file(name: str) -> Path | None:
     return Path(spec.origin)
 
 
+def _type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def _walk(node: ast.AST) -> Any:
+    """``ast.walk`` that skips ``if TYPE_CHECKING:`` blocks (imports for annotations only)."""
+    yield node
+    for child in ast.iter_child_nodes(node):
+        if not _type_checking(child):
+            yield from _walk(child)
+
+
 def _imports(path: Path) -> list[str]:
     """Absolute module names imported by a source file (``from a.b import c`` -> a.b and a.b.c)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     out: list[str] = []
-    for node in ast.walk(tree):
+    for node in _walk(tree):
         if isinstance(node, ast.Import):
             out.extend(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -144,15 +132,9 @@ def _closure(start: list[str], follow: tuple[str, ...]) -> dict[str, Path]:
     return seen
 
 
-# Mapped units run on threads (runtime.workers > 1): the closure is computed once per stage, under a lock
-# (concurrent first calls of find_spec/ast.parse once raised SystemError and lost a cache record).
-_CLOSURE_LOCK = threading.Lock()
-
-
 def code_modules(stage: str) -> dict[str, Path]:
     """Module name -> source file of everything in ``stage``'s code closure (see module docstring)."""
-    with _CLOSURE_LOCK:
-        return dict(_code_modules(stage))
+    return dict(_code_modules(stage))
 
 
 @cache
@@ -185,50 +167,14 @@ def code_hash(stage: str) -> str:
 # ------------------------------------------------------------------------------------------- running
 
 
+def stage_module(stage: str) -> Any:
+    """``tasks.<stage>``, imported lazily (each stage pulls in only its own dependencies)."""
+    return importlib.import_module(STAGES[stage].module)
+
+
 def stage_function(stage: str) -> Callable[..., StageOutput]:
-    """``tasks.<stage>.run``, imported lazily (each stage pulls in only its own dependencies)."""
-    module = importlib.import_module(STAGES[stage].module)
-    return module.run  # type: ignore[no-any-return]
-
-
-def hash_files(paths: Paths, files: list[Path]) -> dict[str, str]:
-    """{relative path: sha256} of written files."""
-    return {paths.relative(f): file_sha256(f) for f in files}
-
-
-def finish(
-    stage: str,
-    cfg: PipelineConfig,
-    paths: Paths,
-    files: list[Path],
-    metrics: dict[str, Any],
-    started: float,
-    extra_seconds: float = 0.0,
-) -> StageOutput:
-    """Write the stage's resolved params, metrics and timings files, and hash its artifacts.
-
-    Args:
-        stage: stage name.
-        cfg: the (restricted) config the stage ran with.
-        paths: output layout.
-        files: artifact files the stage wrote (the params file is added here).
-        metrics: scalar metrics; wall times among them (keys ending in ``seconds``) go to the timings
-            file, with ``wall_seconds`` added, so the DVC-tracked metrics file is the same on every run.
-        started: ``time.perf_counter()`` at the stage's start.
-        extra_seconds: time spent in the stage's units (shards, cells) before ``started``.
-    """
-    resolved = write_text(paths.resolved_params(stage), dump_yaml(cfg.sections(STAGES[stage].sections)))
-    timings = {k: v for k, v in metrics.items() if is_timing(k)}
-    timings["wall_seconds"] = round(time.perf_counter() - started + extra_seconds, 3)
-    metrics = {k: v for k, v in metrics.items() if not is_timing(k)}
-    write_json(paths.metrics(stage), metrics)
-    write_json(paths.timings(stage), timings)
-    return StageOutput(stage=stage, files=hash_files(paths, [*files, resolved]), metrics=metrics, timings=timings)
-
-
-def is_timing(key: str) -> bool:
-    """A metric that is a wall time (``*seconds``): reported, never DVC-tracked."""
-    return key.endswith("seconds")
+    """``tasks.<stage>.run``: the whole stage in this process."""
+    return stage_module(stage).run  # type: ignore[no-any-return]
 
 
 def verify(paths: Paths, out: StageOutput) -> list[str]:
@@ -243,8 +189,6 @@ def verify(paths: Paths, out: StageOutput) -> list[str]:
 
 def restore_metrics(paths: Paths, out: StageOutput) -> None:
     """Rewrite ``metrics/<stage>.json`` (and the timings file) from a cached output when missing or different."""
-    import json
-
     for target, data in ((paths.metrics(out.stage), out.metrics), (paths.timings(out.stage), out.timings)):
         try:
             current = json.loads(target.read_text())
@@ -252,19 +196,6 @@ def restore_metrics(paths: Paths, out: StageOutput) -> None:
             current = None
         if current != data:
             write_json(target, data)
-
-
-def device_of(cfg: PipelineConfig) -> str:
-    """The torch device named by ``runtime.device`` ("auto" = cuda when available)."""
-    import torch
-
-    if cfg.runtime.threads > 0:
-        torch.set_num_threads(cfg.runtime.threads)
-    if cfg.runtime.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
-    return cfg.runtime.device
 
 
 # ------------------------------------------------------------------------------------------ dvc.yaml

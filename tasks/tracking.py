@@ -17,7 +17,6 @@ import os
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,13 +25,10 @@ from typing import Any, Protocol
 import yaml
 
 from tasks.atomic import pid_alive
-from tasks.config import flatten
 from tasks.paths import ProjectPaths
+from tasks.plain import flatten
 
 MAX_PARAM_CHARS = 6000
-# mlflow.pytorch.log_model runs torch.export, whose FX tracer keeps process-global state: two threads
-# logging models at once (runtime.workers > 1) crash with "CURRENT_PATCHER is None". One at a time.
-_MODEL_LOGGING = threading.Lock()
 
 
 def quiet_environment() -> None:
@@ -162,10 +158,7 @@ class MlflowStageLog:
             return
         import mlflow.pytorch
 
-        with _MODEL_LOGGING:
-            mlflow.pytorch.log_model(
-                model, name=name, input_example=input_example, pip_requirements=[], run_id=self.run_id
-            )
+        mlflow.pytorch.log_model(model, name=name, input_example=input_example, pip_requirements=[], run_id=self.run_id)
 
     def tags(self, values: Mapping[str, str]) -> None:
         for k, v in values.items():
@@ -331,7 +324,7 @@ class Tracker:
 
     def log_params_file(self, run_id: str, params: Mapping[str, Any], name: str = "params.resolved.yaml") -> None:
         """Log params (flattened) and the resolved params file as an artifact."""
-        from tasks.config import dump_yaml
+        from tasks.plain import dump_yaml
 
         log = self.log(run_id)
         log.params(params)

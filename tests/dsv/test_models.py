@@ -86,19 +86,6 @@ def test_build_seeded_is_deterministic_and_keeps_global_rng() -> None:
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
 
 
-def test_build_seeded_from_many_threads_matches_sequential() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    cfg = ModelConfig(name="convnet", width=16)
-    seeds = list(range(8)) * 4
-    expected = {s: build_seeded(cfg, (1, 16, 16), 10, seed=s).state_dict() for s in set(seeds)}
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        built = list(pool.map(lambda s: build_seeded(cfg, (1, 16, 16), 10, seed=s), seeds))
-    for s, m in zip(seeds, built):
-        for name, p in m.state_dict().items():
-            assert torch.equal(p, expected[s][name]), (s, name)
-
-
 @pytest.mark.parametrize(("name", "head"), [("torchvision:resnet18", "net.fc"), ("torchvision:mobilenet_v3_small",
                                                                               "net.classifier.3"),
                                            ("timm:resnet10t", "net.fc")])

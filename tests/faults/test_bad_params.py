@@ -30,7 +30,7 @@ CASES = [
     ("run", "distill.methods=[herdin]", r"distill\.methods = 'herdin'.*did you mean 'herding'"),
     ("run", "pretrain.model.name=resnet", r"pretrain\.model\.name = 'resnet'.*did you mean 'resnet18'"),
     ("run", "extract.solver.kkt.beta_tv=-1", r"extract\.solver\.kkt\.beta_tv must be >= 0"),
-    ("run", "evaluate.protocol.n_runs=0", r"evaluate\.protocol\.n_runs must be >= 1"),
+    ("run", "distill.protocol.n_runs=0", r"distill\.protocol\.n_runs must be >= 1"),
     ("run", "runtime.workers=0", r"runtime\.workers must be >= 1"),
     ("run", "runtime.progress=maybe", r"runtime\.progress = 'maybe' is not one of auto, on, off"),
     ("run", "extract", r"override 'extract' is not of the form section\.key=value"),

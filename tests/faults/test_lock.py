@@ -98,10 +98,10 @@ def test_stale_lock_file_with_dead_pid_and_temp_leftovers(tmp_path: Path) -> Non
     assert tmp_leftovers(tmp_path) == [] and keep.read_bytes() == b"complete"
 
 
-def test_lock_is_reentrant_in_one_process(tmp_path: Path) -> None:
-    with OutputLock(tmp_path, "outer"), OutputLock(tmp_path, "inner (the flow)"):
-        pass
-    with OutputLock(tmp_path):  # fully released
+def test_lock_is_taken_once_even_in_one_process(tmp_path: Path) -> None:
+    with OutputLock(tmp_path, "outer"), pytest.raises(LockError, match=rf"locked by pid {os.getpid()} \(outer\)"):
+        OutputLock(tmp_path, "inner").acquire()
+    with OutputLock(tmp_path):  # released
         pass
 
 

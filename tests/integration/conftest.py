@@ -45,7 +45,6 @@ distill:
     fit: {optimizer: sgd, lr: 0.01, epochs: 1, batch_size: 64}
     el2n_models: 1
     el2n_epochs: 1
-evaluate:
   protocol: {name: dd, epochs: 1, min_steps: 3, n_runs: 2, model: {name: convnet_tiny}}
 judge:
   model: {name: convnet_tiny, norm: batch, pool: max}

@@ -37,7 +37,6 @@ coreset:
 distill:
   methods: [dsv_nshot, dsv_0shot, dsv_noise, lambda_topk, random]
   ipcs: [1]
-evaluate:
   protocol: {name: dd, epochs: 1, min_steps: 2, n_runs: 1, model: {name: convnet_tiny}}
 runtime: {threads: 1, log_models: false, progress: off}
 """
@@ -58,7 +57,6 @@ coreset:
 distill:
   methods: [dsv_nshot, dsv_noise, lambda_topk, support_topk, random, herding]
   ipcs: [2]
-evaluate:
   protocol: {name: dd, epochs: 2, min_steps: 5, n_runs: 1, model: {name: mlp, width: 32, depth: 1}}
   cross_model: {name: mlp_tiny}
 runtime: {threads: 1, log_models: false, progress: off}
@@ -186,7 +184,7 @@ def test_tabular_csv_runs_and_wrong_label_is_named(tmp_path: Path, prefect_api: 
     assert meta["features"][:2] == ["alcohol", "malic_acid"] and len(meta["mean"]) == 13
     rows = json.loads((project / "artifacts/evaluate/results.json").read_text())["rows"]
     assert {r["method"] for r in rows} >= {"dsv_nshot", "random", "herding"}
-    # evaluate.cross_model: a second architecture trained on every set, in its own columns
+    # distill.cross_model: a second architecture trained on every set, in its own columns
     assert all(r["cross_model"] == "mlp_tiny" and 0.0 <= r["cross_acc_mean"] <= 1.0 for r in rows if r["n_runs"])
     assert "second architecture" in (project / "artifacts/evaluate/results.md").read_text()
     flat = json.loads((project / "metrics/evaluate.json").read_text())

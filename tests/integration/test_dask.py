@@ -1,7 +1,7 @@
-"""Extraction shards on a real Dask LocalCluster (2 worker processes) give the same DSVs as threads.
+"""Extraction shards on a real Dask LocalCluster (2 worker processes) give the same DSVs as one process.
 
 Two copies of the tiny project run prepare -> pretrain -> extract (``extract.shards=2``) through the
-real Prefect tasks: one with the default thread runner, one with ``runtime.task_runner=dask``. The
+real Prefect tasks: one in this process (``runtime.workers=1``), one with ``runtime.workers=2``. The
 teacher, every shard file and ``dsv.parquet`` must be byte-identical, and the Dask run must really have
 run its shards in other processes.
 """
@@ -38,7 +38,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_dask_local_cluster_matches_threads(tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dask_local_cluster_matches_one_process(tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.dask_runner import DaskRunner
     from tasks.artifacts import read_dsv_parquet
     from tasks.paths import Paths
@@ -56,10 +56,9 @@ def test_dask_local_cluster_matches_threads(tmp_path: Path, prefect_api: str, mo
         return future
 
     monkeypatch.setattr(DaskRunner, "submit", spy)
-    common = ["extract.shards=2", "runtime.workers=2"]
-    threads, t_threads = _run(copy_project(tmp_path / "threads"), common)
-    dask, t_dask = _run(copy_project(tmp_path / "dask"), [*common, "runtime.task_runner=dask"])
-    print(f"thread runner {t_threads:.1f} s, dask LocalCluster (2 workers) {t_dask:.1f} s")
+    threads, t_threads = _run(copy_project(tmp_path / "threads"), ["extract.shards=2", "runtime.workers=1"])
+    dask, t_dask = _run(copy_project(tmp_path / "dask"), ["extract.shards=2", "runtime.workers=2"])
+    print(f"one process {t_threads:.1f} s, dask LocalCluster (2 workers) {t_dask:.1f} s")
 
     assert not any(s["cached"] for s in threads.values()) and not any(s["cached"] for s in dask.values())
     # Same teacher, then the same shards and merged table, file by file.

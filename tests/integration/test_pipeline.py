@@ -217,8 +217,8 @@ def test_unchanged_rerun_is_all_cache_hits(project: Path, first: dict) -> None:
     assert sum(r.data.tags.get("dsv.kind") == "result" for r in children) > 0
 
 
-def test_evaluation_param_change_reruns_only_distill_and_evaluate(project: Path, first: dict) -> None:
-    summary, states = run_in_process(project, ("evaluate.protocol.n_runs=1",))
+def test_student_protocol_change_reruns_only_distill_and_evaluate(project: Path, first: dict) -> None:
+    summary, states = run_in_process(project, ("distill.protocol.n_runs=1",))
     by_stage = stages_by_state(states)
     for stage in ("prepare", "pretrain", "extract", "coreset"):
         assert by_stage[stage] == {"Cached"}, (stage, by_stage)
@@ -318,19 +318,37 @@ def test_dvc_experiment_is_reused_by_the_flow_and_shown(repo: Path, prefect_api:
     _sh([sys.executable, "-m", "dvc", "repro"], repo, env, timeout=600)
     _sh(["git", "add", "-A"], repo, env)
     _sh(["git", "commit", "-q", "-m", "baseline"], repo, env)
-    out = _sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "evaluate.protocol.n_runs=1"], repo, env, timeout=600)
+    out = _sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "distill.protocol.n_runs=1"], repo, env, timeout=600)
     assert "Running stage 'distill'" in out and "Running stage 'extract'" not in out
     shown = _sh([sys.executable, "-m", "dvc", "exp", "show", "--no-pager", "--md", "--drop", ".*", "--keep",
-                 "Experiment|acc.dsv_nshot_ipc2|acc.random_ipc2|evaluate.protocol.n_runs"], repo,
+                 "Experiment|acc.dsv_nshot_ipc2|acc.random_ipc2|distill.protocol.n_runs"], repo,
                 {**env, "COLUMNS": "250"})
     row = next(line for line in shown.splitlines() if "workspace" in line)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 4 and all(c not in ("!", "-", "") for c in cells[1:]), shown
     assert 0.0 <= float(cells[1]) <= 1.0 and cells[3] == "1"
-    summary, states = run_in_process(repo, ("evaluate.protocol.n_runs=1",))
+    summary, states = run_in_process(repo, ("distill.protocol.n_runs=1",))
     assert all(state == "Cached" for _, state in states), states
-    _sh([sys.executable, "-m", "flows.cli", "run", "-S", "evaluate.protocol.n_runs=1"], repo, env)
+    _sh([sys.executable, "-m", "flows.cli", "run", "-S", "distill.protocol.n_runs=1"], repo, env)
     assert "up to date" in _sh([sys.executable, "-m", "dvc", "status"], repo, env)
+
+
+def test_editing_the_config_loader_reruns_no_stage(repo: Path, prefect_api: str) -> None:
+    env = _env(repo, prefect_api)
+    _sh([sys.executable, "-m", "flows.cli", "run"], repo, env)  # warm
+    target = repo / "tasks/config.py"
+    src = target.read_text()
+    old = "file not found (relative paths start at the project root)"
+    assert old in src, "the checkpoint message of tasks.config changed; update this test's edit"
+    target.write_text(src.replace(old, "no such file (paths are relative to the project root)"))
+    try:
+        _sh([sys.executable, "-m", "flows.cli", "run"], repo, env)
+        by_stage = stages_by_state(_latest_flow_run_states(prefect_api))
+        assert set(by_stage) == set(STAGES) and all(v == {"Cached"} for v in by_stage.values()), by_stage
+        # ...and DVC agrees: the loader is in no stage's deps
+        assert "tasks/config.py" not in (repo / "dvc.yaml").read_text()
+    finally:
+        target.write_text(src)
 
 
 def test_editing_a_dsv_function_reruns_extract_and_dependants(repo: Path, prefect_api: str) -> None:

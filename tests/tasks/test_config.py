@@ -11,11 +11,10 @@ from tasks.config import (
     PipelineConfig,
     apply_overrides,
     config_from_dict,
-    dump_yaml,
     load_config,
-    params_hash,
     parse_yaml,
 )
+from tasks.plain import dump_yaml, params_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +58,7 @@ def test_shipped_params_files_are_valid() -> None:
         ("extract.solver.kkt.distance=l3", r"extract\.solver\.kkt\.distance = 'l3' is not one of l1, l2"),
         ("extract.solver.dual=relu", r"extract\.solver\.dual = 'relu' is not one of drop, clamp, softplus"),
         ("distill.methods=[random, herdin]", r"distill\.methods = 'herdin'.*did you mean 'herding'"),
-        ("evaluate.protocol.n_runs=0", r"evaluate\.protocol\.n_runs must be >= 1"),
+        ("distill.protocol.n_runs=0", r"distill\.protocol\.n_runs must be >= 1"),
         ("prepare.data.name=cifar11", r"prepare\.data\.name = 'cifar11'.*did you mean 'cifar10'|'cifar100'"),
         ("runtime.device=tpu", r"runtime\.device = 'tpu' is not one of cpu, cuda, auto"),
         ("nosuchsection.key=1", r"unknown key 'nosuchsection'; allowed keys in the top level: prepare"),
@@ -97,9 +96,13 @@ def test_cross_section_checks() -> None:
 
 
 def test_generate_and_judge_sections() -> None:
+    from tasks.generate import class_pairs
+    from tasks.judge import judge_model
+
     cfg = load_config(None, [])
-    assert cfg.generate.class_pairs(10) == [(0, 1), (2, 3), (4, 5)] and cfg.generate.class_pairs(2) == [(0, 1)]
-    assert cfg.judge.model_for((1, 28, 28)).norm == "batch" and cfg.judge.model_for((13,)).name == "mlp"
+    assert class_pairs(cfg.generate.pairs, 10) == [(0, 1), (2, 3), (4, 5)] and class_pairs(None, 2) == [(0, 1)]
+    assert class_pairs(((3, 1),), 10) == [(3, 1)]
+    assert judge_model(cfg.judge, (1, 28, 28)).norm == "batch" and judge_model(cfg.judge, (13,)).name == "mlp"
     for override, match in (("generate.deltas=[0.5,1.5]", "generate.deltas"), ("generate.init=data", "generate.init"),
                             ("generate.pairs=[[1,1]]", "generate.pairs"), ("generate.recipe.views=0", "views"),
                             ("generate.recipe.stepz=3", "did you mean 'generate.recipe.steps'")):
@@ -187,7 +190,39 @@ def test_tabular_models_and_inits_are_checked_after_prepare() -> None:
     errors = data_checks(cfg, ["a", "b"], [50, 50], [10, 10], [30])
     assert any(e.startswith("pretrain.model: model 'convnet' needs (C, H, W) image inputs") for e in errors)
     assert any(e.startswith("extract.inits: '0shot' starts from images") for e in errors)
-    fine = load_config(None, ["pretrain.model.name=mlp", "evaluate.protocol.model.name=mlp",
+    fine = load_config(None, ["pretrain.model.name=mlp", "distill.protocol.model.name=mlp",
                               "distill.dm.model.name=mlp", "distill.proxy.model.name=mlp", "extract.inits=[nshot,noise]",
                               "distill.methods=[dsv_nshot,dsv_noise,random,dm,el2n]"])
     assert data_checks(fine, ["a", "b"], [50, 50], [10, 10], [30]) == []
+
+
+def test_moved_keys_say_where_they_went() -> None:
+    with pytest.raises(ConfigError, match=r"'evaluate' is gone: .*distill\.protocol"):
+        config_from_dict({"evaluate": {"protocol": {"n_runs": 1}}})
+    with pytest.raises(ConfigError, match=r"'runtime\.task_runner' is gone: runtime\.workers > 1"):
+        load_config(None, ["runtime.task_runner=dask"])
+    assert load_config(None, ["distill.protocol.n_runs=1"]).distill.protocol.n_runs == 1
+
+
+def test_params_are_parsed_once_per_text(tmp_path: Path) -> None:
+    p = tmp_path / "p.yaml"
+    p.write_text("extract: {solver: {steps: 7}}\n")
+    first = load_config(p, ["distill.seed=3"])
+    assert load_config(p, ["distill.seed=3"]) is first  # the flow's second ask: the same frozen object
+    assert load_config(p, ["distill.seed=4"]) is not first
+    p.write_text("extract: {solver: {steps: 8}}\n")  # keyed on the text: an edit is seen
+    assert load_config(p, ["distill.seed=3"]).extract.solver.steps == 8
+
+
+def test_the_stage_merges_by_init_as_the_loader_validated_it() -> None:
+    from dsv.extract import ExtractConfig
+    from tasks.config import build
+    from tasks.extract import solver_for
+
+    by_init = {"nshot": {"lam_solver": "nnls", "spare": 1.0, "kkt": {"distance": "l2"}}}
+    cfg = load_config(None, [f"extract.by_init={by_init}".replace("'", "")])
+    merged = solver_for(cfg.extract, "nshot")
+    errors: list[str] = []
+    assert merged == build(ExtractConfig, by_init["nshot"], "", errors, base=cfg.extract.solver) and not errors
+    assert merged.kkt.distance == "l2" and merged.kkt.param_subset == cfg.extract.solver.kkt.param_subset
+    assert solver_for(cfg.extract, "noise") == cfg.extract.solver

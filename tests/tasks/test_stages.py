@@ -7,10 +7,49 @@ from pathlib import Path
 import yaml
 
 from tasks.extract import ShardJob
+from tasks.output import StageOutput, hash_files
 from tasks.paths import Paths
-from tasks.stages import STAGES, StageOutput, code_files, code_hash, dvc_yaml, hash_files, verify
+from tasks.stages import STAGES, code_files, code_hash, dvc_yaml, verify
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_no_stage_closure_holds_the_params_loader_or_the_registry() -> None:
+    from tasks.stages import OUTSIDE_CLOSURES, code_modules
+
+    for stage in STAGES:
+        modules = code_modules(stage)
+        assert not OUTSIDE_CLOSURES & set(modules), (stage, sorted(OUTSIDE_CLOSURES & set(modules)))
+        assert {"tasks.output", "tasks.plain", f"tasks.{stage}"} <= set(modules), stage
+    deps = yaml.safe_load(dvc_yaml(ROOT))["stages"]
+    assert not any(d in ("tasks/config.py", "tasks/stages.py") for s in deps.values() for d in s["deps"])
+
+
+def test_code_hash_ignores_type_only_imports_and_follows_real_ones(tmp_path: Path) -> None:
+    # A copy of the code, so the edits below never touch the project.
+    import shutil
+    import subprocess
+    import sys
+
+    for pkg in ("tasks", "dsv"):
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("import json; from tasks.stages import STAGES, code_hash; "
+             "print(json.dumps({s: code_hash(s) for s in STAGES}))")
+
+    def hashes() -> dict[str, str]:
+        out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
+                             env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+        return dict(__import__("json").loads(out.stdout))
+
+    before = hashes()
+    config = tmp_path / "tasks/config.py"
+    config.write_text(config.read_text().replace("file not found", "missing file"))  # a loader message
+    assert hashes() == before
+    extract = tmp_path / "tasks/extract.py"
+    extract.write_text(extract.read_text() + "\n# an edit\n")
+    after = hashes()
+    assert after["extract"] != before["extract"]
+    assert {s for s in STAGES if after[s] != before[s]} == {"extract"}
 
 
 def test_code_closures_follow_dsv_imports_of_the_stage_only() -> None:

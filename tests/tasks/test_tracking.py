@@ -25,25 +25,3 @@ def test_logged_model_goes_to_the_runs_experiment(tmp_path: Path, monkeypatch: p
     models = tracker.client.search_logged_models(experiment_ids=[tracker.experiment_id])
     assert [m.source_run_id for m in models] == [run_id]
     assert os.path.isdir(root / "mlartifacts")
-
-
-def test_models_logged_from_several_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # runtime.workers > 1 logs one student per cell from concurrent threads; torch.export (used by
-    # mlflow.pytorch.log_model) is not thread-safe on its own.
-    from concurrent.futures import ThreadPoolExecutor
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    root = tmp_path / "project"
-    root.mkdir()
-    tracker = Tracker(root, "dsv-test")
-    run_ids = [tracker.start_run(f"cell{i}") for i in range(6)]
-
-    def log(i: int) -> None:
-        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                                    torch.nn.Linear(4 * 6 * 6, 3))
-        tracker.log(run_ids[i]).model(model, f"student_{i}", torch.zeros(2, 1, 8, 8).numpy())
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        list(pool.map(log, range(6)))
-    models = tracker.client.search_logged_models(experiment_ids=[tracker.experiment_id])
-    assert sorted(m.source_run_id for m in models) == sorted(run_ids)
