@@ -34,31 +34,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dsv.models import final_linear
 from dsv.train import soft_cross_entropy
 
 SCOPES = ("none", "last", "all")
-
-
-def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The model's final linear layer: the module named by the model's ``head_name`` attribute when it has
-    one (``ModelConfig.head``), else found by structure: the last ``nn.Linear`` registered.
-
-    Works for the project's models (``classifier``), torchvision's (``fc``, ``classifier.N``) and timm's
-    (``head.fc``, ``fc``). Raises ValueError when the model has no linear layer.
-    """
-    named = getattr(model, "head_name", None)
-    if isinstance(named, str):
-        module = model.get_submodule(named)
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"the model's head {named!r} is a {type(module).__name__}, not an nn.Linear")
-        return named, module
-    found: tuple[str, nn.Linear] | None = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            found = (name, mod)
-    if found is None:
-        raise ValueError("the model has no nn.Linear layer: the 'last' parameter subset needs a final linear layer")
-    return found
 
 
 def scale_invariant_names(model: nn.Module, example: Tensor, rtol: float = 1e-2) -> list[str]:

@@ -40,13 +40,7 @@ class JudgeScore:
 @torch.no_grad()
 def features(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     """The judge's penultimate features (``model.embed``), (N, F) float64 on the CPU."""
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = [model.embed(x[i : i + batch_size].to(device)).flatten(1).double().cpu()  # type: ignore[operator]
-           for i in range(0, x.shape[0], batch_size)]
-    model.train(was)
-    return torch.cat(out)
+    return predict_logits(model, x, batch_size, embed=True).double()
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:

@@ -196,9 +196,16 @@ def stationarity_loss(
         subset: "all" or "last".
     """
     with eval_mode(model):
-        params = stationarity_params(model, subset, x.detach())
-        losses = soft_cross_entropy(model(x), y)
-        return stationarity_distance(params, weighted_grad_sum(model, params, losses, lam, True), distance)
+        params, s = _params_and_grad_sum(model, x, y, lam, subset, create_graph=True)
+        return stationarity_distance(params, s, distance)
+
+
+def _params_and_grad_sum(model: nn.Module, x: Tensor, y: Tensor, lam: Tensor, subset: str, create_graph: bool
+                         ) -> tuple[list[nn.Parameter], list[Tensor]]:
+    """θ (the ``subset``) and Σ_i λ_i ∇_θ L_i at candidates x (the opening of every stationarity evaluation)."""
+    params = stationarity_params(model, subset, x.detach())
+    losses = soft_cross_entropy(model(x), y)
+    return params, weighted_grad_sum(model, params, losses, lam, create_graph)
 
 
 def target_classes(y: Tensor) -> Tensor:
@@ -553,9 +560,7 @@ def stationarity_residual(
         (D(θ*, −Σλ∇L), D(θ*, −Σλ∇L) / D(θ*, 0)).
     """
     with eval_mode(model), torch.enable_grad():
-        params = stationarity_params(model, subset, x.detach())
-        losses = soft_cross_entropy(model(x), y)
-        s = weighted_grad_sum(model, params, losses, lam, create_graph=False)
+        params, s = _params_and_grad_sum(model, x, y, lam, subset, create_graph=False)
     d = float(stationarity_distance(params, s, distance))
     d0 = float(stationarity_distance(params, [torch.zeros_like(p) for p in params], distance))
     return d, d / max(d0, 1e-30)

@@ -223,7 +223,7 @@ class External(nn.Module):
         if have is not None and want is not None and have != want and not self.repeat_gray:
             raise ValueError(f"the network's first convolution takes {want} channels but the images have {have}")
         if head is None:
-            head = _last_linear_name(net)
+            head = final_linear(net)[0]
         module = dict(net.named_modules()).get(head)
         if not isinstance(module, nn.Linear):
             found = "no module" if module is None else type(module).__name__
@@ -251,11 +251,26 @@ class External(nn.Module):
         return captured[-1].flatten(1)
 
 
-def _last_linear_name(net: nn.Module) -> str:
-    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise ValueError("the network has no nn.Linear layer; DeepKKT needs a final linear classifier")
-    return names[-1]
+def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The model's final linear layer: the module named by the model's ``head_name`` attribute when it has
+    one (``ModelConfig.head``), else found by structure: the last ``nn.Linear`` registered.
+
+    Works for the project's models (``classifier``), torchvision's (``fc``, ``classifier.N``) and timm's
+    (``head.fc``, ``fc``). Raises ValueError when the model has no linear layer.
+    """
+    named = getattr(model, "head_name", None)
+    if isinstance(named, str):
+        module = model.get_submodule(named)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"the model's head {named!r} is a {type(module).__name__}, not an nn.Linear")
+        return named, module
+    found: tuple[str, nn.Linear] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            found = (name, mod)
+    if found is None:
+        raise ValueError("the model has no nn.Linear layer; DeepKKT needs a final linear classifier")
+    return found
 
 
 def _build_external(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:

@@ -21,7 +21,6 @@ With the full benchmark's 1000 epochs the minimum (default 500) does not bind.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -147,11 +146,6 @@ def student_fit_config(cfg: ProtocolConfig, n_train: int) -> FitConfig:
     )
 
 
-def student_model_config(cfg: ProtocolConfig) -> ModelConfig:
-    """The student architecture of a protocol (the DD ConvNet-3 unless ``cfg.model`` overrides it)."""
-    return cfg.model
-
-
 def train_students(
     x: Tensor,
     y: Tensor,
@@ -164,6 +158,7 @@ def train_students(
     seeds: Sequence[int],
     device: torch.device | str = "cpu",
     callback: Callable[[int, TrainEvent], None] | None = None,
+    on_student: Callable[[int, nn.Module, EvalResult], None] | None = None,
 ) -> list[EvalResult]:
     """Train one fresh student per seed on (x, y) under a protocol and evaluate each on the test set.
 
@@ -179,6 +174,8 @@ def train_students(
         seeds: one student per seed; the seed fixes the initialisation, batch order and augmentation.
         device: where students train.
         callback: receives (seed, :class:`TrainEvent`) during training.
+        on_student: receives (seed, trained student, its test result) after each student, e.g. to score it on
+            another split or save it; the student is not kept otherwise.
 
     Returns:
         One :class:`EvalResult` per seed, in order.
@@ -193,6 +190,8 @@ def train_students(
         cb = None if callback is None else (lambda e, s=seed: callback(s, e))
         model = train_student(x, y, teacher, protocol_cfg, in_shape, num_classes, seed, device, cb)
         results.append(evaluate(model, x_test, y_test, num_classes, batch_size=protocol_cfg.eval_batch_size))
+        if on_student is not None:
+            on_student(seed, model, results[-1])
     return results
 
 
@@ -221,7 +220,7 @@ def train_student(
         raise ValueError("protocol 'soft' needs the teacher (its logits are the soft targets)")
     kd_teacher = teacher if protocol_cfg.name == "soft" else None
     fit_cfg = student_fit_config(protocol_cfg, int(x.shape[0]))
-    model = build_seeded(student_model_config(protocol_cfg), in_shape, num_classes, seed).to(device)
+    model = build_seeded(protocol_cfg.model, in_shape, num_classes, seed).to(device)
     fit(model, x, y, fit_cfg, seed=seed, callback=callback, teacher=kd_teacher)
     return model
 
@@ -309,35 +308,6 @@ class ResultRow:
         d = asdict(self)
         d["accs"] = list(self.accs)
         return d
-
-
-def timed_students(
-    x: Tensor,
-    y: Tensor,
-    x_test: Tensor,
-    y_test: Tensor,
-    teacher: nn.Module | None,
-    protocol_cfg: ProtocolConfig,
-    in_shape: tuple[int, ...],
-    num_classes: int,
-    seeds: Sequence[int],
-    *,
-    method: str,
-    ipc: int,
-    shots: int,
-    extra_wall_s: float = 0.0,
-    device: torch.device | str = "cpu",
-) -> ResultRow:
-    """:func:`train_students` summarised into a :class:`ResultRow`, with its wall time.
-
-    ``extra_wall_s`` adds the time already spent producing (x, y) (selection or distillation).
-    """
-    t0 = time.perf_counter()
-    results = train_students(
-        x, y, x_test, y_test, teacher, protocol_cfg, in_shape, num_classes, seeds, device=device
-    )
-    wall = time.perf_counter() - t0 + extra_wall_s
-    return ResultRow.from_results(method, ipc, shots, protocol_cfg, results, wall_s=wall)
 
 
 @dataclass(frozen=True)

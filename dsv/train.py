@@ -219,12 +219,15 @@ class EvalResult:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
-    """Logits of ``model`` on ``x`` in eval mode, (N, C) on the CPU."""
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1024, embed: bool = False) -> Tensor:
+    """Logits of ``model`` on ``x`` in eval mode, (N, C) float32 on the CPU; with ``embed`` its penultimate features
+    (``model.embed``, the input of the final linear layer), (N, F)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, x.shape[0], batch_size)]
+    fn: Callable[[Tensor], Tensor] = model.embed if embed else model  # type: ignore[assignment]
+    with torch.no_grad():
+        out = [fn(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, x.shape[0], batch_size)]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from dsv.baselines import select
 from dsv.data.core import normalize, per_class_indices
 from dsv.dm import distribution_matching
-from dsv.protocols import ProtocolConfig, student_fit_config, train_student
-from dsv.train import TrainEvent, evaluate, predict_logits
+from dsv.protocols import ProtocolConfig, student_fit_config, train_students
+from dsv.train import EvalResult, TrainEvent, evaluate, predict_logits
 from tasks.artifacts import (
     DataMeta,
     load_model,
@@ -86,10 +86,7 @@ class _Inputs:
 
     @cached_property
     def features(self) -> Tensor:
-        x = self.train[0]
-        with torch.no_grad():
-            return torch.cat([self.teacher.embed(x[i : i + 256].to(self.device)).cpu()  # type: ignore[operator]
-                              for i in range(0, x.shape[0], 256)])
+        return predict_logits(self.teacher, self.train[0], batch_size=256, embed=True)
 
     @cached_property
     def logits(self) -> Tensor:
@@ -172,38 +169,38 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
                 "select_seconds": round(select_seconds, 3), "unit": unit}
     x_test, y_test = load_split(paths.test, meta)
     x_val, y_val = load_split(paths.val, meta)
-    # One student per seed through dsv.protocols.train_student, so the first can be logged as a model.
     fit_cfg = student_fit_config(protocol, int(x.shape[0]))
     teacher = inp.teacher if protocol.name == "soft" else None
-    runs = []
+    seeds = list(range(protocol.n_runs))
+    runs: list[dict[str, Any]] = []
     key = f"{method}_ipc{ipc}"
     bar = Bar(cfg.runtime.progress, protocol.n_runs * fit_cfg.steps if fit_cfg.steps else 0, f"distill {key}",
               unit="step")
-    for seed in range(protocol.n_runs):
-        def on_fit(e: TrainEvent, s: int = seed) -> None:
-            log.metric(f"{key}/seed{s}/loss", e.loss, step=e.step)
-            bar.total(protocol.n_runs * e.total_steps)
-            bar.to(s * e.total_steps + e.step, seed=s, loss=e.loss)
 
-        model = train_student(x, y, teacher, protocol, meta.input_shape, meta.num_classes, seed, inp.device, on_fit)
-        test = evaluate(model, x_test, y_test, meta.num_classes, batch_size=protocol.eval_batch_size)
+    def on_fit(s: int, e: TrainEvent) -> None:
+        log.metric(f"{key}/seed{s}/loss", e.loss, step=e.step)
+        bar.total(protocol.n_runs * e.total_steps)
+        bar.to(s * e.total_steps + e.step, seed=s, loss=e.loss)
+
+    def on_student(s: int, model: nn.Module, test: EvalResult) -> None:
         val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None
-        run = {"seed": seed, "test_acc": test.accuracy, "val_acc": val.accuracy if val else float("nan"),
-               "per_class": test.per_class}
-        cross = cfg.distill.cross_model
-        if cross is not None:
-            other = train_student(x, y, teacher, dataclasses.replace(protocol, model=cross), meta.input_shape,
-                                  meta.num_classes, seed, inp.device, None)
-            run["cross_acc"] = evaluate(other, x_test, y_test, meta.num_classes,
-                                        batch_size=protocol.eval_batch_size).accuracy
-        runs.append(run)
-        log.metric(f"{key}/test_acc", test.accuracy, step=seed)
-        if seed == 0:
-            # Saved here; the flow logs it to MLflow in the cell's result run (flows.pipeline).
+        runs.append({"seed": s, "test_acc": test.accuracy, "val_acc": val.accuracy if val else float("nan"),
+                     "per_class": test.per_class})
+        log.metric(f"{key}/test_acc", test.accuracy, step=s)
+        if s == 0:  # saved here; the flow logs it to MLflow in the cell's result run (flows.pipeline)
             spec = {"model": to_plain(protocol.model), "in_shape": list(meta.input_shape),
                     "num_classes": meta.num_classes}
             save_model(paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc), model.cpu(), spec)
+
+    shape, c = meta.input_shape, meta.num_classes
+    train_students(x, y, x_test, y_test, teacher, protocol, shape, c, seeds, inp.device, on_fit, on_student)
     bar.close()
+    cross = cfg.distill.cross_model
+    if cross is not None:  # the same sets, seeds and protocol on a second architecture
+        cross_protocol = dataclasses.replace(protocol, model=cross)
+        other = train_students(x, y, x_test, y_test, teacher, cross_protocol, shape, c, seeds, inp.device)
+        for run, res in zip(runs, other):
+            run["cross_acc"] = res.accuracy
     cell = {
         "method": method, "ipc": ipc if method != "full" else inp.per_class, "shots": shots,
         "protocol": protocol.name, "label_type": protocol.label_type, "n_train": int(y.shape[0]),

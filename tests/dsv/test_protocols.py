@@ -16,12 +16,10 @@ from dsv.protocols import (
     ProtocolConfig,
     ResultRow,
     student_fit_config,
-    student_model_config,
     student_steps,
-    timed_students,
     train_students,
 )
-from dsv.train import EvalResult, FitConfig, fit, soft_cross_entropy
+from dsv.train import EvalResult, FitConfig, evaluate, fit, soft_cross_entropy
 
 
 def test_dd_protocol_recipe() -> None:
@@ -30,14 +28,14 @@ def test_dd_protocol_recipe() -> None:
     assert (f.optimizer, f.lr, f.momentum, f.weight_decay) == ("sgd", 0.01, 0.9, 5e-4)
     assert (f.schedule, f.augment, f.batch_size) == ("step", "dsa", 256)
     assert f.steps == 1000  # 100 images = one batch per epoch
-    m = student_model_config(cfg)
+    m = cfg.model
     assert (m.name, m.width, m.depth, m.norm, m.pool, m.activation) == ("convnet", 128, 3, "instance", "avg", "relu")
 
 
 def test_paper_protocol_recipe() -> None:
     f = student_fit_config(ProtocolConfig(name="paper"), n_train=500)
     assert (f.optimizer, f.lr, f.weight_decay, f.schedule, f.augment) == ("adam", 1e-4, 0.0, "none", "dsa")
-    assert student_model_config(ProtocolConfig(name="paper")) == DD_MODEL
+    assert ProtocolConfig(name="paper").model == DD_MODEL
 
 
 @pytest.mark.parametrize("base", ["dd", "paper"])
@@ -124,6 +122,20 @@ def test_train_students_learn_and_are_seeded(name: str) -> None:
     assert all(r.accuracy > 0.8 for r in res), [r.accuracy for r in res]
 
 
+def test_train_students_hands_each_student_to_the_caller() -> None:
+    x, y, xt, yt = _toy()
+    cfg = ProtocolConfig(name="dd", epochs=5, min_steps=0, model=TINY)
+    seen: list[tuple[int, float, float]] = []
+
+    def on_student(seed: int, model: torch.nn.Module, test: EvalResult) -> None:
+        again = evaluate(model, xt, yt, 2)  # the very student that was scored
+        seen.append((seed, test.accuracy, again.accuracy))
+
+    res = train_students(x, y, xt, yt, None, cfg, (1, 8, 8), 2, [3, 5], on_student=on_student)
+    assert [s for s, _, _ in seen] == [3, 5]
+    assert [a for _, a, _ in seen] == [r.accuracy for r in res] == [b for _, _, b in seen]
+
+
 def test_soft_protocol_needs_teacher() -> None:
     x, y, xt, yt = _toy()
     with pytest.raises(ValueError, match="needs the teacher"):
@@ -152,14 +164,6 @@ def test_result_row_checks() -> None:
         ResultRow("random", 1, 1, "dd", "hard", 0.5, 0.0, 2, accs=(0.5,))
     assert "full" in METHOD_NAMES and "dm" in METHOD_NAMES
     assert ResultRow("margin", 1, 1, "dd", "hard", 0.5, 0.0, 1).method == "margin"
-
-
-def test_timed_students_row() -> None:
-    x, y, xt, yt = _toy()
-    cfg = ProtocolConfig(name="paper", epochs=2, min_steps=0, model=TINY)
-    row = timed_students(x, y, xt, yt, None, cfg, (1, 8, 8), 2, [0, 1], method="herding", ipc=5, shots=5,
-                         extra_wall_s=100.0)
-    assert row.protocol == "paper" and row.n_runs == 2 and row.wall_s >= 100.0
 
 
 def test_label_robust_score_by_hand() -> None:
