@@ -65,12 +65,12 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         unknown = [o for o in self.ops if o not in ALL_OPS]
         if unknown:
-            raise ValueError(f"augment.ops: unknown op(s) {unknown}; allowed: {', '.join(ALL_OPS)}")
+            raise ValueError(f"ops: unknown op(s) {unknown}; allowed: {', '.join(ALL_OPS)}")
         if not 0.0 <= self.flip <= 1.0:
-            raise ValueError(f"augment.flip is a probability in [0, 1], got {self.flip}")
+            raise ValueError(f"flip is a probability in [0, 1], got {self.flip}")
         for name in ("translate", "crop", "crop_pad", "cutout", "noise"):
             if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def dsa_config() -> AugmentConfig:

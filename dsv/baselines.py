@@ -56,9 +56,9 @@ class ProxyConfig:
 
     def __post_init__(self) -> None:
         if self.el2n_models < 1:
-            raise ValueError(f"proxy.el2n_models must be >= 1, got {self.el2n_models}")
+            raise ValueError(f"el2n_models must be >= 1, got {self.el2n_models}")
         if self.el2n_epochs < 1:
-            raise ValueError(f"proxy.el2n_epochs must be >= 1, got {self.el2n_epochs}")
+            raise ValueError(f"el2n_epochs must be >= 1, got {self.el2n_epochs}")
 
 
 def _class_members(y: Tensor, k: int, num_classes: int) -> list[Tensor]:

@@ -198,13 +198,13 @@ class ConvergeConfig:
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
-            raise ValueError(f"converge.scope = {self.scope!r} is not one of {', '.join(SCOPES)}")
+            raise ValueError(f"scope = {self.scope!r} is not one of {', '.join(SCOPES)}")
         if self.max_iter < 1:
-            raise ValueError(f"converge.max_iter must be >= 1, got {self.max_iter}")
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
         if not self.target > 0:
-            raise ValueError(f"converge.target must be > 0, got {self.target}")
+            raise ValueError(f"target must be > 0, got {self.target}")
         if self.history < 1:
-            raise ValueError(f"converge.history must be >= 1, got {self.history}")
+            raise ValueError(f"history must be >= 1, got {self.history}")
 
 
 @dataclass

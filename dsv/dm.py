@@ -54,20 +54,20 @@ class DMConfig:
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
-            raise ValueError(f"dm.iterations must be >= 1, got {self.iterations}")
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if not self.lr_img > 0:
-            raise ValueError(f"dm.lr_img must be > 0, got {self.lr_img}")
+            raise ValueError(f"lr_img must be > 0, got {self.lr_img}")
         if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"dm.momentum must be in [0, 1), got {self.momentum}")
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.batch_real < 1:
-            raise ValueError(f"dm.batch_real must be >= 1, got {self.batch_real}")
+            raise ValueError(f"batch_real must be >= 1, got {self.batch_real}")
         if self.augment.per_sample:
             raise ValueError(
-                "dm.augment.per_sample must be False: real and synthetic batches of a class must share one "
+                "augment.per_sample must be False: real and synthetic batches of a class must share one "
                 "augmentation (DSA's Siamese mode)"
             )
         if self.report_every < 1:
-            raise ValueError(f"dm.report_every must be >= 1, got {self.report_every}")
+            raise ValueError(f"report_every must be >= 1, got {self.report_every}")
 
 
 @dataclass(frozen=True)

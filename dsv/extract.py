@@ -82,29 +82,29 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 0:
-            raise ValueError(f"extract.steps must be >= 0, got {self.steps}")
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.lr_x > 0:
-            raise ValueError(f"extract.lr_x must be > 0, got {self.lr_x}")
+            raise ValueError(f"lr_x must be > 0, got {self.lr_x}")
         if not self.lr_lam > 0:
-            raise ValueError(f"extract.lr_lam must be > 0, got {self.lr_lam}")
+            raise ValueError(f"lr_lam must be > 0, got {self.lr_lam}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"extract.optimizer = {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+            raise ValueError(f"optimizer = {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.dual not in DUALS:
-            raise ValueError(f"extract.dual = {self.dual!r} is not one of {', '.join(DUALS)}")
+            raise ValueError(f"dual = {self.dual!r} is not one of {', '.join(DUALS)}")
         if self.lam_init is not None and not self.lam_init > 0:
-            raise ValueError(f"extract.lam_init must be > 0 (or null for automatic), got {self.lam_init}")
+            raise ValueError(f"lam_init must be > 0 (or null for automatic), got {self.lam_init}")
         if self.lam_solver not in LAM_SOLVERS:
-            raise ValueError(f"extract.lam_solver = {self.lam_solver!r} is not one of {', '.join(LAM_SOLVERS)}")
+            raise ValueError(f"lam_solver = {self.lam_solver!r} is not one of {', '.join(LAM_SOLVERS)}")
         if self.keep_by not in KEEP_BY:
-            raise ValueError(f"extract.keep_by = {self.keep_by!r} is not one of {', '.join(KEEP_BY)}")
+            raise ValueError(f"keep_by = {self.keep_by!r} is not one of {', '.join(KEEP_BY)}")
         if self.lam_every < 1:
-            raise ValueError(f"extract.lam_every must be >= 1, got {self.lam_every}")
+            raise ValueError(f"lam_every must be >= 1, got {self.lam_every}")
         if self.lam_steps < 1:
-            raise ValueError(f"extract.lam_steps must be >= 1, got {self.lam_steps}")
+            raise ValueError(f"lam_steps must be >= 1, got {self.lam_steps}")
         if self.spare < 0:
-            raise ValueError(f"extract.spare must be >= 0, got {self.spare}")
+            raise ValueError(f"spare must be >= 0, got {self.spare}")
         if self.log_every < 1:
-            raise ValueError(f"extract.log_every must be >= 1, got {self.log_every}")
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
 @dataclass(frozen=True)

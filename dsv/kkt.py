@@ -106,10 +106,10 @@ class KKTConfig:
             ("param_subset", self.param_subset, PARAM_SUBSETS),
         ):
             if val not in allowed:
-                raise ValueError(f"kkt.{key} = {val!r} is not one of {', '.join(allowed)}")
+                raise ValueError(f"{key} = {val!r} is not one of {', '.join(allowed)}")
         for key in ("beta_stat", "beta_primal", "beta_tv", "beta_norm", "eta", "chunk_size", "memory_budget_mb"):
             if getattr(self, key) < 0:
-                raise ValueError(f"kkt.{key} must be >= 0, got {getattr(self, key)}")
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
 
 
 def stationarity_params(model: nn.Module, subset: str = "all", example: Tensor | None = None) -> list[nn.Parameter]:

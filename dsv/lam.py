@@ -61,21 +61,21 @@ class LambdaConfig:
 
     def __post_init__(self) -> None:
         if self.solver not in LAMBDA_SOLVERS:
-            raise ValueError(f"coreset.solver = {self.solver!r} is not one of {', '.join(LAMBDA_SOLVERS)}")
+            raise ValueError(f"solver = {self.solver!r} is not one of {', '.join(LAMBDA_SOLVERS)}")
         if self.batch_size < 2:
-            raise ValueError(f"coreset.batch_size must be >= 2, got {self.batch_size}")
+            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
         if self.steps < 1:
-            raise ValueError(f"coreset.steps must be >= 1, got {self.steps}")
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
-            raise ValueError(f"coreset.lr must be > 0, got {self.lr}")
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.distance not in DISTANCES:
-            raise ValueError(f"coreset.distance = {self.distance!r} is not one of {', '.join(DISTANCES)}")
+            raise ValueError(f"distance = {self.distance!r} is not one of {', '.join(DISTANCES)}")
         if self.param_subset not in PARAM_SUBSETS:
             raise ValueError(
-                f"coreset.param_subset = {self.param_subset!r} is not one of {', '.join(PARAM_SUBSETS)}"
+                f"param_subset = {self.param_subset!r} is not one of {', '.join(PARAM_SUBSETS)}"
             )
         if self.chunk < 1:
-            raise ValueError(f"coreset.chunk must be >= 1, got {self.chunk}")
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
 
 
 @dataclass
@@ -313,9 +313,9 @@ def fit_lambdas(
     need = m_max * p_total * torch.finfo(dtype).bits // 8
     if need > cfg.max_bytes:
         raise MemoryError(
-            f"coreset: a batch of {m_max} samples needs {need / 1e9:.1f} GB of per-sample gradients "
-            f"(P={p_total}) > max_bytes={cfg.max_bytes / 1e9:.1f} GB; lower coreset.batch_size or set "
-            f"coreset.param_subset: last"
+            f"a batch of {m_max} samples needs {need / 1e9:.1f} GB of per-sample gradients "
+            f"(P={p_total}) > max_bytes={cfg.max_bytes / 1e9:.1f} GB; lower batch_size or set "
+            f"param_subset: last"
         )
     theta = torch.cat([p.detach().flatten() for p in params]).to(device)
     lam = torch.zeros(n, dtype=dtype)

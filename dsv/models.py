@@ -56,14 +56,14 @@ class ModelConfig:
         if ":" in self.name:
             _check_external(self.name)
         else:
-            _check_choice("model.name", self.name, MODEL_NAMES)
-        _check_choice("model.norm", self.norm, NORMS)
-        _check_choice("model.pool", self.pool, POOLS)
-        _check_choice("model.activation", self.activation, ACTIVATIONS)
+            _check_choice("name", self.name, MODEL_NAMES)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("pool", self.pool, POOLS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
         if self.width < 1:
-            raise ValueError(f"model.width must be >= 1, got {self.width}")
+            raise ValueError(f"width must be >= 1, got {self.width}")
         if self.depth < 1:
-            raise ValueError(f"model.depth must be >= 1, got {self.depth}")
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -84,20 +84,20 @@ def _external_names(source: str) -> list[str]:
     try:
         import timm
     except ImportError as exc:  # pragma: no cover - timm is a dependency
-        raise ValueError("model.name 'timm:...' needs the timm package (pip install timm)") from exc
+        raise ValueError("name 'timm:...' needs the timm package (pip install timm)") from exc
     return list(timm.list_models())
 
 
 def _check_external(name: str) -> None:
     source, _, arch = name.partition(":")
     if source not in EXTERNAL_SOURCES:
-        raise ValueError(f"model.name = {name!r}: the prefix must be one of {', '.join(EXTERNAL_SOURCES)} "
+        raise ValueError(f"name = {name!r}: the prefix must be one of {', '.join(EXTERNAL_SOURCES)} "
                          f"(e.g. 'torchvision:resnet18'), got {source!r}")
     known = _external_names(source)
     if arch not in known:
         hint = difflib.get_close_matches(arch, known, n=1)
         extra = f" (did you mean '{source}:{hint[0]}'?)" if hint else ""
-        raise ValueError(f"model.name = {name!r}: {source} has no model {arch!r}{extra}")
+        raise ValueError(f"name = {name!r}: {source} has no model {arch!r}{extra}")
 
 
 def _activation(name: str) -> nn.Module:

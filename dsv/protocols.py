@@ -86,23 +86,23 @@ class ProtocolConfig:
 
     def __post_init__(self) -> None:
         if self.name not in PROTOCOLS:
-            raise ValueError(f"protocol.name = {self.name!r} is not one of {', '.join(PROTOCOLS)}")
+            raise ValueError(f"name = {self.name!r} is not one of {', '.join(PROTOCOLS)}")
         if self.base not in HARD_PROTOCOLS:
-            raise ValueError(f"protocol.base = {self.base!r} is not one of {', '.join(HARD_PROTOCOLS)}")
+            raise ValueError(f"base = {self.base!r} is not one of {', '.join(HARD_PROTOCOLS)}")
         if self.epochs < 1:
-            raise ValueError(f"protocol.epochs must be >= 1, got {self.epochs}")
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.min_steps < 0:
-            raise ValueError(f"protocol.min_steps must be >= 0, got {self.min_steps}")
+            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.n_runs < 1:
-            raise ValueError(f"protocol.n_runs must be >= 1, got {self.n_runs}")
+            raise ValueError(f"n_runs must be >= 1, got {self.n_runs}")
         if self.kd_temperature <= 0:
-            raise ValueError(f"protocol.kd_temperature must be > 0, got {self.kd_temperature}")
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if not 0.0 <= self.kd_alpha <= 1.0:
-            raise ValueError(f"protocol.kd_alpha must be in [0, 1], got {self.kd_alpha}")
+            raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
         if self.batch_size < 1:
-            raise ValueError(f"protocol.batch_size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.eval_batch_size < 1:
-            raise ValueError(f"protocol.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
 
     @property
     def hard_protocol(self) -> str:

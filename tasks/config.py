@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import os
-import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -157,12 +156,12 @@ class NormalizeConfig:
 
     def __post_init__(self) -> None:
         if (self.mean is None) != (self.std is None):
-            raise ValueError("normalize.mean and normalize.std must be set together (or both null)")
+            raise ValueError("mean and std must be set together (or both null)")
         if self.mean is not None and self.std is not None:
             if len(self.mean) != len(self.std) or not self.mean:
-                raise ValueError(f"normalize.mean has {len(self.mean)} values but normalize.std has {len(self.std)}")
+                raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
             if min(self.std) <= 0:
-                raise ValueError(f"normalize.std must be > 0, got {list(self.std)}")
+                raise ValueError(f"std must be > 0, got {list(self.std)}")
 
 
 @dataclass(frozen=True)
@@ -265,7 +264,7 @@ class ExtractStageConfig:
             raise ValueError(f"by_init has {unknown}; its keys are init kinds: {', '.join(INITS)}")
         for init, keys in self.by_init.items():  # validated here, merged by tasks.extract.solver_for
             errors: list[str] = []
-            build(ExtractConfig, keys, f"by_init.{init}", errors, base=self.solver)
+            build(ExtractConfig, keys, f"extract.by_init.{init}", errors, base=self.solver)
             if errors:
                 raise ValueError("; ".join(errors))
         _positive_ints("ipcs", self.ipcs)
@@ -823,12 +822,13 @@ def _default_of(f: dataclasses.Field[Any]) -> Any:
 
 
 def _qualify(message: str, prefix: str, names: Sequence[str]) -> str:
-    """Rewrite 'model.width must be ...' as 'pretrain.model.width must be ...' (full dotted key)."""
-    for name in sorted(names, key=len, reverse=True):
-        m = re.search(rf"(?<![\w.])(?:\w+\.)*{re.escape(name)}\b", message)
-        if m:
-            return message[: m.start()] + _join(prefix, name) + message[m.end() :]
-    return f"{prefix}: {message}" if prefix else message
+    """A config class's message under its full key: the dsv configs name the field first, plainly ('width must be
+    >= 1'), and ``prefix`` ('pretrain.model') makes it 'pretrain.model.width must be >= 1'; a message about the
+    whole object gets 'pretrain.model: ...'."""
+    first = message.split(" ", 1)[0].rstrip(":,").split(".")[0]
+    if not prefix or f"'{prefix}." in message:
+        return message
+    return _join(prefix, message) if first in names else f"{prefix}: {message}"
 
 
 def _join(prefix: str, name: str) -> str:

@@ -501,7 +501,7 @@ def read_imagefolder(
             elif im.size != size and image_size is None:
                 raise ValueError(
                     f"imagefolder: {f} is {im.size[0]}x{im.size[1]} (WxH) but {first} is "
-                    f"{size[0]}x{size[1]}; set prepare.data.image_size to resize every image to one size"
+                    f"{size[0]}x{size[1]}; set the data config's image_size to resize every image to one size"
                 )
             gray = gray and im.mode in _GRAY_MODES
     if channels is not None:
@@ -532,7 +532,7 @@ def _read_table(path: Path) -> Any:
     import pyarrow as pa
 
     if not path.is_file():
-        raise FileNotFoundError(f"tabular: file {str(path)!r} not found (prepare.data.root names the CSV or "
+        raise FileNotFoundError(f"tabular: file {str(path)!r} not found (the data config's root names the CSV or "
                                 f"Parquet file)")
     suffix = path.suffix.lower()
     try:
@@ -583,7 +583,7 @@ def read_tabular(path: Path, label: str, features: tuple[str, ...] | None = None
         col = table.column(name)
         if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
             raise ValueError(f"tabular: feature column {name!r} of {path} is {col.type}, not numeric; encode it or "
-                             "leave it out of prepare.data.features")
+                             "leave it out of the data config's features")
         if col.null_count:
             raise ValueError(f"tabular: feature column {name!r} of {path} has {col.null_count} missing value(s)")
         values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)

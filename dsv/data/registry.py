@@ -128,26 +128,26 @@ class DataConfig:
         if self.name not in DATASET_NAMES:
             hint = difflib.get_close_matches(self.name, DATASET_NAMES, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ValueError(f"data.name = {self.name!r} is not one of {', '.join(DATASET_NAMES)}{extra}")
+            raise ValueError(f"name = {self.name!r} is not one of {', '.join(DATASET_NAMES)}{extra}")
         for key in ("n_per_class", "test_per_class", "max_per_class"):
             v = getattr(self, key)
             if v is not None and v < 1:
-                raise ValueError(f"data.{key} must be >= 1 or null, got {v}")
+                raise ValueError(f"{key} must be >= 1 or null, got {v}")
         hw = self.image_hw
         if hw is not None and (len(hw) != 2 or min(hw) < 1):
-            raise ValueError(f"data.image_size must be a positive int or [H, W], got {self.image_size!r}")
+            raise ValueError(f"image_size must be a positive int or [H, W], got {self.image_size!r}")
         if self.channels not in (None, 1, 3):
-            raise ValueError(f"data.channels must be 1, 3 or null, got {self.channels}")
+            raise ValueError(f"channels must be 1, 3 or null, got {self.channels}")
         if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.name == "tabular" and not self.label:
-            raise ValueError("data.label must name the label column of the tabular file (prepare.data.root)")
+            raise ValueError("label must name the label column of the tabular file (root)")
         image_only = [k for k in ("image_size", "channels") if getattr(self, k) is not None]
         if image_only and self.name != "imagefolder":
-            raise ValueError(f"data.{image_only[0]} applies to name 'imagefolder' only (name is {self.name!r})")
+            raise ValueError(f"{image_only[0]} applies to name 'imagefolder' only (name is {self.name!r})")
         tab_only = [k for k in ("label", "features") if getattr(self, k) is not None]
         if tab_only and self.name != "tabular":
-            raise ValueError(f"data.{tab_only[0]} applies to name 'tabular' only (name is {self.name!r})")
+            raise ValueError(f"{tab_only[0]} applies to name 'tabular' only (name is {self.name!r})")
 
 
 # ----------------------------------------------------------------------------------- IDX datasets

@@ -291,7 +291,7 @@ def test_imagefolder_odd_size_names_the_file(tmp_path: Path) -> None:
 
     write_png_tree(tmp_path, mode="L")
     Image.fromarray(np.zeros((7, 7), dtype=np.uint8)).save(tmp_path / "train" / "dog" / "odd.png")
-    with pytest.raises(ValueError, match=r"odd\.png is 7x7 .* set prepare.data.image_size"):
+    with pytest.raises(ValueError, match=r"odd\.png is 7x7 .* set the data config's image_size"):
         load_dataset(DataConfig(name="imagefolder", root=str(tmp_path)))
 
 
@@ -455,7 +455,7 @@ def test_toy_sets(name: str, classes: int, n: int) -> None:
 def test_unknown_name_suggests() -> None:
     with pytest.raises(ValueError, match=r"'fashion-mnist' is not one of .*cifar10.*did you mean 'fashion_mnist'"):
         DataConfig(name="fashion-mnist")
-    with pytest.raises(ValueError, match="data.n_per_class must be >= 1"):
+    with pytest.raises(ValueError, match="n_per_class must be >= 1"):
         DataConfig(name="digits", n_per_class=0)
     assert set(DATASET_NAMES) == {
         "fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "tabular", "digits", "photos", "moons", "blobs"

@@ -72,5 +72,5 @@ def test_dm_input_checks() -> None:
         distribution_matching(x[y < 2], y[y < 2], xi, yi, DMConfig(iterations=1, model=TINY), seed=0)
     with pytest.raises(ValueError, match="per_sample must be False"):
         DMConfig(augment=AugmentConfig(ops=dsa_config().ops, per_sample=True))
-    with pytest.raises(ValueError, match="dm.iterations"):
+    with pytest.raises(ValueError, match="iterations"):
         DMConfig(iterations=0)

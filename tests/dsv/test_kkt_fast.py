@@ -117,9 +117,9 @@ def test_chunk_size_from_memory_budget() -> None:
 
 
 def test_new_config_fields_are_checked() -> None:
-    with pytest.raises(ValueError, match="kkt.impl"):
+    with pytest.raises(ValueError, match="impl"):
         KKTConfig(impl="turbo")
-    with pytest.raises(ValueError, match="kkt.chunk_size"):
+    with pytest.raises(ValueError, match="chunk_size"):
         KKTConfig(chunk_size=-1)
-    with pytest.raises(ValueError, match="kkt.memory_budget_mb"):
+    with pytest.raises(ValueError, match="memory_budget_mb"):
         KKTConfig(memory_budget_mb=-1.0)

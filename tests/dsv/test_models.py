@@ -60,11 +60,11 @@ def test_mlp_on_tabular() -> None:
 
 
 def test_errors() -> None:
-    with pytest.raises(ValueError, match=r"model.name = 'convnt' is not one of .*did you mean 'convnet'"):
+    with pytest.raises(ValueError, match=r"name = 'convnt' is not one of .*did you mean 'convnet'"):
         ModelConfig(name="convnt")
-    with pytest.raises(ValueError, match="model.norm = 'layer' is not one of"):
+    with pytest.raises(ValueError, match="norm = 'layer' is not one of"):
         ModelConfig(norm="layer")
-    with pytest.raises(ValueError, match="model.width must be >= 1"):
+    with pytest.raises(ValueError, match="width must be >= 1"):
         ModelConfig(width=0)
     with pytest.raises(ValueError, match="needs \\(C, H, W\\) image inputs"):
         build_model(ModelConfig(name="convnet_tiny"), (2,), 3)

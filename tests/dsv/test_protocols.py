@@ -56,9 +56,9 @@ def test_step_budget_epochs_and_minimum() -> None:
 
 
 def test_protocol_config_checks() -> None:
-    with pytest.raises(ValueError, match="protocol.name = 'ddd'"):
+    with pytest.raises(ValueError, match="name = 'ddd'"):
         ProtocolConfig(name="ddd")
-    with pytest.raises(ValueError, match="protocol.base = 'soft'"):
+    with pytest.raises(ValueError, match="base = 'soft'"):
         ProtocolConfig(name="soft", base="soft")
     with pytest.raises(ValueError, match="kd_alpha"):
         ProtocolConfig(kd_alpha=1.5)

@@ -172,7 +172,7 @@ def test_bring_your_own_keys_are_checked(tmp_path) -> None:  # noqa: ANN001
 
     with pytest.raises(ConfigError, match="pretrain.checkpoint = 'nope.pt': file not found"):
         load_config(None, ["pretrain.checkpoint=nope.pt"])
-    with pytest.raises(ConfigError, match="normalize.mean and normalize.std must be set together"):
+    with pytest.raises(ConfigError, match="prepare.normalize.mean and std must be set together"):
         load_config(None, ["prepare.normalize.mean=[0.5]"])
     with pytest.raises(ConfigError, match="prepare.normalize.std must be > 0"):
         load_config(None, ["prepare.normalize={mean: [0.5], std: [0.0]}"])
