@@ -2,10 +2,14 @@
 
 The file has one section per stage that has settings (``prepare``, ``pretrain``, ``judge``, ``extract``,
 ``coreset``, ``distill``, ``generate``; ``evaluate`` only summarises and has none) plus ``runtime`` (device,
-output folder, logging, parallelism; never part of a cache key). Each
-section is a frozen dataclass that composes the ``dsv`` components' own config dataclasses
-(``ModelConfig``, ``FitConfig``, ``ExtractConfig``/``KKTConfig``/``AugmentConfig``, ``LambdaConfig``,
-``DataConfig``, ``ProtocolConfig``, ...), so every default lives with the component that uses it.
+output folder, logging, parallelism; never part of a cache key). Each section is a frozen dataclass that
+composes the ``dsv`` components' own config dataclasses (``ModelConfig``, ``FitConfig``,
+``ExtractConfig``/``KKTConfig``/``AugmentConfig``, ``LambdaConfig``, ``DataConfig``, ``ProtocolConfig``, ...).
+
+Defaults: the sections' defaults are the pipeline's, i.e. the main job (a 15-minute run on a 2-core CPU);
+params.yaml writes every one of them out and a test keeps the two equal. A nested key left out of a file keeps
+its section's default (``pretrain.fit.lr=...`` keeps the section's epochs). The ``dsv`` dataclasses keep their
+own defaults, the field's and the paper's values, for people who call the library directly.
 
 Validation is driven by the dataclass fields: unknown keys get a did-you-mean, values are checked
 against the field's type hint with pydantic (strict: ``"5"`` is not an int; YAML lists become tuples),
@@ -203,7 +207,8 @@ class PretrainConfig:
             with ``weights_only=True``; never a pickled model): the stage loads and verifies it (input shape,
             classes, test accuracy, KKT certificates) instead of training. Its content hash is part of the
             cache key; the file is never written. ``fit.weight_decay`` is then the ω the certificates assume.
-        fit: teacher training (the paper: Adam lr 1e-3, weight decay 5e-3, flip + crop).
+        fit: teacher training (the paper's Adam, lr 1e-3, weight decay 5e-3; 5 epochs with a cosine schedule and no
+            augmentation, which underfits at this budget: benchmarks/results/teacher.md).
         converge: optional convergence phase after training (``dsv.certificate.ConvergeConfig``):
             full-batch L-BFGS on the final layer ("last") or every parameter ("all") until the teacher is
             a KKT point of mean CE + (ω/2)‖θ‖², ω = ``fit.weight_decay``.
@@ -214,7 +219,7 @@ class PretrainConfig:
     checkpoint: str | None = None
     fit: FitConfig = field(
         default_factory=lambda: FitConfig(
-            optimizer="adam", lr=1e-3, weight_decay=5e-3, epochs=6, batch_size=256, augment="flip_crop"
+            optimizer="adam", lr=1e-3, weight_decay=5e-3, epochs=5, batch_size=128, schedule="cosine", augment="none"
         )
     )
     converge: ConvergeConfig = field(default_factory=ConvergeConfig)
@@ -239,7 +244,7 @@ class ExtractStageConfig:
 
     Attributes:
         inits: initialisations to run: "nshot" (IPC real images per class), "0shot" (the init pool),
-            "noise".
+            "noise" (default: nshot and 0shot; noise runs in the benchmarks).
         ipcs: images per class to synthesise.
         shards: stratified shards per (init, IPC); each is a complete DeepKKT problem over every class
             with about IPC/shards candidates per class, run as its own task.
@@ -250,7 +255,7 @@ class ExtractStageConfig:
             none (see ``DEFAULT_BY_INIT``).
     """
 
-    inits: tuple[str, ...] = INITS
+    inits: tuple[str, ...] = ("nshot", "0shot")
     ipcs: tuple[int, ...] = (10,)
     shards: int = 1
     seed: int = 0
@@ -282,18 +287,22 @@ class CoresetConfig:
     Attributes:
         lam: λ fitting settings (``dsv.lam.LambdaConfig``).
         seed: seeds the stratified batching and the subset.
-        per_class: fit λ on a seeded subset of this many training images per class (None = the whole
+        per_class: fit λ on a seeded subset of this many training images per class (default 300; None = the whole
             training split). Fitting cost grows linearly with the images (≈50 s per 1000 images for
             the width-64 ConvNet on 2 CPU cores with ``lam.param_subset: all``).
     """
 
     lam: LambdaConfig = field(default_factory=LambdaConfig)
     seed: int = 0
-    per_class: int | None = None
+    per_class: int | None = 300
 
     def __post_init__(self) -> None:
         if self.per_class is not None and self.per_class < 1:
             raise ValueError(f"per_class must be >= 1 or null, got {self.per_class}")
+
+
+# The main job's comparison (15 minutes on a 2-core CPU); every method runs in benchmarks/table.py.
+HEADLINE_METHODS = ("dsv_nshot", "dsv_0shot", "lambda_topk", "support_topk", "random", "herding", "dm")
 
 
 @dataclass(frozen=True)
@@ -301,7 +310,8 @@ class DistillConfig:
     """Stage ``distill``: build each method's training set and train students on it.
 
     Attributes:
-        methods: method names (``dsv.protocols.METHOD_NAMES``).
+        methods: method names (``dsv.protocols.METHOD_NAMES``); default: the main job's headline comparison
+            (``HEADLINE_METHODS``).
         ipcs: images per class; DSV methods need the same IPC in ``extract.ipcs``.
         seed: seeds the selection (random, proxies, DM init).
         dm: distribution matching settings (its real pool is the whole training split).
@@ -319,14 +329,19 @@ class DistillConfig:
             doubles the students' cost.
     """
 
-    methods: tuple[str, ...] = METHOD_NAMES
+    methods: tuple[str, ...] = HEADLINE_METHODS
     ipcs: tuple[int, ...] = (10,)
     seed: int = 0
-    dm: DMConfig = field(default_factory=DMConfig)
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    dm: DMConfig = field(default_factory=lambda: DMConfig(iterations=200, model=ModelConfig(name="convnet", width=64)))
+    proxy: ProxyConfig = field(default_factory=lambda: ProxyConfig(
+        model=ModelConfig(name="convnet", width=32),
+        fit=FitConfig(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, epochs=2, batch_size=256,
+                      augment="flip_crop"),
+        el2n_models=2, el2n_epochs=1))
     full_epochs: int = 2
     dm_real: str = "shots"
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    protocol: ProtocolConfig = field(default_factory=lambda: ProtocolConfig(
+        name="dd", epochs=300, min_steps=300, n_runs=2, model=ModelConfig(name="convnet", width=32)))
     cross_model: ModelConfig | None = None
 
     def __post_init__(self) -> None:

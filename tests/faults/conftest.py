@@ -22,12 +22,13 @@ from pathlib import Path
 import pytest
 
 # Importing the integration fixtures points Prefect at a private home before anything imports it.
+from dsv.protocols import METHOD_NAMES
 from tests.integration.conftest import ROOT, TINY_PARAMS, copy_project, prefect_api, state_dir  # noqa: F401
 
 # The tiny project with fewer methods (the faults are in extract and the plumbing, not in distill).
 FAULT_PARAMS = TINY_PARAMS.replace(
-    "distill:\n  ipcs: [2]\n", "distill:\n  ipcs: [2]\n  methods: [dsv_nshot, dsv_noise, random]\n"
-).replace("extract:\n  ipcs: [2]\n", "extract:\n  ipcs: [2]\n  inits: [nshot, noise]\n")
+    f"  methods: [{', '.join(METHOD_NAMES)}]\n", "  methods: [dsv_nshot, dsv_noise, random]\n"
+).replace("  inits: [nshot, 0shot, noise]\n", "  inits: [nshot, noise]\n")
 assert FAULT_PARAMS != TINY_PARAMS
 
 _TRIED: Counter[str] = Counter()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from dsv.protocols import METHOD_NAMES
+
 ROOT = Path(__file__).resolve().parents[2]
 _STATE = Path(tempfile.mkdtemp(prefix="dsv-it-"))
 # Prefect reads its settings at import: point it at a private home before anything imports it.
@@ -22,6 +24,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+# Every key whose section default is the main job's (params.yaml) is written out where the tiny project needs
+# another value: every method and init kind, all training images for λ, a constant learning rate.
 TINY_PARAMS = """\
 prepare:
   data: {name: digits, n_per_class: 40, seed: 0}
@@ -29,14 +33,17 @@ prepare:
   init_pool: {dataset: photos, size: 60}
 pretrain:
   model: {name: convnet_tiny}
-  fit: {optimizer: adam, lr: 5e-3, weight_decay: 5e-3, steps: 40, batch_size: 64, augment: none}
+  fit: {optimizer: adam, lr: 5e-3, weight_decay: 5e-3, steps: 40, batch_size: 64, augment: none, schedule: none}
 extract:
+  inits: [nshot, 0shot, noise]
   ipcs: [2]
   shards: 2
   solver: {steps: 4, log_every: 2, dual: clamp}
 coreset:
+  per_class: null
   lam: {batch_size: 200, steps: 10}
 distill:
+  methods: [__METHODS__]
   ipcs: [2]
   full_epochs: 1
   dm: {iterations: 2, batch_real: 8, model: {name: convnet_tiny}}
@@ -55,7 +62,7 @@ generate:
   edits: 3
   recipe: {steps: 6, views: 1, log_every: 2}
 runtime: {threads: 1, log_models: false}
-"""
+""".replace("__METHODS__", ", ".join(METHOD_NAMES))
 # Rows the tiny project can produce at most: 3 inits x IPC 2 x 10 classes DSVs (a candidate whose λ
 # ended at 0 is not a DSV, so there may be fewer), and 10 classes x (40 - 5) training images with a λ each.
 TINY_DSV_ROWS = 3 * 2 * 10

@@ -30,9 +30,11 @@ pretrain:
   model: {name: "torchvision:resnet18"}
   checkpoint: teacher.pt
 extract:
+  inits: [nshot, 0shot, noise]
   ipcs: [1]
   solver: {steps: 3, log_every: 1, dual: clamp}
 coreset:
+  per_class: null
   lam: {batch_size: 64, steps: 5, param_subset: last}
 distill:
   methods: [dsv_nshot, dsv_0shot, dsv_noise, lambda_topk, random]
@@ -47,12 +49,13 @@ prepare:
   val_per_class: 5
 pretrain:
   model: {name: mlp, width: 32, depth: 2}
-  fit: {optimizer: adam, lr: 5e-3, weight_decay: 5e-3, steps: 60, batch_size: 64, augment: none}
+  fit: {optimizer: adam, lr: 5e-3, weight_decay: 5e-3, steps: 60, batch_size: 64, augment: none, schedule: none}
 extract:
   inits: [nshot, noise]
   ipcs: [2]
   solver: {steps: 5, log_every: 1, dual: clamp}
 coreset:
+  per_class: null
   lam: {batch_size: 100, steps: 5}
 distill:
   methods: [dsv_nshot, dsv_noise, lambda_topk, support_topk, random, herding]
