@@ -4,7 +4,7 @@ What is measured (one process drives everything; the same process-level settings
 
 * ``prepare`` and ``pretrain`` run once (thread runner) in a scratch project; each measured run then
   starts from a copy of that project, so the extract stage has nothing cached and the same teacher.
-* For each worker count, the flow :func:`flows.runners.pipeline_until` (``until="extract"``) runs with
+* For each worker count, the flow :func:`flows.pipeline.pipeline` (``until="extract"``, no MLflow) runs with
   ``runtime.workers=N`` (1: in the flow's process; more: a Dask LocalCluster; ``extract.shards`` as in the
   params file: 2 shards x
   3 inits = 6 shard tasks). ``extract_s`` is the extract stage's wall time inside the flow: Dask
@@ -40,16 +40,17 @@ def _loadavg() -> list[float]:
 
 
 def _run(root: Path, params: str, overrides: list[str], until: str) -> dict:
-    from flows.runners import pipeline_until, with_runner
+    from flows.pipeline import pipeline
+    from flows.runners import with_runner
     from tasks.config import load_config
 
     cfg = load_config(root / params, overrides)
-    state = with_runner(pipeline_until, cfg.runtime)(
-        params_path=params, overrides=overrides, root=str(root), until=until, return_state=True
+    state = with_runner(pipeline, cfg.runtime)(
+        params_path=params, overrides=overrides, root=str(root), track=False, until=until, return_state=True
     )
     if not state.is_completed():
         raise RuntimeError(f"run failed: {state.message}")
-    return state.result()  # type: ignore[no-any-return]
+    return state.result()["stages"]  # type: ignore[no-any-return]
 
 
 def main() -> None:

@@ -224,7 +224,7 @@ def run_stage_direct(stage: str, cfg: PipelineConfig, root: Path, paths: Paths, 
     the stage simply runs and records nothing but its latest output.
     """
     spec = STAGES[stage]
-    _sweep(root, paths)
+    _sweep(root)
     if cfg.runtime.threads > 0:
         import torch
 
@@ -275,10 +275,10 @@ def _check_data(cfg: PipelineConfig, paths: Paths) -> None:
 @flow(name=FLOW_NAME, log_prints=True, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(
     params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".", track: bool = True,
-    lock_wait: float | None = 0.0,
+    lock_wait: float | None = 0.0, until: str | None = None,
 ) -> dict[str, Any]:
-    """The whole pipeline; returns {"stages": {name: {"cached": bool, "files": {...}}}, "mlflow_run_id",
-    "mlflow_experiment_id", "mlflow_uri", "output_dir"}.
+    """The whole pipeline; returns {"stages": {name: {"cached": bool, "files": {...}, "seconds": float}},
+    "mlflow_run_id", "mlflow_experiment_id", "mlflow_uri", "output_dir"}.
 
     Args:
         params_path: the params file (relative to ``root`` unless absolute).
@@ -288,28 +288,33 @@ def pipeline(
         lock_wait: seconds to wait when another dsv process holds the output folder's lock
             (:mod:`tasks.lock`); 0 refuses at once; None: the caller holds it (``dsv run`` takes it before
             Prefect starts).
+        until: stop after this stage (benchmarks and tests of the early stages); None runs them all.
     """
+    if until is not None and until not in STAGE_NAMES:
+        raise ValueError(f"until = {until!r} is not one of {', '.join(STAGE_NAMES)}")
     root_path = Path(root).resolve()
     p = Path(params_path)
     cfg = load_config(p if p.is_absolute() else root_path / p, overrides or [])
     paths = Paths((root_path / cfg.runtime.output_dir).resolve())
     if lock_wait is None:
-        _sweep(root_path, paths)
-        return _pipeline(cfg, params_path, root_path, paths, track)
+        _sweep(root_path)
+        return _pipeline(cfg, params_path, root_path, paths, track, until or STAGE_NAMES[-1])
     with OutputLock(paths.base, "dsv run", lock_wait):
-        _sweep(root_path, paths)
-        return _pipeline(cfg, params_path, root_path, paths, track)
+        _sweep(root_path)
+        return _pipeline(cfg, params_path, root_path, paths, track, until or STAGE_NAMES[-1])
 
 
-def _sweep(root: Path, paths: Paths) -> None:
-    """Temp files of a writer that was killed (SIGKILL, OOM) in the output folder and the stage cache."""
+def _sweep(root: Path) -> None:
+    """Temp files of a writer that was killed (SIGKILL, OOM) in the stage cache, shared by every output folder
+    (the output folder's own were swept when its lock was taken, :mod:`tasks.lock`)."""
     from flows.cache import cache_dir
     from tasks.atomic import sweep_stale_temps
 
-    sweep_stale_temps(cache_dir(root), *(paths.base / d for d in ("artifacts", "metrics", "timings")))
+    sweep_stale_temps(cache_dir(root))
 
 
-def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Paths, track: bool) -> dict[str, Any]:
+def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Paths, track: bool, until: str
+              ) -> dict[str, Any]:
     tracker = Tracker(root_path, cfg.runtime.mlflow_experiment, cfg.runtime.log_models) if track else None
     parent = None
     if tracker is not None:
@@ -326,7 +331,7 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
     outputs: dict[str, StageOutput] = {}
     started = time.perf_counter()
     try:
-        for stage in STAGE_NAMES:
+        for stage in STAGE_NAMES[: STAGE_NAMES.index(until) + 1]:
             spec = STAGES[stage]
             upstream = {rel: sha for up in spec.upstream for rel, sha in outputs[up].files.items()}
             upstream.update(external_inputs(cfg, stage))
@@ -360,7 +365,7 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
                 tracker.end_run(run_id)
             outputs[stage] = out
             store_last(root_path, out)
-            summary["stages"][stage] = {"cached": cached, "files": out.files}
+            summary["stages"][stage] = {"cached": cached, "files": out.files, "seconds": time.perf_counter() - t0}
             if stage == "prepare":
                 _check_data(cfg, paths)
             print(f"stage {stage}: {'cached' if cached else 'ran'} ({time.perf_counter() - t0:.1f} s)")
@@ -369,16 +374,19 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
             tracker.end_run(parent, exc)
         raise
     if tracker is not None and parent is not None:
+        complete = "evaluate" in outputs
         try:
-            _log_results(tracker, parent, cfg, paths, outputs["distill"], summary["stages"]["distill"]["cached"])
+            if complete:
+                _log_results(tracker, parent, cfg, paths, outputs["distill"], summary["stages"]["distill"]["cached"])
         except BaseException as exc:
             tracker.end_run(parent, exc)
             raise
         log = tracker.log(parent)
-        log.metric("teacher_acc", float(outputs["evaluate"].metrics["teacher_acc"]))
+        if complete:
+            log.metric("teacher_acc", float(outputs["evaluate"].metrics["teacher_acc"]))
+            log.artifact(paths.results_table)
         log.metric("pipeline_seconds", time.perf_counter() - started)
         log.tags({"cached_stages": ",".join(s for s, v in summary["stages"].items() if v["cached"])})
-        log.artifact(paths.results_table)
         tracker.end_run(parent)
     return summary
 

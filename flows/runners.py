@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
-from prefect import flow
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tasks.config import RuntimeConfig
@@ -75,41 +73,3 @@ def _dask_runner(runtime: RuntimeConfig) -> TaskRunner[Any]:
         },
         worker_env=env,
     )
-
-
-@flow(name="dsv-stages", log_prints=True, validate_parameters=False,
-      task_runner=ThreadPoolTaskRunner(max_workers=1))  # type: ignore[arg-type]
-def pipeline_until(params_path: str, overrides: list[str] | None = None, root: str = ".",
-                   until: str = "extract") -> dict[str, Any]:
-    """The pipeline's stages up to and including ``until``, without MLflow (for tests and benchmarks).
-
-    Same tasks, cache keys and output folder lock as :func:`flows.pipeline.pipeline`.
-
-    Returns:
-        {stage: {"cached": bool, "files": {relative path: sha256}, "seconds": wall time}}.
-    """
-    from flows.pipeline import run_stage
-    from tasks.config import load_config
-    from tasks.lock import OutputLock
-    from tasks.paths import STAGE_NAMES, Paths
-    from tasks.stages import STAGES, StageOutput
-
-    if until not in STAGE_NAMES:
-        raise ValueError(f"until = {until!r} is not one of {', '.join(STAGE_NAMES)}")
-    import time
-
-    root_path = Path(root).resolve()
-    p = Path(params_path)
-    cfg = load_config(p if p.is_absolute() else root_path / p, overrides or [])
-    paths = Paths((root_path / cfg.runtime.output_dir).resolve())
-    outputs: dict[str, StageOutput] = {}
-    summary: dict[str, Any] = {}
-    with OutputLock(paths.base, "dsv stages", 0.0):
-        for stage in STAGE_NAMES[: STAGE_NAMES.index(until) + 1]:
-            upstream = {rel: sha for up in STAGES[stage].upstream for rel, sha in outputs[up].files.items()}
-            context = {"root": str(root_path), "base": str(paths.base), "run_id": None}
-            t0 = time.perf_counter()
-            out, cached = run_stage(stage, cfg, upstream, context)
-            outputs[stage] = out
-            summary[stage] = {"cached": cached, "files": out.files, "seconds": time.perf_counter() - t0}
-    return summary

@@ -9,8 +9,8 @@ It is taken once per run: by the CLI before Prefect starts (a refused run leaves
 itself when nobody holds it for it (a scheduled run, a test calling the flow). A second acquire, even in
 the same process, is refused like any other.
 
-While the lock is held nobody else can be writing, so :func:`OutputLock.acquire` also removes the
-temp files (``.<name>.<random>.tmp``, see :mod:`tasks.atomic`) a killed writer left behind.
+:func:`OutputLock.acquire` also removes the temp files a killed writer left behind in the folder
+(:func:`tasks.atomic.sweep_stale_temps`: only those whose writing process is gone).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from tasks.atomic import sweep_stale_temps
+
 LOCK_NAME = ".dsv/output.lock"
 
 
@@ -40,24 +42,6 @@ def _holder(path: Path) -> dict[str, object]:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def sweep_temp_files(base: Path) -> list[Path]:
-    """Delete the atomic writer's leftover temp files under ``base`` (call only while locked).
-
-    Returns:
-        The removed paths.
-    """
-    removed = []
-    for sub in ("artifacts", "metrics"):
-        folder = base / sub
-        if not folder.is_dir():
-            continue
-        for tmp in folder.rglob(".*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-                removed.append(tmp)
-    return removed
 
 
 class OutputLock:
@@ -126,7 +110,7 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         self._fd = fd
-        self.swept = sweep_temp_files(self.base)
+        self.swept = sweep_stale_temps(*(self.base / d for d in ("artifacts", "metrics", "timings")))
         return self
 
     def release(self) -> None:

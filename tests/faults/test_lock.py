@@ -87,7 +87,8 @@ def test_stale_lock_file_with_dead_pid_and_temp_leftovers(tmp_path: Path) -> Non
     lock_file = tmp_path / ".dsv" / "output.lock"
     lock_file.parent.mkdir(parents=True)
     lock_file.write_text(json.dumps({"pid": 999_999_999, "command": "dsv run"}))  # no flock held: stale
-    leftover = tmp_path / "artifacts" / "extract" / "shards" / ".noise_ipc2_shard0.safetensors.abc123.tmp"
+    # what tasks.atomic names a temp file: .<name>.<writer pid>.<random>.tmp (here a writer that is gone)
+    leftover = tmp_path / "artifacts" / "extract" / "shards" / ".noise_ipc2_shard0.safetensors.999999999.abc123.tmp"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"half a file")
     keep = tmp_path / "artifacts" / "extract" / "shards" / "noise_ipc2_shard0.safetensors"

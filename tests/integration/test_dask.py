@@ -22,16 +22,18 @@ pytestmark = pytest.mark.slow
 
 
 def _run(project: Path, overrides: list[str]) -> tuple[dict, float]:
-    from flows.runners import pipeline_until, with_runner
+    from flows.pipeline import pipeline
+    from flows.runners import with_runner
     from tasks.config import load_config
 
     cfg = load_config(project / "params.yaml", overrides)
     started = time.perf_counter()
-    state = with_runner(pipeline_until, cfg.runtime)(
-        params_path="params.yaml", overrides=overrides, root=str(project), until="extract", return_state=True
+    state = with_runner(pipeline, cfg.runtime)(
+        params_path="params.yaml", overrides=overrides, root=str(project), track=False, until="extract",
+        return_state=True,
     )
     assert state.is_completed(), state.message
-    return state.result(), time.perf_counter() - started
+    return state.result()["stages"], time.perf_counter() - started
 
 
 def _sha(path: Path) -> str:
