@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dsv.checks import at_least
 from dsv.models import ModelConfig, build_seeded
 from dsv.train import FitConfig, TrainEvent, fit, predict_logits
 
@@ -55,10 +56,7 @@ class ProxyConfig:
     el2n_epochs: int = 2
 
     def __post_init__(self) -> None:
-        if self.el2n_models < 1:
-            raise ValueError(f"el2n_models must be >= 1, got {self.el2n_models}")
-        if self.el2n_epochs < 1:
-            raise ValueError(f"el2n_epochs must be >= 1, got {self.el2n_epochs}")
+        at_least(self, 1, "el2n_models", "el2n_epochs")
 
 
 def _class_members(y: Tensor, k: int, num_classes: int) -> list[Tensor]:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dsv.checks import at_least, one_of, positive
 from dsv.models import final_linear
 from dsv.train import soft_cross_entropy
 
@@ -197,14 +198,10 @@ class ConvergeConfig:
     history: int = 50
 
     def __post_init__(self) -> None:
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope = {self.scope!r} is not one of {', '.join(SCOPES)}")
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
-        if not self.target > 0:
-            raise ValueError(f"target must be > 0, got {self.target}")
-        if self.history < 1:
-            raise ValueError(f"history must be >= 1, got {self.history}")
+        one_of("scope", self.scope, SCOPES)
+        at_least(self, 1, "max_iter")
+        positive(self, "target")
+        at_least(self, 1, "history")
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from dsv.augment import AugmentConfig, augment, dsa_config
+from dsv.checks import at_least, positive
 from dsv.models import ModelConfig, build_seeded
 
 
@@ -53,21 +54,17 @@ class DMConfig:
     report_every: int = 100
 
     def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if not self.lr_img > 0:
-            raise ValueError(f"lr_img must be > 0, got {self.lr_img}")
+        at_least(self, 1, "iterations")
+        positive(self, "lr_img")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.batch_real < 1:
-            raise ValueError(f"batch_real must be >= 1, got {self.batch_real}")
+        at_least(self, 1, "batch_real")
         if self.augment.per_sample:
             raise ValueError(
                 "augment.per_sample must be False: real and synthetic batches of a class must share one "
                 "augmentation (DSA's Siamese mode)"
             )
-        if self.report_every < 1:
-            raise ValueError(f"report_every must be >= 1, got {self.report_every}")
+        at_least(self, 1, "report_every")
 
 
 @dataclass(frozen=True)

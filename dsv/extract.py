@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsv.certificate import scale_invariant_names
+from dsv.checks import at_least, one_of, positive
 from dsv.data.core import per_class_indices
 from dsv.kkt import KKTConfig, kkt_objective, soft_cross_entropy, stationarity_params, weighted_grad_sum
 from dsv.lam import margins, per_sample_grads, solve_nnls
@@ -81,30 +82,17 @@ class ExtractConfig:
     max_lam_ratio: float = 1e6
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if not self.lr_x > 0:
-            raise ValueError(f"lr_x must be > 0, got {self.lr_x}")
-        if not self.lr_lam > 0:
-            raise ValueError(f"lr_lam must be > 0, got {self.lr_lam}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer = {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.dual not in DUALS:
-            raise ValueError(f"dual = {self.dual!r} is not one of {', '.join(DUALS)}")
+        at_least(self, 0, "steps")
+        positive(self, "lr_x", "lr_lam")
+        one_of("optimizer", self.optimizer, OPTIMIZERS)
+        one_of("dual", self.dual, DUALS)
         if self.lam_init is not None and not self.lam_init > 0:
             raise ValueError(f"lam_init must be > 0 (or null for automatic), got {self.lam_init}")
-        if self.lam_solver not in LAM_SOLVERS:
-            raise ValueError(f"lam_solver = {self.lam_solver!r} is not one of {', '.join(LAM_SOLVERS)}")
-        if self.keep_by not in KEEP_BY:
-            raise ValueError(f"keep_by = {self.keep_by!r} is not one of {', '.join(KEEP_BY)}")
-        if self.lam_every < 1:
-            raise ValueError(f"lam_every must be >= 1, got {self.lam_every}")
-        if self.lam_steps < 1:
-            raise ValueError(f"lam_steps must be >= 1, got {self.lam_steps}")
-        if self.spare < 0:
-            raise ValueError(f"spare must be >= 0, got {self.spare}")
-        if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        one_of("lam_solver", self.lam_solver, LAM_SOLVERS)
+        one_of("keep_by", self.keep_by, KEEP_BY)
+        at_least(self, 1, "lam_every", "lam_steps")
+        at_least(self, 0, "spare")
+        at_least(self, 1, "log_every")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsv.augment import AugmentConfig, augment
+from dsv.checks import at_least, one_of
 from dsv.kkt import (
     PARAM_SUBSETS,
     norm_loss,
@@ -95,18 +96,9 @@ class GenerateConfig:
     log_every: int = 25
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.levels < 0:
-            raise ValueError(f"levels must be >= 0, got {self.levels}")
-        if self.min_side < 1:
-            raise ValueError(f"min_side must be >= 1, got {self.min_side}")
-        if self.views < 1:
-            raise ValueError(f"views must be >= 1, got {self.views}")
-        if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
-        if self.param_subset not in PARAM_SUBSETS:
-            raise ValueError(f"param_subset = {self.param_subset!r} is not one of {', '.join(PARAM_SUBSETS)}")
+        at_least(self, 0, "steps", "levels")
+        at_least(self, 1, "min_side", "views", "log_every")
+        one_of("param_subset", self.param_subset, PARAM_SUBSETS)
         for key in ("lr", "lr_lam"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from dsv.checks import at_least, one_of, positive
 from dsv.kkt import DISTANCES, PARAM_SUBSETS, stationarity_params
 from dsv.train import soft_cross_entropy
 
@@ -60,22 +61,16 @@ class LambdaConfig:
     max_bytes: int = 4 * 1024**3
 
     def __post_init__(self) -> None:
-        if self.solver not in LAMBDA_SOLVERS:
-            raise ValueError(f"solver = {self.solver!r} is not one of {', '.join(LAMBDA_SOLVERS)}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.distance not in DISTANCES:
-            raise ValueError(f"distance = {self.distance!r} is not one of {', '.join(DISTANCES)}")
+        one_of("solver", self.solver, LAMBDA_SOLVERS)
+        at_least(self, 2, "batch_size")
+        at_least(self, 1, "steps")
+        positive(self, "lr")
+        one_of("distance", self.distance, DISTANCES)
         if self.param_subset not in PARAM_SUBSETS:
             raise ValueError(
                 f"param_subset = {self.param_subset!r} is not one of {', '.join(PARAM_SUBSETS)}"
             )
-        if self.chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        at_least(self, 1, "chunk")
 
 
 @dataclass

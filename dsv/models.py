@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsv.checks import at_least, one_of
+
 NORMS = ("instance", "batch", "group", "none")
 POOLS = ("avg", "max")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "tanh")
@@ -56,21 +58,11 @@ class ModelConfig:
         if ":" in self.name:
             _check_external(self.name)
         else:
-            _check_choice("name", self.name, MODEL_NAMES)
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("pool", self.pool, POOLS)
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        if self.width < 1:
-            raise ValueError(f"width must be >= 1, got {self.width}")
-        if self.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {self.depth}")
-
-
-def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        hint = difflib.get_close_matches(value, allowed, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"{key} = {value!r} is not one of {', '.join(allowed)}{extra}")
+            one_of("name", self.name, MODEL_NAMES)
+        one_of("norm", self.norm, NORMS)
+        one_of("pool", self.pool, POOLS)
+        one_of("activation", self.activation, ACTIVATIONS)
+        at_least(self, 1, "width", "depth")
 
 
 EXTERNAL_SOURCES = ("torchvision", "timm")

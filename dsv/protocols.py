@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from dsv.checks import at_least, one_of, positive
 from dsv.models import ModelConfig, build_seeded
 from dsv.train import EvalResult, FitConfig, TrainEvent, evaluate, fit
 
@@ -85,24 +86,15 @@ class ProtocolConfig:
     model: ModelConfig = field(default=DD_MODEL)
 
     def __post_init__(self) -> None:
-        if self.name not in PROTOCOLS:
-            raise ValueError(f"name = {self.name!r} is not one of {', '.join(PROTOCOLS)}")
-        if self.base not in HARD_PROTOCOLS:
-            raise ValueError(f"base = {self.base!r} is not one of {', '.join(HARD_PROTOCOLS)}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.min_steps < 0:
-            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
-        if self.n_runs < 1:
-            raise ValueError(f"n_runs must be >= 1, got {self.n_runs}")
-        if self.kd_temperature <= 0:
-            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        one_of("name", self.name, PROTOCOLS)
+        one_of("base", self.base, HARD_PROTOCOLS)
+        at_least(self, 1, "epochs")
+        at_least(self, 0, "min_steps")
+        at_least(self, 1, "n_runs")
+        positive(self, "kd_temperature")
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        at_least(self, 1, "batch_size", "eval_batch_size")
 
     @property
     def hard_protocol(self) -> str:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsv.augment import AugmentConfig, augment, dsa_config
+from dsv.checks import at_least, one_of, positive
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "step", "cosine")
@@ -48,24 +49,16 @@ class FitConfig:
     kd_alpha: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer = {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule = {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"augment = {self.augment!r} is not one of {', '.join(AUGMENTS)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        one_of("optimizer", self.optimizer, OPTIMIZERS)
+        one_of("schedule", self.schedule, SCHEDULES)
+        one_of("augment", self.augment, AUGMENTS)
+        positive(self, "lr")
+        at_least(self, 0, "weight_decay")
         if self.epochs < 1 and self.steps < 1:
             raise ValueError(f"need epochs >= 1 or steps >= 1, got epochs={self.epochs}, steps={self.steps}")
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.kd_temperature <= 0:
-            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        at_least(self, 0, "steps")
+        at_least(self, 1, "batch_size")
+        positive(self, "kd_temperature")
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
 

@@ -44,6 +44,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from dsv.baselines import ProxyConfig
 from dsv.certificate import ConvergeConfig
+from dsv.checks import at_least, one_of, positive
 from dsv.data.registry import DATASET_NAMES, DataConfig
 from dsv.dm import DMConfig
 from dsv.extract import INITS, ExtractConfig
@@ -107,18 +108,16 @@ class RuntimeConfig:
     dvc_commit: bool = True
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        at_least(self, 1, "workers")
         if self.dask_address is not None and (not self.dask_address.strip()
                                               or any(c.isspace() for c in self.dask_address)):
             raise ValueError(f"dask_address must be a scheduler address like 'tcp://host:8786' or null, "
                              f"got {self.dask_address!r}")
-        _choice("device", self.device, DEVICES)
+        one_of("device", self.device, DEVICES)
         if isinstance(self.progress, bool):  # YAML 1.1 reads an unquoted on/off as a boolean
             object.__setattr__(self, "progress", "on" if self.progress else "off")
-        _choice("progress", str(self.progress), PROGRESS)
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        one_of("progress", str(self.progress), PROGRESS)
+        at_least(self, 0, "threads")
         if not self.mlflow_experiment:
             raise ValueError("mlflow_experiment must not be empty")
 
@@ -140,7 +139,7 @@ class InitPoolConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("dataset", self.dataset, DATASET_NAMES)
+        one_of("dataset", self.dataset, DATASET_NAMES)
         if self.size is not None and self.size < 1:
             raise ValueError(f"size must be >= 1 or null, got {self.size}")
 
@@ -188,8 +187,7 @@ class PrepareConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
 
     def __post_init__(self) -> None:
-        if self.val_per_class < 0:
-            raise ValueError(f"val_per_class must be >= 0, got {self.val_per_class}")
+        at_least(self, 0, "val_per_class")
         n = self.data.n_per_class
         if n is not None and self.val_per_class >= n:
             raise ValueError(
@@ -273,8 +271,7 @@ class ExtractStageConfig:
             if errors:
                 raise ValueError("; ".join(errors))
         _positive_ints("ipcs", self.ipcs)
-        if self.shards < 1:
-            raise ValueError(f"shards must be >= 1, got {self.shards}")
+        at_least(self, 1, "shards")
         if self.ipcs and self.shards > min(self.ipcs):
             raise ValueError(f"shards = {self.shards} exceeds the smallest IPC ({min(self.ipcs)}); "
                              "every shard needs at least one candidate per class")
@@ -348,8 +345,7 @@ class DistillConfig:
         _choices("methods", self.methods, METHOD_NAMES)
         _choices("dm_real", (self.dm_real,), ("shots", "full"))
         _positive_ints("ipcs", self.ipcs)
-        if self.full_epochs < 1:
-            raise ValueError(f"full_epochs must be >= 1, got {self.full_epochs}")
+        at_least(self, 1, "full_epochs")
 
 
 @dataclass(frozen=True)
@@ -405,13 +401,10 @@ class GenerateStageConfig:
     recipe: GenerateConfig = field(default_factory=GenerateConfig)
 
     def __post_init__(self) -> None:
-        _choice("init", self.init, GENERATE_INITS)
-        if self.per_class < 1:
-            raise ValueError(f"per_class must be >= 1, got {self.per_class}")
-        if self.edits < 0:
-            raise ValueError(f"edits must be >= 0, got {self.edits}")
-        if not self.noise_std > 0:
-            raise ValueError(f"noise_std must be > 0, got {self.noise_std}")
+        one_of("init", self.init, GENERATE_INITS)
+        at_least(self, 1, "per_class")
+        at_least(self, 0, "edits")
+        positive(self, "noise_std")
         bad = [d for d in self.deltas if not 0.0 <= d <= 1.0]
         if bad or not self.deltas:
             raise ValueError(f"deltas must be a non-empty list of values in [0, 1], got {list(self.deltas)}")
@@ -463,16 +456,9 @@ SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PipelineCon
 # ------------------------------------------------------------------------------------------- checks
 
 
-def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        hint = difflib.get_close_matches(value, allowed, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"{key} = {value!r} is not one of {', '.join(allowed)}{extra}")
-
-
 def _choices(key: str, values: Sequence[str], allowed: Sequence[str]) -> None:
     for v in values:
-        _choice(key, v, allowed)
+        one_of(key, v, allowed)
     if len(set(values)) != len(values):
         raise ValueError(f"{key} has duplicates: {list(values)}")
 
