@@ -10,7 +10,7 @@ What is measured (one process drives everything; the same process-level settings
   3 inits = 6 shard tasks). ``extract_s`` is the extract stage's wall time inside the flow: Dask
   LocalCluster start-up (N spawned worker processes importing torch and Prefect), the 6 shard tasks,
   and the merge. ``shard_s`` is the sum of the shard tasks' own wall times (from metrics/extract.json).
-* speed-up = extract_s(1 worker) / extract_s(2 workers). The machine is shared with other jobs: the load
+* speed-up = extract_s(one process) / extract_s(2 Dask workers). The machine is shared with other jobs: the load
   average before and after each run is recorded next to the times.
 
 Usage:
@@ -94,11 +94,12 @@ def main() -> None:
         total = time.perf_counter() - started
         if summary["extract"]["cached"]:
             raise RuntimeError("extract was restored from cache; the measurement is void")
-        metrics = read_json(Paths((root / cfg.runtime.output_dir).resolve()).metrics("extract"))
+        out = Paths((root / cfg.runtime.output_dir).resolve())
+        metrics, timings = read_json(out.metrics("extract")), read_json(out.timings("extract"))
         rows.append({
             "workers": n,
             "extract_s": round(summary["extract"]["seconds"], 2),
-            "shard_s": metrics["shard_seconds"],
+            "shard_s": timings["shard_seconds"],
             "flow_s": round(total, 2),
             "n_dsv": metrics["n_dsv"],
             "dsv_sha256": summary["extract"]["files"]["artifacts/extract/dsv.parquet"],
@@ -135,7 +136,7 @@ def main() -> None:
 def render(r: dict) -> str:
     """The markdown summary of a result dict."""
     lines = [
-        "# Extract stage on Dask: 1 vs 2 worker processes",
+        "# Extract stage: one process (workers 1) vs a Dask LocalCluster of 2 worker processes",
         "",
         f"Command: `{r['command']}`  ",
         f"Commit: `{r['git_commit']}`; params `{r['params']}` (extract.shards = {r['extract_shards']}, "
@@ -151,11 +152,12 @@ def render(r: dict) -> str:
                      f"| {' '.join(map(str, row['loadavg_before']))} | {' '.join(map(str, row['loadavg_after']))} |")
     lines += [
         "",
-        f"Speed-up of 2 workers over 1 (extract stage wall time): **{r['speedup_2_over_1']}**. "
+        f"Speed-up of 2 Dask workers over one process (extract stage wall time): **{r['speedup_2_over_1']}**. "
         f"Identical dsv.parquet in every run: {r['same_dsvs']}.",
         "",
-        "The extract stage time includes starting the LocalCluster (worker processes spawn and import torch "
-        "and Prefect) and the merge; the shard column is the work that parallelises. "
+        "With 2 workers the extract stage time includes starting the LocalCluster (worker processes spawn and "
+        "import torch and Prefect); with 1 the shards run in the flow's process. Both include the merge; the "
+        "shard column is the work that parallelises. "
         "This is a shared 2-core machine: other people's jobs ran at the same time (load average above), "
         "and each setting was run once, so the numbers carry that noise.",
         "",
