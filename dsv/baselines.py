@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsv.checks import at_least
+from dsv.checks import at_least, one_of
 from dsv.models import ModelConfig, build_seeded
 from dsv.train import FitConfig, TrainEvent, fit, predict_logits
 
@@ -307,9 +307,12 @@ def uncertainty_scores(logits: Tensor, kind: str) -> Tensor:
 Selector = Callable[..., Tensor]
 
 
-def _need(method: str, name: str, value: object, what: str) -> None:
-    if value is None:
-        raise ValueError(f"selector {method!r} needs {name}= ({what})")
+# What each input of select() is, for the message when a selector lacks one.
+_INPUT_HELP = {
+    "features": "(N, D) features, e.g. the teacher's embed() of the training set",
+    "logits": "(N, C) logits of a trained model, e.g. the teacher",
+    "x": "(N, ...) normalised training images for the proxy model",
+}
 
 
 def _sel_random(*, y: Tensor, k: int, num_classes: int, generator: torch.Generator, **_: object) -> Tensor:
@@ -320,8 +323,7 @@ def _sel_features(method: str) -> Selector:
     fn = herding if method == "herding" else kcenter_greedy
 
     def run(*, y: Tensor, k: int, num_classes: int, features: Tensor | None = None, **_: object) -> Tensor:
-        _need(method, "features", features, "(N, D) features, e.g. the teacher's embed() of the training set")
-        assert features is not None
+        assert features is not None  # select() checked SELECTOR_INPUTS
         return fn(features, y, k, num_classes)
 
     return run
@@ -341,7 +343,6 @@ def _sel_dynamics(method: str) -> Selector:
         callback: Callable[[TrainEvent], None] | None = None,
         **_: object,
     ) -> Tensor:
-        _need(method, "x", x, "(N, ...) normalised training images for the proxy model")
         assert x is not None
         _class_members(y, k, num_classes)  # fail before training when a class is too small
         score = fn(x, y, num_classes, proxy or ProxyConfig(), generator, callback)
@@ -355,7 +356,6 @@ def _sel_uncertainty(method: str) -> Selector:
         *, y: Tensor, k: int, num_classes: int, generator: torch.Generator, logits: Tensor | None = None,
         **_: object,
     ) -> Tensor:
-        _need(method, "logits", logits, "(N, C) logits of a trained model, e.g. the teacher")
         assert logits is not None
         _check_rows("logits", logits, y.shape[0])
         return _top_scores(uncertainty_scores(logits, method), y, k, num_classes, generator)
@@ -373,6 +373,13 @@ SELECTORS: dict[str, Selector] = {
     "least_confidence": _sel_uncertainty("least_confidence"),
     "margin": _sel_uncertainty("margin"),
 }
+# The inputs of select() beyond the labels that each selector needs: the one place that knows, so a caller can
+# compute only those (``tasks.distill`` does, lazily).
+SELECTOR_INPUTS: dict[str, tuple[str, ...]] = {
+    "random": (), "herding": ("features",), "kcenter": ("features",), "forgetting": ("x",), "el2n": ("x",),
+    "entropy": ("logits",), "least_confidence": ("logits",), "margin": ("logits",),
+}
+assert set(SELECTOR_INPUTS) == set(SELECTORS)
 
 
 def select(
@@ -408,8 +415,11 @@ def select(
     Raises:
         ValueError: unknown method, a missing input, or a class with fewer than ``k`` samples.
     """
-    if method not in SELECTORS:
-        raise ValueError(f"selector method = {method!r} is not one of {', '.join(SELECTORS)}")
+    one_of("selector method", method, tuple(SELECTORS))
+    given = {"features": features, "logits": logits, "x": x}
+    for name in SELECTOR_INPUTS[method]:
+        if given[name] is None:
+            raise ValueError(f"selector {method!r} needs {name}= ({_INPUT_HELP[name]})")
     g = torch.Generator().manual_seed(seed)
     return SELECTORS[method](
         y=y.cpu(), k=k, num_classes=num_classes, generator=g, features=features, logits=logits, x=x,

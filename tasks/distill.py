@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from dsv.baselines import select
+from dsv.baselines import SELECTOR_INPUTS, select
 from dsv.data.core import normalize, per_class_indices
 from dsv.dm import distribution_matching
 from dsv.protocols import ProtocolConfig, student_fit_config, train_students
@@ -130,14 +130,9 @@ def build_set(method: str, ipc: int, inp: _Inputs) -> tuple[Tensor, Tensor, int]
         res = distribution_matching(x, y, x[init], y[init], cfg.distill.dm, seed=cfg.distill.seed)
         return res.x.detach().cpu(), res.y.cpu(), inp.per_class
     else:
-        kwargs: dict[str, Any] = {}
-        if method in ("herding", "kcenter"):
-            kwargs["features"] = inp.features
-        elif method == "entropy":
-            kwargs["logits"] = inp.logits
-        elif method in ("forgetting", "el2n"):
-            kwargs.update(x=x, proxy=cfg.distill.proxy)
-        idx = select(method, y=y, k=ipc, num_classes=c, seed=cfg.distill.seed, **kwargs)
+        lazy = {"features": lambda: inp.features, "logits": lambda: inp.logits, "x": lambda: x}
+        inputs = {name: lazy[name]() for name in SELECTOR_INPUTS[method]}
+        idx = select(method, y=y, k=ipc, num_classes=c, seed=cfg.distill.seed, proxy=cfg.distill.proxy, **inputs)
     shots = ipc if method == "random" else inp.per_class
     return x[idx], y[idx], shots
 

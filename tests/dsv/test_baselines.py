@@ -82,6 +82,17 @@ def test_missing_input_is_named(method: str, missing: str) -> None:
         select(method, y=y, k=2, num_classes=C, seed=0)
 
 
+@pytest.mark.parametrize("method", list(SELECTORS))
+def test_each_selector_runs_on_exactly_its_declared_inputs(method: str) -> None:
+    from dsv.baselines import SELECTOR_INPUTS
+
+    x, y, feats, logits = _data()
+    available = {"features": feats, "logits": logits, "x": x}
+    given = {name: available[name] for name in SELECTOR_INPUTS[method]}
+    idx = select(method, y=y, k=2, num_classes=C, seed=0, proxy=TINY_PROXY, **given)
+    assert idx.shape == (2 * C,)
+
+
 def test_unknown_method() -> None:
     with pytest.raises(ValueError, match="'grand' is not one of"):
         select("grand", y=torch.zeros(4, dtype=torch.long), k=1, num_classes=1, seed=0)
