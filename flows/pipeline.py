@@ -19,6 +19,7 @@ Every pipeline run opens one MLflow parent run; every stage gets a nested run (t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -66,12 +67,17 @@ def retry_on_io(task: Any, task_run: Any, state: State) -> bool:
 _TRACKERS: dict[tuple[str, str], Tracker] = {}
 
 
-def _open(cfg: PipelineConfig, context: dict[str, Any]) -> tuple[Paths, StageLog]:
-    """The output layout and MLflow logger inside a task (in this process or a Dask worker), and torch's threads."""
+def _set_threads(cfg: PipelineConfig) -> None:
+    """torch's intra-op threads from ``runtime.threads`` (0 keeps torch's default), in whatever process runs a stage."""
     if cfg.runtime.threads > 0:
         import torch
 
         torch.set_num_threads(cfg.runtime.threads)
+
+
+def _open(cfg: PipelineConfig, context: dict[str, Any]) -> tuple[Paths, StageLog]:
+    """The output layout and MLflow logger inside a task (in this process or a Dask worker), and torch's threads."""
+    _set_threads(cfg)
     paths = Paths(Path(context["base"]))
     if not context.get("run_id"):
         return paths, NullLog()
@@ -225,10 +231,7 @@ def run_stage_direct(stage: str, cfg: PipelineConfig, root: Path, paths: Paths, 
     """
     spec = STAGES[stage]
     _sweep(root)
-    if cfg.runtime.threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.runtime.threads)
+    _set_threads(cfg)
     view = cfg.restricted(spec.sections)
     params = _params(stage, view)
     ups = [last_output(root, u, paths) for u in spec.upstream]
@@ -296,10 +299,7 @@ def pipeline(
     p = Path(params_path)
     cfg = load_config(p if p.is_absolute() else root_path / p, overrides or [])
     paths = Paths((root_path / cfg.runtime.output_dir).resolve())
-    if lock_wait is None:
-        _sweep(root_path)
-        return _pipeline(cfg, params_path, root_path, paths, track, until or STAGE_NAMES[-1])
-    with OutputLock(paths.base, "dsv run", lock_wait):
+    with contextlib.nullcontext() if lock_wait is None else OutputLock(paths.base, "dsv run", lock_wait):
         _sweep(root_path)
         return _pipeline(cfg, params_path, root_path, paths, track, until or STAGE_NAMES[-1])
 

@@ -761,18 +761,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 _PARSED: dict[tuple[str, str | None, tuple[str, ...]], PipelineConfig] = {}
 
 
-def config_from_dict(raw: Mapping[str, Any], source: str = "params", cross: bool = True) -> PipelineConfig:
-    """Validate plain data (the parsed file, or the sections a task received) into a config.
+def config_from_dict(raw: Mapping[str, Any], source: str = "params") -> PipelineConfig:
+    """Validate plain data (the parsed file with its overrides) into a config, with the cross-section checks.
 
     Args:
         raw: sections as plain data.
         source: file name used in messages.
-        cross: run :func:`cross_check` (off for a stage's restricted view, whose other sections are
-            defaults).
     """
     errors: list[str] = []
     cfg = build(PipelineConfig, raw, "", errors)
-    if cross and cfg is not None and not errors:
+    if cfg is not None and not errors:
         errors.extend(cross_check(cfg))
     if errors or cfg is None:
         raise ConfigError(f"{source}: " + "; ".join(errors))
