@@ -28,7 +28,9 @@ class FitConfig:
         weight_decay: L2 weight decay (coupled, as in torch's Adam/SGD). The paper's teacher uses 5e-3:
             it makes θ* a weighted sum of training gradients (see ``dsv.kkt``).
         epochs: passes over the data; ignored when ``steps`` > 0.
-        steps: exact number of optimizer steps (overrides ``epochs`` when > 0).
+        steps: exact number of optimizer steps (overrides ``epochs`` and ``min_steps`` when > 0).
+        min_steps: lower bound on the optimizer steps of an ``epochs`` budget, so that a small dataset (a few
+            hundred images: a handful of steps per epoch) is still trained; 0 disables it.
         batch_size: minibatch size (capped at the dataset size).
         schedule: "none", "step" (lr x0.1 at half, the DD protocol) or "cosine".
         augment: "none", "flip_crop" (flip + 4px-style crop-pad, teacher training) or "dsa".
@@ -42,6 +44,7 @@ class FitConfig:
     weight_decay: float = 0.0
     epochs: int = 10
     steps: int = 0
+    min_steps: int = 0
     batch_size: int = 256
     schedule: str = "none"
     augment: str = "none"
@@ -56,7 +59,7 @@ class FitConfig:
         at_least(self, 0, "weight_decay")
         if self.epochs < 1 and self.steps < 1:
             raise ValueError(f"need epochs >= 1 or steps >= 1, got epochs={self.epochs}, steps={self.steps}")
-        at_least(self, 0, "steps")
+        at_least(self, 0, "steps", "min_steps")
         at_least(self, 1, "batch_size")
         positive(self, "kd_temperature")
         if not 0.0 <= self.kd_alpha <= 1.0:
@@ -152,7 +155,7 @@ def fit(
     g = torch.Generator().manual_seed(seed)
     bs = min(cfg.batch_size, n)
     per_epoch = max(1, n // bs)
-    total = cfg.steps if cfg.steps > 0 else cfg.epochs * per_epoch
+    total = cfg.steps if cfg.steps > 0 else max(cfg.epochs * per_epoch, cfg.min_steps)
     report_every = per_epoch if cfg.steps <= 0 else max(1, total // 10)
     aug = _augment_cfg(cfg.augment)
     opt = _make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)

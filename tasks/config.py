@@ -200,24 +200,28 @@ class PretrainConfig:
     """Stage ``pretrain``: the teacher Φ(·; θ*).
 
     Attributes:
-        model: teacher architecture (the project's models, ``torchvision:<name>`` or ``timm:<name>``).
         checkpoint: a trained teacher's state dict (``.safetensors``, or a ``torch.save``'d state dict read
             with ``weights_only=True``; never a pickled model): the stage loads and verifies it (input shape,
             classes, test accuracy, KKT certificates) instead of training. Its content hash is part of the
             cache key; the file is never written. ``fit.weight_decay`` is then the ω the certificates assume.
+        model: teacher architecture (the project's models, ``torchvision:<name>`` or ``timm:<name>``); ConvNet-3
+            width 32 by default (width 64 costs 2.6x the teacher-bound stages for +1.2 points of teacher accuracy on
+            Fashion-MNIST and +0.3 on digits: benchmarks/results/teacher-width.md).
         fit: teacher training (the paper's Adam, lr 1e-3, weight decay 5e-3; 5 epochs with a cosine schedule and no
-            augmentation, which underfits at this budget: benchmarks/results/teacher.md).
+            augmentation, which underfits at this budget: benchmarks/results/teacher.md), and at least 500 steps
+            (5 epochs of scikit-learn's digits are 50 steps: a 12.5% teacher at width 32, 98.9% at 500 steps).
         converge: optional convergence phase after training (``dsv.certificate.ConvergeConfig``):
             full-batch L-BFGS on the final layer ("last") or every parameter ("all") until the teacher is
             a KKT point of mean CE + (ω/2)‖θ‖², ω = ``fit.weight_decay``.
         seed: seeds the initialisation and the batch order.
     """
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="convnet", width=64, depth=3))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="convnet", width=32, depth=3))
     checkpoint: str | None = None
     fit: FitConfig = field(
         default_factory=lambda: FitConfig(
-            optimizer="adam", lr=1e-3, weight_decay=5e-3, epochs=5, batch_size=128, schedule="cosine", augment="none"
+            optimizer="adam", lr=1e-3, weight_decay=5e-3, epochs=5, min_steps=500, batch_size=128, schedule="cosine",
+            augment="none",
         )
     )
     converge: ConvergeConfig = field(default_factory=ConvergeConfig)
@@ -284,9 +288,10 @@ class CoresetConfig:
     Attributes:
         lam: λ fitting settings (``dsv.lam.LambdaConfig``).
         seed: seeds the stratified batching and the subset.
-        per_class: fit λ on a seeded subset of this many training images per class (default 300; None = the whole
-            training split). Fitting cost grows linearly with the images (≈50 s per 1000 images for
-            the width-64 ConvNet on 2 CPU cores with ``lam.param_subset: all``).
+        per_class: fit λ on a seeded subset of at most this many training images per class (default 300; a
+            class with fewer gives all of its images; None = the whole training split). Fitting cost grows
+            linearly with the images (≈50 s per 1000 images for the width-64 ConvNet on 2 CPU cores with
+            ``lam.param_subset: all``; 22 s for 3,000 images with the default width-32 teacher and subset).
     """
 
     lam: LambdaConfig = field(default_factory=LambdaConfig)
@@ -360,13 +365,14 @@ class JudgeConfig:
     Attributes:
         model: the judge's architecture (any ``pretrain.model`` name); null = a ConvNet (width 32, depth 3,
             BatchNorm, max pooling) for images, an MLP (width 128, depth 2) for feature vectors.
-        fit: its training (2 epochs of Adam: 89.2% test accuracy on Fashion-MNIST in 49 s on 2 CPU cores).
+        fit: its training (2 epochs of Adam, at least 400 steps: 89.2% test accuracy on Fashion-MNIST in 49 s on 2
+            CPU cores, where 2 epochs are 460 steps; on a small dataset the step floor binds).
         seed: seeds its initialisation and batch order (differs from ``pretrain.seed`` by default).
     """
 
     model: ModelConfig | None = None
-    fit: FitConfig = field(default_factory=lambda: FitConfig(optimizer="adam", lr=2e-3, epochs=2, batch_size=256,
-                                                             schedule="cosine"))
+    fit: FitConfig = field(default_factory=lambda: FitConfig(optimizer="adam", lr=2e-3, epochs=2, min_steps=400,
+                                                             batch_size=256, schedule="cosine"))
     seed: int = 1
 
 

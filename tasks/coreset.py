@@ -40,7 +40,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     n_train = int(y.numel())  # the teacher's training set: λ is reported on its scale
     if cfg.coreset.per_class is not None:
         g = torch.Generator().manual_seed(cfg.coreset.seed)
-        index = per_class_indices(y, cfg.coreset.per_class, meta.num_classes, g).sort().values
+        index = per_class_indices(y, cfg.coreset.per_class, meta.num_classes, g, at_most=True).sort().values
         x, y = x[index], y[index]
     trace: list[dict[str, float]] = []
 

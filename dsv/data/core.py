@@ -84,7 +84,7 @@ def denormalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 def per_class_indices(
-    y: Tensor, n_per_class: int, num_classes: int, generator: torch.Generator | None = None
+    y: Tensor, n_per_class: int, num_classes: int, generator: torch.Generator | None = None, at_most: bool = False
 ) -> Tensor:
     """Pick ``n_per_class`` indices of each class at random (seeded), sorted by class.
 
@@ -93,17 +93,19 @@ def per_class_indices(
         n_per_class: how many of each class to keep.
         num_classes: number of classes C.
         generator: explicit RNG; the same seed always gives the same indices.
+        at_most: keep every sample of a class that has fewer than ``n_per_class`` (a cap, not a demand); the
+            classes that have enough draw exactly as without it.
 
     Returns:
-        (C * n_per_class,) int64 indices, class 0 first.
+        (C * n_per_class,) int64 indices (fewer with ``at_most``), class 0 first.
 
     Raises:
-        ValueError: when a class has fewer than ``n_per_class`` samples.
+        ValueError: when a class has fewer than ``n_per_class`` samples and ``at_most`` is off.
     """
     out = []
     for c in range(num_classes):
         idx = (y == c).nonzero(as_tuple=True)[0]
-        if idx.numel() < n_per_class:
+        if idx.numel() < n_per_class and not at_most:
             raise ValueError(
                 f"class {c} has only {idx.numel()} samples, fewer than the {n_per_class} per class asked for"
             )

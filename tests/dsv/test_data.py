@@ -487,3 +487,17 @@ def test_photos_are_natural_image_crops_without_download() -> None:
     a, b = ds.train_x[..., :-1].flatten(), ds.train_x[..., 1:].flatten()
     assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.8
     assert torch.equal(load_dataset(DataConfig(name="photos")).train_x[:3], ds.train_x[:3])  # fixed seed
+
+
+def test_per_class_indices_at_most_caps_small_classes() -> None:
+    from dsv.data.core import per_class_indices
+
+    y = torch.tensor([0] * 5 + [1] * 2 + [2] * 4)
+    with pytest.raises(ValueError, match="class 1 has only 2 samples"):
+        per_class_indices(y, 3, 3, torch.Generator().manual_seed(0))
+    idx = per_class_indices(y, 3, 3, torch.Generator().manual_seed(0), at_most=True)
+    assert [int((y[idx] == c).sum()) for c in range(3)] == [3, 2, 3]
+    assert sorted(idx[3:5].tolist()) == [5, 6]  # all of the small class
+    # a class with enough samples draws exactly as without the cap
+    big = per_class_indices(y[:5], 3, 1, torch.Generator().manual_seed(0))
+    assert idx[:3].tolist() == big.tolist()

@@ -122,6 +122,19 @@ def test_steps_schedule_and_callback() -> None:
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.01
 
 
+
+def test_min_steps_floors_an_epoch_budget() -> None:
+    """48 images in batches of 8: 2 epochs are 12 steps; min_steps raises that, never lowers it, and an
+    explicit steps budget ignores it."""
+    x, y = _images()
+    model = build_seeded(ModelConfig(name="convnet_tiny"), (1, 8, 8), 4, seed=0)
+    assert fit(model, x, y, FitConfig(epochs=2, batch_size=8), seed=0).steps == 12
+    assert fit(model, x, y, FitConfig(epochs=2, min_steps=30, batch_size=8), seed=0).steps == 30
+    assert fit(model, x, y, FitConfig(epochs=2, min_steps=5, batch_size=8), seed=0).steps == 12
+    assert fit(model, x, y, FitConfig(steps=7, min_steps=30, batch_size=8), seed=0).steps == 7
+    with pytest.raises(ValueError, match="min_steps"):
+        FitConfig(min_steps=-1)
+
 class _Identity(nn.Module):
     """Logits = inputs, so predictions are chosen by hand."""
 
