@@ -359,7 +359,7 @@ class JudgeConfig:
 
     It is trained on the real training split and never sees the teacher: another architecture (by default a
     BatchNorm + max-pool ConvNet of width 32, where the teacher is an InstanceNorm + average-pool ConvNet of
-    width 64) and another seed. Its accuracy on the images' intended classes, its confidence, and a Fréchet
+    the same width) and another seed. Its accuracy on the images' intended classes, its confidence, and a Fréchet
     distance in its penultimate features (:mod:`dsv.judge`) are what ``generate`` and ``evaluate`` report.
 
     Attributes:
