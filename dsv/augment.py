@@ -11,6 +11,7 @@ and draws its randomness only from the ``torch.Generator`` passed in, so a seed 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,8 +79,40 @@ def dsa_config() -> AugmentConfig:
     return AugmentConfig(ops=DSA_OPS, cutout=0.5, per_sample=False)
 
 
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> Tensor:
-    return (torch.rand(n, generator=g) * (hi - lo) + lo).to(device)
+def _ranges(op: str, cfg: AugmentConfig) -> tuple[tuple[float, float], ...]:
+    """The uniform ranges an op draws from, in the order it draws them."""
+    if op == "flip":
+        return ((0.0, 1.0),)
+    if op in ("translate", "crop_pad"):
+        m = cfg.translate if op == "translate" else cfg.crop_pad
+        return ((-m, m), (-m, m))
+    if op == "crop":
+        return ((1.0 - cfg.crop, 1.0), (-1.0, 1.0), (-1.0, 1.0))
+    if op == "scale":
+        return ((1.0 / cfg.scale, cfg.scale), (1.0 / cfg.scale, cfg.scale))
+    if op == "rotate":
+        return ((-cfg.rotate, cfg.rotate),)
+    if op == "cutout":
+        return ((0.0, 1.0), (0.0, 1.0))
+    if op == "color":
+        return ((0.0, 1.0), (0.0, 1.0), (0.0, 1.0))
+    if op == "noise":
+        return ()
+    raise ValueError(f"unknown augmentation op {op!r}; allowed: {', '.join(ALL_OPS)}")
+
+
+def draw_op(op: str, shape: Sequence[int], cfg: AugmentConfig, g: torch.Generator) -> Tensor:
+    """The random parameters of one op for a batch of ``shape``, drawn on the CPU from ``g`` only.
+
+    Returns a (k, n) tensor of uniform draws (k per op, n = B per sample or 1 for the batch), or for
+    "noise" the (B, C, H, W) gaussian noise. Moved to the images' device in one copy by :func:`apply_drawn`'s
+    callers, so a step on an accelerator makes no host round trip per draw.
+    """
+    if op == "noise":
+        return torch.randn(tuple(shape), generator=g)
+    n = int(shape[0]) if cfg.per_sample else 1
+    rows = [torch.rand(n, generator=g) * (hi - lo) + lo for lo, hi in _ranges(op, cfg)]
+    return torch.stack(rows)
 
 
 def _warp(x: Tensor, theta: Tensor) -> Tensor:
@@ -92,53 +125,51 @@ def _affine(a: Tensor, b: Tensor, c: Tensor, d: Tensor, tx: Tensor, ty: Tensor) 
     return torch.stack([torch.stack([a, b, tx], -1), torch.stack([c, d, ty], -1)], -2)
 
 
-def apply_op(op: str, x: Tensor, cfg: AugmentConfig, g: torch.Generator) -> Tensor:
-    """Apply one named op to (B, C, H, W) images with randomness from ``g``."""
+def apply_drawn(op: str, x: Tensor, p: Tensor, cfg: AugmentConfig) -> Tensor:
+    """Apply one named op to (B, C, H, W) images with parameters ``p`` from :func:`draw_op` (on x's device;
+    (k, 1) draws are shared by the batch, (k, B) are per image)."""
     b = x.shape[0]
-    n = b if cfg.per_sample else 1
     dev = x.device
-
-    def draw(lo: float, hi: float) -> Tensor:
-        v = _uniform(n, lo, hi, g, dev)
-        return v.expand(b) if n == 1 else v
-
+    if op == "noise":
+        return x + cfg.noise * p.to(dev, x.dtype)
+    v = p.expand(-1, b) if p.shape[1] == 1 else p
     one, zero = torch.ones(b, device=dev), torch.zeros(b, device=dev)
     if op == "flip":
-        mask = (draw(0.0, 1.0) < cfg.flip).to(x.dtype).view(b, 1, 1, 1)
+        mask = (v[0] < cfg.flip).to(x.dtype).view(b, 1, 1, 1)
         return mask * x.flip(-1) + (1 - mask) * x
     if op in ("translate", "crop_pad"):
-        m = cfg.translate if op == "translate" else cfg.crop_pad
         # affine_grid coordinates span [-1, 1], so a shift of fraction f is 2f.
-        return _warp(x, _affine(one, zero, zero, one, 2 * draw(-m, m), 2 * draw(-m, m)))
+        return _warp(x, _affine(one, zero, zero, one, 2 * v[0], 2 * v[1]))
     if op == "crop":
-        s = draw(1.0 - cfg.crop, 1.0)  # kept side fraction: zoom in by 1/s
+        s = v[0]  # kept side fraction: zoom in by 1/s
         room = 1.0 - s
-        tx, ty = draw(-1.0, 1.0) * room, draw(-1.0, 1.0) * room
+        tx, ty = v[1] * room, v[2] * room
         return _warp(x, _affine(s, zero, zero, s, tx, ty))
     if op == "scale":
-        sx, sy = draw(1.0 / cfg.scale, cfg.scale), draw(1.0 / cfg.scale, cfg.scale)
-        return _warp(x, _affine(sx, zero, zero, sy, zero, zero))
+        return _warp(x, _affine(v[0], zero, zero, v[1], zero, zero))
     if op == "rotate":
-        t = draw(-cfg.rotate, cfg.rotate) * (math.pi / 180.0)
+        t = v[0] * (math.pi / 180.0)
         return _warp(x, _affine(torch.cos(t), -torch.sin(t), torch.sin(t), torch.cos(t), zero, zero))
     if op == "cutout":
         h, w = x.shape[-2:]
         ch, cw = max(1, int(h * cfg.cutout)), max(1, int(w * cfg.cutout))
-        cy, cx = draw(0.0, 1.0) * h, draw(0.0, 1.0) * w
+        cy, cx = v[0] * h, v[1] * w
         ys = torch.arange(h, device=dev).view(1, h, 1)
         xs = torch.arange(w, device=dev).view(1, 1, w)
         inside = ((ys - cy.view(b, 1, 1)).abs() < ch / 2) & ((xs - cx.view(b, 1, 1)).abs() < cw / 2)
         return x * (~inside).unsqueeze(1).to(x.dtype)
-    if op == "noise":
-        eps = torch.randn(x.shape, generator=g).to(dev, x.dtype)
-        return x + cfg.noise * eps
     if op == "color":
-        x = x + (draw(0.0, 1.0) - 0.5).view(b, 1, 1, 1) * cfg.brightness
+        x = x + (v[0] - 0.5).view(b, 1, 1, 1) * cfg.brightness
         mean_c = x.mean(dim=1, keepdim=True)
-        x = (x - mean_c) * (draw(0.0, 1.0) * cfg.saturation).view(b, 1, 1, 1) + mean_c
+        x = (x - mean_c) * (v[1] * cfg.saturation).view(b, 1, 1, 1) + mean_c
         mean_all = x.mean(dim=(1, 2, 3), keepdim=True)
-        return (x - mean_all) * (draw(0.0, 1.0) + cfg.contrast).view(b, 1, 1, 1) + mean_all
+        return (x - mean_all) * (v[2] + cfg.contrast).view(b, 1, 1, 1) + mean_all
     raise ValueError(f"unknown augmentation op {op!r}; allowed: {', '.join(ALL_OPS)}")
+
+
+def apply_op(op: str, x: Tensor, cfg: AugmentConfig, g: torch.Generator) -> Tensor:
+    """Apply one named op to (B, C, H, W) images with randomness from ``g``."""
+    return apply_drawn(op, x, draw_op(op, x.shape, cfg, g).to(x.device, non_blocking=True), cfg)
 
 
 def augment(x: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
@@ -160,3 +191,53 @@ def augment(x: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor
     for op in cfg.ops:
         x = apply_op(op, x, cfg, generator)
     return x
+
+
+def augment_groups(x: Tensor, cfg: AugmentConfig, generators: Sequence[torch.Generator]) -> Tensor:
+    """:func:`augment` for S independent streams at once: ``x`` holds S consecutive blocks of B images and block
+    s is augmented exactly as ``augment(block_s, cfg, generators[s])`` would (same draws, in the same order, from
+    its own generator), with one kernel per op for all blocks instead of one per block.
+
+    Args:
+        x: (S·B, C, H, W) images, block s = rows [s·B, (s+1)·B).
+        cfg: ops and strengths.
+        generators: one CPU generator per block.
+
+    Returns:
+        (S·B, C, H, W) augmented images, differentiable w.r.t. ``x``.
+    """
+    s = len(generators)
+    if s == 0 or x.shape[0] % s:
+        raise ValueError(f"augment_groups: {x.shape[0]} images do not split into {s} equal blocks")
+    if x.dim() != 4 or not cfg.ops:
+        return x
+    b = x.shape[0] // s
+    shape = (b, *x.shape[1:])
+    if not cfg.one_per_call:  # every op on every block; each block's draws in its own order
+        draws = [[draw_op(op, shape, cfg, g) for op in cfg.ops] for g in generators]
+        for j, op in enumerate(cfg.ops):
+            x = apply_drawn(op, x, _blocks([d[j] for d in draws], b).to(x.device, non_blocking=True), cfg)
+        return x
+    chosen: list[str] = []
+    params: list[Tensor] = []
+    for g in generators:
+        op = cfg.ops[int(torch.randint(len(cfg.ops), (1,), generator=g))]
+        chosen.append(op)
+        params.append(draw_op(op, shape, cfg, g))
+    ops = sorted(set(chosen), key=cfg.ops.index)
+    if len(ops) == 1:
+        return apply_drawn(ops[0], x, _blocks(params, b).to(x.device, non_blocking=True), cfg)
+    out = torch.empty_like(x)
+    for op in ops:
+        members = [i for i, c in enumerate(chosen) if c == op]
+        rows = torch.cat([torch.arange(i * b, (i + 1) * b) for i in members]).to(x.device, non_blocking=True)
+        drawn = _blocks([params[i] for i in members], b).to(x.device, non_blocking=True)
+        out.index_copy_(0, rows, apply_drawn(op, x.index_select(0, rows), drawn, cfg))
+    return out
+
+
+def _blocks(draws: Sequence[Tensor], b: int) -> Tensor:
+    """Concatenate per-block draws along the image axis: (k, 1) or (k, B) -> (k, S·B); noise (B, ...) -> (S·B, ...)."""
+    if draws[0].dim() == 2:
+        return torch.cat([d.expand(-1, b) for d in draws], dim=1)
+    return torch.cat(list(draws), dim=0)

@@ -27,11 +27,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from dsv.batched import can_batch, fit_batched
 from dsv.checks import at_least, one_of, positive
 from dsv.models import ModelConfig, build_seeded
 from dsv.train import EvalResult, FitConfig, TrainEvent, evaluate, fit
 
 PROTOCOLS: tuple[str, ...] = ("dd", "paper", "soft")
+BATCHED: tuple[str, ...] = ("auto", "on", "off")
 HARD_PROTOCOLS: tuple[str, ...] = ("dd", "paper")
 LABEL_TYPES: tuple[str, ...] = ("hard", "soft")
 METHOD_NAMES: tuple[str, ...] = (
@@ -72,6 +74,11 @@ class ProtocolConfig:
         eval_batch_size: batch size of test-set evaluation (memory only; does not change results).
         model: student architecture; every protocol uses the DD ConvNet-3 unless overridden (tests,
             ablations).
+        batched: train the seeds of a set together in one vmapped step (:mod:`dsv.batched`): "on", "off" (one
+            student after another) or "auto" (on for CUDA, where a step is bound by kernel launches; off on the
+            CPU, where the loop is faster). Each student keeps its initialisation, batch order and augmentation
+            draws; batched and looped students differ by float reassociation only. Architectures with buffers
+            or dropout (BatchNorm, torchvision/timm models) are always trained one by one.
     """
 
     name: str = "dd"
@@ -84,9 +91,11 @@ class ProtocolConfig:
     batch_size: int = 256
     eval_batch_size: int = 1024
     model: ModelConfig = field(default=DD_MODEL)
+    batched: str = "auto"
 
     def __post_init__(self) -> None:
         one_of("name", self.name, PROTOCOLS)
+        one_of("batched", self.batched, BATCHED)
         one_of("base", self.base, HARD_PROTOCOLS)
         at_least(self, 1, "epochs")
         at_least(self, 0, "min_steps")
@@ -151,6 +160,7 @@ def train_students(
     device: torch.device | str = "cpu",
     callback: Callable[[int, TrainEvent], None] | None = None,
     on_student: Callable[[int, nn.Module, EvalResult], None] | None = None,
+    graphs: bool = False,
 ) -> list[EvalResult]:
     """Train one fresh student per seed on (x, y) under a protocol and evaluate each on the test set.
 
@@ -168,6 +178,7 @@ def train_students(
         callback: receives (seed, :class:`TrainEvent`) during training.
         on_student: receives (seed, trained student, its test result) after each student, e.g. to score it on
             another split or save it; the student is not kept otherwise.
+        graphs: on CUDA, replay each training step from a CUDA graph (:class:`dsv.train.StepRunner`).
 
     Returns:
         One :class:`EvalResult` per seed, in order.
@@ -177,14 +188,58 @@ def train_students(
     """
     if not seeds:
         raise ValueError("train_students needs at least one seed")
+    x_test, y_test = x_test.to(device), y_test.to(device)  # evaluated once per student: moved once
+    batched = uses_batched(protocol_cfg, device, in_shape, num_classes)
+    together = (train_batched(x, y, teacher, protocol_cfg, in_shape, num_classes, seeds, device, callback, graphs)
+                if batched else [])
     results = []
-    for seed in seeds:
-        cb = None if callback is None else (lambda e, s=seed: callback(s, e))
-        model = train_student(x, y, teacher, protocol_cfg, in_shape, num_classes, seed, device, cb)
+    for i, seed in enumerate(seeds):
+        if batched:
+            model = together[i]
+        else:
+            cb = None if callback is None else (lambda e, s=seed: callback(s, e))
+            model = train_student(x, y, teacher, protocol_cfg, in_shape, num_classes, seed, device, cb, graphs)
         results.append(evaluate(model, x_test, y_test, num_classes, batch_size=protocol_cfg.eval_batch_size))
         if on_student is not None:
             on_student(seed, model, results[-1])
     return results
+
+
+def uses_batched(protocol_cfg: ProtocolConfig, device: torch.device | str, in_shape: tuple[int, ...],
+                 num_classes: int) -> bool:
+    """Whether :func:`train_students` trains the seeds together: ``protocol.batched`` ("auto": on CUDA) and an
+    architecture :func:`dsv.batched.can_batch` accepts."""
+    if protocol_cfg.batched == "off" or (protocol_cfg.batched == "auto" and torch.device(device).type != "cuda"):
+        return False
+    return can_batch(build_seeded(protocol_cfg.model, in_shape, num_classes, 0))
+
+
+def train_batched(
+    x: Tensor,
+    y: Tensor,
+    teacher: nn.Module | None,
+    protocol_cfg: ProtocolConfig,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    seeds: Sequence[int],
+    device: torch.device | str = "cpu",
+    callback: Callable[[int, TrainEvent], None] | None = None,
+    graphs: bool = False,
+) -> list[nn.Module]:
+    """Train one fresh student per seed together (:func:`dsv.batched.fit_batched`); each student is
+    initialised, ordered and augmented by its seed exactly as :func:`train_student` does it.
+
+    Returns:
+        The trained students (eval mode), on ``device``, in seed order.
+    """
+    if protocol_cfg.name == "soft" and teacher is None:
+        raise ValueError("protocol 'soft' needs the teacher (its logits are the soft targets)")
+    kd_teacher = teacher if protocol_cfg.name == "soft" else None
+    fit_cfg = student_fit_config(protocol_cfg, int(x.shape[0]))
+    models = [build_seeded(protocol_cfg.model, in_shape, num_classes, seed).to(device) for seed in seeds]
+    cb = None if callback is None else (lambda i, e: callback(seeds[i], e))
+    fit_batched(models, x, y, fit_cfg, list(seeds), callback=cb, teacher=kd_teacher, graphs=graphs)
+    return models
 
 
 def train_student(
@@ -197,6 +252,7 @@ def train_student(
     seed: int,
     device: torch.device | str = "cpu",
     callback: Callable[[TrainEvent], None] | None = None,
+    graphs: bool = False,
 ) -> nn.Module:
     """Train one fresh student (initialisation, batch order and augmentation fixed by ``seed``).
 
@@ -213,7 +269,7 @@ def train_student(
     kd_teacher = teacher if protocol_cfg.name == "soft" else None
     fit_cfg = student_fit_config(protocol_cfg, int(x.shape[0]))
     model = build_seeded(protocol_cfg.model, in_shape, num_classes, seed).to(device)
-    fit(model, x, y, fit_cfg, seed=seed, callback=callback, teacher=kd_teacher)
+    fit(model, x, y, fit_cfg, seed=seed, callback=callback, teacher=kd_teacher, graphs=graphs)
     return model
 
 

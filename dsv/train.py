@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +85,8 @@ class FitResult:
     model: nn.Module
     losses: list[float] = field(default_factory=list)  # mean loss per reporting interval
     steps: int = 0
+    graphed: bool = False  # the steps were replayed from a CUDA graph
+    graph_error: str | None = None  # why a requested CUDA graph was not used
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -107,10 +111,28 @@ def _augment_cfg(name: str) -> AugmentConfig | None:
     return dsa_config()
 
 
-def _make_optimizer(params: list[nn.Parameter], cfg: FitConfig) -> torch.optim.Optimizer:
+def _make_optimizer(params: list[Tensor], cfg: FitConfig, device: torch.device, graphs: bool = False
+                    ) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg``. On CUDA the fused kernels (one launch per step instead of one per tensor; the
+    same update, bits may differ); with ``graphs`` the learning rate is a device tensor (set with
+    :func:`_set_lr`) and Adam is capturable, so the step can be replayed in a CUDA graph. The CPU keeps torch's
+    default implementation (its results are the reference, bit for bit)."""
+    if device.type != "cuda":
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    lr: float | Tensor = torch.tensor(cfg.lr, device=device) if graphs else cfg.lr
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=graphs)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)  # in place: a captured step reads it from the same memory
+        else:
+            group["lr"] = lr
 
 
 def _lr_at(step: int, total: int, cfg: FitConfig) -> float:
@@ -121,6 +143,69 @@ def _lr_at(step: int, total: int, cfg: FitConfig) -> float:
     return cfg.lr
 
 
+def _budget(n: int, cfg: FitConfig) -> tuple[int, int, int, int]:
+    """(batch size, steps per epoch, total steps, steps between reports) for ``n`` training samples."""
+    bs = min(cfg.batch_size, n)
+    per_epoch = max(1, n // bs)
+    total = cfg.steps if cfg.steps > 0 else max(cfg.epochs * per_epoch, cfg.min_steps)
+    report_every = per_epoch if cfg.steps <= 0 else max(1, total // 10)
+    return bs, per_epoch, total, report_every
+
+
+class StepRunner:
+    """Runs a training step ``step(xb, yb) -> detached loss``: eagerly, or on CUDA with ``graphs`` captured once
+    into a CUDA graph (after ``warmup`` eager steps that create the optimizer state) and then replayed on static
+    copies of the batch, so a step costs one launch instead of one per kernel.
+
+    The step must have fixed shapes and no host synchronisation (the trainers below are written so). A capture
+    that fails (an operation the device cannot capture) is reported in :attr:`error` and the run goes on
+    eagerly with the same model and optimizer: nothing of the failed capture has run.
+    """
+
+    def __init__(self, step: Callable[[Tensor, Tensor], Tensor], graphs: bool, warmup: int = 2) -> None:
+        self.step = step
+        self.graphs = graphs
+        self.warmup = warmup
+        self.calls = 0
+        self.graph: Any = None
+        self.static: tuple[Tensor, Tensor, Tensor] | None = None
+        self.error: str | None = None
+
+    @property
+    def captured(self) -> bool:
+        """True when the steps are replayed from a CUDA graph."""
+        return self.graph is not None
+
+    def __call__(self, xb: Tensor, yb: Tensor) -> Tensor:
+        self.calls += 1
+        if self.graph is not None and self.static is not None:
+            sx, sy, loss = self.static
+            sx.copy_(xb)
+            sy.copy_(yb)
+            self.graph.replay()
+            return loss
+        if not self.graphs or xb.device.type != "cuda":
+            return self.step(xb, yb)
+        if self.calls <= self.warmup:  # on a side stream, as torch's capture recipe asks
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step(xb, yb)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        sx, sy = xb.detach().clone(), yb.detach().clone()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loss = self.step(sx, sy)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: run eagerly instead
+            self.graphs, self.error = False, f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+            return self.step(xb, yb)
+        self.graph, self.static = graph, (sx, sy, loss)
+        graph.replay()
+        return loss
+
+
 def fit(
     model: nn.Module,
     x: Tensor,
@@ -129,12 +214,14 @@ def fit(
     seed: int = 0,
     callback: Callable[[TrainEvent], None] | None = None,
     teacher: nn.Module | None = None,
+    graphs: bool = False,
 ) -> FitResult:
     """Train ``model`` in place on (x, y).
 
     Args:
         model: classifier; trained on the device of its parameters.
-        x: (N, C, H, W) or (N, D) normalised inputs (any device).
+        x: (N, C, H, W) or (N, D) normalised inputs (any device; moved to the model's device once, for the
+            whole fit: no per-step host gather or transfer).
         y: (N,) int labels or (N, C) soft labels (rows sum to 1).
         cfg: optimizer, schedule, augmentation, budget.
         seed: seeds the batch order and augmentation through explicit generators; two calls with the
@@ -142,6 +229,7 @@ def fit(
         callback: receives a :class:`TrainEvent` about every epoch.
         teacher: when given, adds the knowledge-distillation term on every augmented batch
             (``soft`` protocol): loss = (1 - α)·CE(y) + α·KD(teacher).
+        graphs: on CUDA, replay the step from a CUDA graph (:class:`StepRunner`); ignored on the CPU.
 
     Returns:
         :class:`FitResult` with the loss curve.
@@ -152,33 +240,17 @@ def fit(
     if y.shape[0] != n:
         raise ValueError(f"fit: x has {n} samples but y has {y.shape[0]}")
     device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
     g = torch.Generator().manual_seed(seed)
-    bs = min(cfg.batch_size, n)
-    per_epoch = max(1, n // bs)
-    total = cfg.steps if cfg.steps > 0 else max(cfg.epochs * per_epoch, cfg.min_steps)
-    report_every = per_epoch if cfg.steps <= 0 else max(1, total // 10)
+    bs, _, total, report_every = _budget(n, cfg)
     aug = _augment_cfg(cfg.augment)
-    opt = _make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    graphs = graphs and device.type == "cuda"
+    opt = _make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, device, graphs)
     if teacher is not None:
         teacher.eval()
     model.train()
-    result = FitResult(model=model)
-    running = torch.zeros((), device=device)  # summed on the device: no host sync inside the interval
-    count, step = 0, 0
-    perm = torch.randperm(n, generator=g)
-    cursor = 0
-    while step < total:
-        if cursor + bs > n:
-            perm, cursor = torch.randperm(n, generator=g), 0
-        idx = perm[cursor : cursor + bs]
-        cursor += bs
-        xb = x[idx].to(device, non_blocking=True)
-        yb = y[idx].to(device, non_blocking=True)
-        if aug is not None:
-            xb = augment(xb, aug, g)
-        lr = _lr_at(step, total, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
+
+    def step(xb: Tensor, yb: Tensor) -> Tensor:
         logits = model(xb)
         loss = soft_cross_entropy(logits, yb).mean()
         if teacher is not None:
@@ -188,19 +260,39 @@ def fit(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
-        running += loss.detach()
+        return loss.detach()
+
+    runner = StepRunner(step, graphs)
+    result = FitResult(model=model)
+    running = torch.zeros((), device=device)  # summed on the device: no host sync inside the interval
+    count, step_i = 0, 0
+    perm = torch.randperm(n, generator=g).to(device, non_blocking=True)
+    cursor = 0
+    while step_i < total:
+        if cursor + bs > n:
+            perm, cursor = torch.randperm(n, generator=g).to(device, non_blocking=True), 0
+        idx = perm[cursor : cursor + bs]
+        cursor += bs
+        xb, yb = x[idx], y[idx]
+        if aug is not None:
+            xb = augment(xb, aug, g)
+        lr = _lr_at(step_i, total, cfg)
+        _set_lr(opt, lr)
+        running += runner(xb, yb)
+        step_i += 1
         count += 1
-        if step % report_every == 0 or step == total:
+        if step_i % report_every == 0 or step_i == total:
             mean_loss = float(running) / count  # one host sync per reporting interval
-            if not torch.isfinite(torch.tensor(mean_loss)):
-                raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step} of {total}")
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step_i} of {total}")
             result.losses.append(mean_loss)
             if callback is not None:
-                callback(TrainEvent(step=step, total_steps=total, loss=mean_loss, lr=lr))
+                callback(TrainEvent(step=step_i, total_steps=total, loss=mean_loss, lr=lr))
             running.zero_()
             count = 0
-    result.steps = step
+    result.steps = step_i
+    result.graphed = runner.captured
+    result.graph_error = runner.error
     model.eval()
     return result
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv.augment import ALL_OPS, DSA_OPS, KKT_OPS, AugmentConfig, apply_op, augment, dsa_config
+from dsv.augment import (
+    ALL_OPS,
+    DSA_OPS,
+    KKT_OPS,
+    AugmentConfig,
+    apply_op,
+    augment,
+    augment_groups,
+    dsa_config,
+)
 
 
 def _x(device: str, c: int = 3, seed: int = 0) -> torch.Tensor:
@@ -82,3 +91,20 @@ def test_tabular_input_is_untouched_and_errors() -> None:
     with pytest.raises(ValueError, match="flip is a probability"):
         AugmentConfig(flip=1.5)
     assert set(KKT_OPS) | set(DSA_OPS) <= set(ALL_OPS)
+
+
+@pytest.mark.parametrize("cfg", [dsa_config(), AugmentConfig(), AugmentConfig(ops=("flip", "crop_pad"), one_per_call=False)],
+                         ids=["dsa", "kkt", "flip_crop"])
+def test_augment_groups_equals_one_augment_per_block(cfg: AugmentConfig) -> None:
+    """Blocks augmented together get exactly the images (and leave each generator in the state) that one
+    augment call per block with its own generator gives."""
+    x = torch.rand(4 * 6, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    together = [torch.Generator().manual_seed(s) for s in range(4)]
+    alone = [torch.Generator().manual_seed(s) for s in range(4)]
+    for _ in range(12):
+        out = augment_groups(x, cfg, together)
+        ref = torch.cat([augment(x[i * 6 : (i + 1) * 6], cfg, alone[i]) for i in range(4)])
+        assert torch.equal(out, ref)
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(together, alone))
+    with pytest.raises(ValueError, match="equal blocks"):
+        augment_groups(x[:5], cfg, together)
