@@ -10,7 +10,9 @@ recorded hash; otherwise the task runs again and overwrites the record.
 
 The key covers what Prefect's policy covered: the stage, the params sections it reads, the hashes of
 its upstream artifacts, its unit (mapped stages), the task wrapper's source and the stage's code closure
-(``tasks.stages.code_hash``); never the runtime context (paths, MLflow run id, device).
+(``tasks.stages.code_hash``), and for the stages that compute on a device the resolved device type (cpu or
+cuda: the bits differ, so a CPU result never stands in for a CUDA run); never the rest of the runtime context
+(paths, MLflow run id, threads).
 """
 
 from __future__ import annotations

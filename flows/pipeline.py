@@ -4,8 +4,10 @@ Caching (:mod:`flows.cache`: JSON records under ``.dsv/cache``, valid across pro
 unpickled; Prefect itself persists nothing) is keyed on the stage name, the params sections the stage
 reads, the SHA-256 of every upstream artifact, the unit for mapped stages, the task wrapper's source
 and the stage's code closure (tasks/<stage>.py, the tasks modules it imports and the transitive dsv/
-modules it calls; see tasks.stages.code_modules); NOT on the runtime context (paths, MLflow run id,
-device). A hit finishes the task in Prefect's ``Cached`` state.
+modules it calls; see tasks.stages.code_modules) and, for the stages that compute on a device
+(tasks.stages.DEVICE_STAGES), the resolved device type ("cpu" or "cuda"), so a CPU result never stands in for a
+CUDA run or the reverse; NOT on the rest of the runtime context (paths, MLflow run id, threads, workers). A hit
+finishes the task in Prefect's ``Cached`` state.
 
 Tasks exchange small references only (params dicts, relative paths, content hashes). Since a cached
 result only *describes* files, every cache hit is checked against the files on disk: a missing or
@@ -38,11 +40,11 @@ from flows.cache import cache_key, external_inputs, last_output, lookup, source_
 from tasks.artifacts import read_json
 from tasks.config import ConfigError, PipelineConfig, data_checks, load_config
 from tasks.lock import OutputLock
-from tasks.output import StageOutput
+from tasks.output import StageOutput, device_of
 from tasks.paths import STAGE_NAMES, Paths
 from tasks.plain import flatten
 from tasks.progress import Bar
-from tasks.stages import STAGES, restore_metrics, stage_function, stage_module
+from tasks.stages import DEVICE_STAGES, STAGES, restore_metrics, stage_function, stage_module
 from tasks.tracking import NullLog, StageLog, Tracker
 
 FLOW_NAME = "dsv-pipeline"
@@ -128,8 +130,12 @@ def _as_state(result: Any, hit: bool) -> Any:
 
 
 def _params(stage: str, cfg: PipelineConfig) -> dict[str, Any]:
-    """The stage's params section as plain data: its cache-key input."""
-    return cfg.sections(STAGES[stage].sections)
+    """The stage's cache-key inputs from the config: its params section as plain data and, for a stage that
+    computes on a device, the resolved device type."""
+    inputs: dict[str, Any] = {"params": cfg.sections(STAGES[stage].sections)}
+    if stage in DEVICE_STAGES:
+        inputs["device"] = device_of(cfg)
+    return inputs
 
 
 @task(name="stage", task_run_name="{stage}", **_TASK_OPTIONS)
@@ -139,7 +145,7 @@ def stage_task(stage: str, cfg: PipelineConfig, upstream: dict[str, str], contex
     def run() -> dict:
         return stage_function(stage)(cfg, *_open(cfg, context)).to_dict()
 
-    inputs = {"params": _params(stage, cfg), "upstream": upstream}
+    inputs = {**_params(stage, cfg), "upstream": upstream}
     return _as_state(*cached_call("stage", stage, inputs, run, context))
 
 
@@ -154,7 +160,7 @@ def unit_task(
         paths, log = _open(cfg, context)
         return stage_module(stage).run_unit(cfg, paths, unit, log)  # type: ignore[no-any-return]
 
-    inputs = {"unit": unit, "params": _params(stage, cfg), "upstream": upstream}
+    inputs = {"unit": unit, **_params(stage, cfg), "upstream": upstream}
     return _as_state(*cached_call("unit", stage, inputs, run, context))
 
 
@@ -169,7 +175,7 @@ def merge_task(
         paths, log = _open(cfg, context)
         return stage_module(stage).merge(cfg, paths, log, unit_results).to_dict()  # type: ignore[no-any-return]
 
-    inputs = {"params": _params(stage, cfg), "upstream": upstream, "unit_files": unit_files}
+    inputs = {**_params(stage, cfg), "upstream": upstream, "unit_files": unit_files}
     return _as_state(*cached_call("merge", stage, inputs, run, context))
 
 
@@ -246,18 +252,18 @@ def run_stage_direct(stage: str, cfg: PipelineConfig, root: Path, paths: Paths, 
         return cached_call(kind, stage, inputs, fn, context)
 
     if not spec.mapped:
-        result, cached = cached_or("stage", {"params": params, "upstream": upstream},
+        result, cached = cached_or("stage", {**params, "upstream": upstream},
                                    lambda: stage_function(stage)(view, paths, log).to_dict())
     else:
         module = stage_module(stage)
         unit_results, cached = [], True
         for unit in module.units(view):
-            r, hit = cached_or("unit", {"unit": unit, "params": params, "upstream": upstream},
+            r, hit = cached_or("unit", {"unit": unit, **params, "upstream": upstream},
                                lambda unit=unit: module.run_unit(view, paths, unit, log))
             unit_results.append(r)
             cached &= hit
         unit_files = [r["files"] for r in unit_results]
-        result, hit = cached_or("merge", {"params": params, "upstream": upstream, "unit_files": unit_files},
+        result, hit = cached_or("merge", {**params, "upstream": upstream, "unit_files": unit_files},
                                 lambda: module.merge(view, paths, log, unit_results).to_dict())
         cached &= hit
     out = StageOutput.from_dict(result)
@@ -321,7 +327,7 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
         tracker.close_stale_runs(by=f"dsv run (pid {os.getpid()})")
         parent = tracker.start_run(run_name(cfg), tags={"params_file": str(params_path), "runner": "prefect",
                                                         "output_dir": str(paths.base), "dsv.kind": "pipeline",
-                                                        "dataset": cfg.prepare.data.name})
+                                                        "dataset": cfg.prepare.data.name, "device": device_of(cfg)})
         tracker.log_params_file(parent, cfg.to_dict())
     summary: dict[str, Any] = {
         "stages": {}, "mlflow_run_id": parent, "output_dir": str(paths.base),
@@ -348,7 +354,7 @@ def _pipeline(cfg: PipelineConfig, params_path: str, root_path: Path, paths: Pat
             if tracker is not None and run_id is not None:
                 tracker.log_params_file(run_id, cfg.sections(spec.sections))
                 log = tracker.log(run_id)
-                log.tags({"cached": str(cached).lower()})
+                log.tags({"cached": str(cached).lower(), "device": str(out.timings.get("device", "cpu"))})
                 from tasks.tracking import dvc_hashes
 
                 tracker.log_json(run_id, {"sha256": out.files, "dvc_md5": dvc_hashes(root_path, stage)},

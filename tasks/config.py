@@ -58,6 +58,7 @@ from tasks.plain import to_plain
 T = TypeVar("T")
 
 DEVICES = ("cpu", "cuda", "auto")
+CUDA_GRAPHS = ("auto", "on", "off")
 PROGRESS = ("auto", "on", "off")
 # Keys that moved or went away, and what to write instead (an old params file gets this, not a bare "unknown key").
 MOVED: dict[str, str] = {
@@ -77,10 +78,18 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where and how to run; never changes an artifact, so never part of a cache key.
+    """Where and how to run. None of it changes the science; only the resolved device changes the bits of an
+    artifact, so the device (never the rest of this section) is part of the cache key of the stages that compute
+    on it (``tasks.stages.DEVICE_STAGES``).
 
     Attributes:
-        device: "cpu", "cuda" or "auto" (cuda when available). Artifacts are bit-reproducible on CPU.
+        device: "auto" (cuda when ``torch.cuda.is_available()``, else cpu), "cpu" or "cuda". Artifacts are
+            bit-reproducible on CPU; on CUDA they agree with the CPU's within the spread of seeds, not bit for bit.
+            The resolved device is recorded in every stage's ``timings/<stage>.json``, its MLflow run (tag
+            ``device``) and the report.
+        cuda_graphs: on CUDA, replay each fixed-shape training step (teacher, judge, students) from a CUDA graph
+            captured once per training run: "auto" (= on when the device is cuda), "on" or "off". A step that
+            cannot be captured runs eagerly (``dsv.train.StepRunner``); ignored on the CPU.
         threads: torch intra-op threads; 0 keeps torch's default.
         output_dir: folder holding ``artifacts/`` and ``metrics/``, relative to the project root.
         mlflow_experiment: MLflow experiment name.
@@ -97,7 +106,8 @@ class RuntimeConfig:
             ``dvc status`` is clean and ``dvc repro`` reuses the run.
     """
 
-    device: str = "cpu"
+    device: str = "auto"
+    cuda_graphs: str = "auto"
     threads: int = 0
     output_dir: str = "."
     mlflow_experiment: str = "dsv"
@@ -114,6 +124,7 @@ class RuntimeConfig:
             raise ValueError(f"dask_address must be a scheduler address like 'tcp://host:8786' or null, "
                              f"got {self.dask_address!r}")
         one_of("device", self.device, DEVICES)
+        one_of("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS)
         if isinstance(self.progress, bool):  # YAML 1.1 reads an unquoted on/off as a boolean
             object.__setattr__(self, "progress", "on" if self.progress else "off")
         one_of("progress", str(self.progress), PROGRESS)

@@ -84,4 +84,5 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     log.figure(scatter_labeled(sums.tolist(), per_class_acc.tolist(), meta.classes, "Σλ of the class",
                                "teacher test accuracy", f"per-class Σλ vs accuracy (ρ = {rho:.3f})"),
                "coreset/sum_lambda_vs_acc.png")
-    return finish("coreset", cfg, paths, [paths.lambdas_parquet, paths.coreset_trace], metrics, started)
+    return finish("coreset", cfg, paths, [paths.lambdas_parquet, paths.coreset_trace], metrics, started,
+                  device=device)

@@ -39,7 +39,7 @@ from tasks.artifacts import (
 )
 from tasks.atomic import write_json
 from tasks.figures import image_grid
-from tasks.output import StageOutput, device_of, finish, hash_files
+from tasks.output import StageOutput, device_of, finish, graphs_of, hash_files
 from tasks.paths import Paths
 from tasks.plain import to_plain
 from tasks.progress import Bar
@@ -172,10 +172,13 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     bar = Bar(cfg.runtime.progress, protocol.n_runs * fit_cfg.steps if fit_cfg.steps else 0, f"distill {key}",
               unit="step")
 
+    done: dict[int, int] = {}  # steps finished per seed (students trained together report in turn)
+
     def on_fit(s: int, e: TrainEvent) -> None:
         log.metric(f"{key}/seed{s}/loss", e.loss, step=e.step)
+        done[s] = e.step
         bar.total(protocol.n_runs * e.total_steps)
-        bar.to(s * e.total_steps + e.step, seed=s, loss=e.loss)
+        bar.to(sum(done.values()), seed=s, loss=e.loss)
 
     def on_student(s: int, model: nn.Module, test: EvalResult) -> None:
         val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None
@@ -188,12 +191,14 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
             save_model(paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc), model.cpu(), spec)
 
     shape, c = meta.input_shape, meta.num_classes
-    train_students(x, y, x_test, y_test, teacher, protocol, shape, c, seeds, inp.device, on_fit, on_student)
+    graphs = graphs_of(cfg)
+    train_students(x, y, x_test, y_test, teacher, protocol, shape, c, seeds, inp.device, on_fit, on_student, graphs)
     bar.close()
     cross = cfg.distill.cross_model
     if cross is not None:  # the same sets, seeds and protocol on a second architecture
         cross_protocol = dataclasses.replace(protocol, model=cross)
-        other = train_students(x, y, x_test, y_test, teacher, cross_protocol, shape, c, seeds, inp.device)
+        other = train_students(x, y, x_test, y_test, teacher, cross_protocol, shape, c, seeds, inp.device,
+                               graphs=graphs)
         for run, res in zip(runs, other):
             run["cross_acc"] = res.accuracy
     cell = {
@@ -241,7 +246,8 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
             files += [paths.distill_student(u["method"], u["ipc"]), paths.distill_student_spec(u["method"], u["ipc"])]
         if u["method"] != "full":
             files.append(paths.distill_set(u["method"], u["ipc"]))
-    return finish("distill", cfg, paths, files, metrics, started, extra_seconds=sum(seconds.values()))
+    return finish("distill", cfg, paths, files, metrics, started, extra_seconds=sum(seconds.values()),
+                  device=device_of(cfg))
 
 
 def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:

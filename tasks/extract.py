@@ -280,7 +280,8 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
     shard_files = [f for j in jobs(cfg) for f in (paths.extract_shard(j.init, j.ipc, j.shard),
                                                    paths.extract_shard_trace(j.init, j.ipc, j.shard))]
     files = [*shard_files, paths.dsv_parquet, paths.extract_trace, paths.extract_trace_parquet]
-    return finish("extract", cfg, paths, files, metrics, started, extra_seconds=metrics["shard_seconds"])
+    return finish("extract", cfg, paths, files, metrics, started, extra_seconds=metrics["shard_seconds"],
+                  device=device_of(cfg))
 
 
 def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:

@@ -143,7 +143,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         log.figure(fig, f"generate/{name}.png")
     log.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return finish("generate", cfg, paths, [paths.generated_parquet, paths.generated, paths.generate_trace, *written],
-                  metrics, started)
+                  metrics, started, device=device)
 
 
 def class_pairs(pairs: tuple[tuple[int, int], ...] | None, num_classes: int) -> list[tuple[int, int]]:

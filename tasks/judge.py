@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from dsv.models import ModelConfig, build_seeded
 from dsv.train import TrainEvent, evaluate, fit
 from tasks.artifacts import load_split, read_data_meta, save_model
-from tasks.output import StageOutput, device_of, finish
+from tasks.output import StageOutput, device_of, finish, graphs_of
 from tasks.paths import Paths
 from tasks.plain import to_plain
 from tasks.progress import Bar
@@ -55,7 +55,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         bar.to(e.step, loss=e.loss)
 
     with bar:
-        fit(model, x, y, j.fit, seed=j.seed, callback=on_epoch)
+        fit(model, x, y, j.fit, seed=j.seed, callback=on_epoch, graphs=graphs_of(cfg))
     metrics = {
         "test_acc": evaluate(model, x_test, y_test, meta.num_classes).accuracy,
         "val_acc": evaluate(model, x_val, y_val, meta.num_classes).accuracy if y_val.numel() else float("nan"),
@@ -65,4 +65,4 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
                {"model": to_plain(arch), "in_shape": list(meta.input_shape), "num_classes": meta.num_classes,
                 "source": "trained"})
     log.metrics(metrics)
-    return finish("judge", cfg, paths, [paths.judge, paths.judge_spec], metrics, started)
+    return finish("judge", cfg, paths, [paths.judge, paths.judge_spec], metrics, started, device=device)

@@ -61,6 +61,7 @@ def finish(
     metrics: dict[str, Any],
     started: float,
     extra_seconds: float = 0.0,
+    device: str = "cpu",
 ) -> StageOutput:
     """Write the stage's resolved params, metrics and timings files, and hash its artifacts.
 
@@ -73,12 +74,14 @@ def finish(
             file, with ``wall_seconds`` added, so the DVC-tracked metrics file is the same on every run.
         started: ``time.perf_counter()`` at the stage's start.
         extra_seconds: time spent in the stage's units (shards, cells) before ``started``.
+        device: the device the stage computed on (:func:`device_of`), recorded in the timings file.
     """
     # One params section per stage, named after it (``evaluate`` reads none: an empty mapping)
     section = {stage: to_plain(getattr(cfg, stage))} if hasattr(cfg, stage) else {}
     resolved = write_text(paths.resolved_params(stage), dump_yaml(section))
     timings = {k: v for k, v in metrics.items() if is_timing(k)}
     timings["wall_seconds"] = round(time.perf_counter() - started + extra_seconds, 3)
+    timings["device"] = device
     metrics = {k: v for k, v in metrics.items() if not is_timing(k)}
     write_json(paths.metrics(stage), metrics)
     write_json(paths.timings(stage), timings)
@@ -91,11 +94,22 @@ def is_timing(key: str) -> bool:
 
 
 def device_of(cfg: PipelineConfig) -> str:
-    """The torch device named by ``runtime.device`` ("auto" = cuda when available)."""
+    """The torch device named by ``runtime.device`` ("auto" = cuda when available, else cpu)."""
+    return resolve_device(cfg.runtime.device)
+
+
+def resolve_device(device: str) -> str:
+    """"cpu" or "cuda" for a ``runtime.device`` value ("auto" = cuda when ``torch.cuda.is_available()``)."""
     import torch
 
-    if cfg.runtime.device == "auto":
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
-    return cfg.runtime.device
+    return device
+
+
+def graphs_of(cfg: PipelineConfig) -> bool:
+    """Whether training steps are replayed from CUDA graphs: ``runtime.cuda_graphs`` ("auto" = on for cuda)."""
+    mode = cfg.runtime.cuda_graphs
+    return mode == "on" or (mode == "auto" and device_of(cfg) == "cuda")

@@ -26,7 +26,7 @@ from dsv.train import TrainEvent, evaluate, fit
 from tasks.artifacts import load_split, read_data_meta, save_model
 from tasks.atomic import write_json
 from tasks.figures import curves
-from tasks.output import StageOutput, device_of, finish
+from tasks.output import StageOutput, device_of, finish, graphs_of
 from tasks.paths import Paths
 from tasks.plain import to_plain
 from tasks.progress import Bar
@@ -108,7 +108,8 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         log.figure(curves({"loss": ([r["step"] for r in curve], [r["loss"] for r in curve])}, "step", "loss",
                           "teacher training loss"), "pretrain/loss.png")
     log.model(model.cpu(), "teacher", x_test[:2].numpy())
-    return finish("pretrain", cfg, paths, [paths.teacher, paths.teacher_spec, paths.pretrain_curve], metrics, started)
+    return finish("pretrain", cfg, paths, [paths.teacher, paths.teacher_spec, paths.pretrain_curve], metrics, started,
+                  device=device)
 
 
 def _train(cfg: PipelineConfig, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, log: StageLog,
@@ -125,7 +126,7 @@ def _train(cfg: PipelineConfig, model: torch.nn.Module, x: torch.Tensor, y: torc
 
     started = time.perf_counter()
     with bar:
-        fit(model, x, y, p.fit, seed=p.seed, callback=on_epoch)
+        fit(model, x, y, p.fit, seed=p.seed, callback=on_epoch, graphs=graphs_of(cfg))
     return time.perf_counter() - started
 
 

@@ -213,6 +213,10 @@ def render(cfg: PipelineConfig, paths: Paths, run_url: str | None = None) -> str
         pre = read_json(paths.metrics("pretrain"))
         cert = (f"all parameters {pre['kkt_certificate']:.3g}, final layer {pre['kkt_certificate_last']:.3g}, "
                 f"free parameters {pre['kkt_certificate_free']:.3g}")
+    devices = []
+    for stage in STAGE_NAMES:
+        with contextlib.suppress(ArtifactError, AttributeError, TypeError):
+            devices.append(f"{stage} {read_json(paths.timings(stage)).get('device', 'cpu')}")
     params = html.escape(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
     link = f'<p>MLflow run: <a href="{html.escape(run_url)}">{html.escape(run_url)}</a> (start <code>dsv ui</code>)</p>' \
         if run_url else ""
@@ -225,6 +229,7 @@ written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
 {link}
 <h2>Summary</h2>
 <p>Teacher test accuracy: <b>{teacher}</b></p>
+<p>Computed on: {html.escape(", ".join(devices)) if devices else "n/a"}</p>
 <p>Teacher KKT certificate (relative stationarity residual at uniform λ = 1/(nω); 0 = a KKT point, where
 DeepKKT's stationarity condition can hold): {html.escape(cert)}</p>
 {per_class}

@@ -76,6 +76,9 @@ STAGES: dict[str, StageSpec] = {
     "evaluate": StageSpec("evaluate", ("prepare", "pretrain", "judge", "distill")),
 }
 assert tuple(STAGES) == STAGE_NAMES
+# Stages that compute on ``runtime.device``: the resolved device type is part of their cache key (flows.pipeline),
+# since CUDA and CPU results differ in their bits (not in their science); prepare and evaluate run on the CPU.
+DEVICE_STAGES: frozenset[str] = frozenset({"pretrain", "judge", "extract", "coreset", "distill", "generate"})
 assert all(spec.sections in ((), (name,)) for name, spec in STAGES.items())  # one section per stage
 
 

@@ -69,3 +69,32 @@ def test_external_inputs_follow_the_users_files(tmp_path: Path) -> None:
     assert external_inputs(cfg, "prepare") != first["prepare"]
     assert external_inputs(load_config(None, []), "pretrain") == {}
     assert os.path.exists(ckpt)
+
+
+def test_compute_stages_key_on_the_resolved_device() -> None:
+    """A result computed on one device never stands in for a run on another: the stages that compute on
+    runtime.device (exactly those whose module resolves it) carry the resolved device type in their key."""
+    import dataclasses
+
+    import torch
+
+    from flows.pipeline import _params
+    from tasks.config import PipelineConfig
+    from tasks.stages import DEVICE_STAGES, STAGES
+
+    root = Path(__file__).resolve().parents[2]
+    resolving = {s for s in STAGES if "device_of(cfg)" in (root / "tasks" / f"{s}.py").read_text()}
+    assert resolving == DEVICE_STAGES
+    cfg = PipelineConfig()
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cpu = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device="cpu"))
+    for stage in STAGES:
+        if stage in DEVICE_STAGES:
+            assert _params(stage, cfg)["device"] == expected  # auto: cuda when there is one
+            assert _params(stage, on_cpu)["device"] == "cpu"
+        else:
+            assert "device" not in _params(stage, cfg)
+        assert _params(stage, cfg)["params"] == cfg.sections(STAGES[stage].sections)
+    a = cache_key("stage", "src", "pretrain", **_params("pretrain", on_cpu), upstream={})
+    b = cache_key("stage", "src", "pretrain", **{**_params("pretrain", on_cpu), "device": "cuda"}, upstream={})
+    assert a != b

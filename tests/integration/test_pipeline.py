@@ -18,12 +18,15 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import torch
 
 from tests.integration.conftest import ROOT, TINY_DSV_ROWS, TINY_TRAIN, copy_project
 
 pytestmark = pytest.mark.slow
 
 STAGES = ("prepare", "pretrain", "judge", "extract", "coreset", "distill", "generate", "evaluate")
+DEVICE_STAGES = ("pretrain", "judge", "extract", "coreset", "distill", "generate")
+_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # runtime.device: auto
 
 
 def _stage_of(task_run_name: str) -> str:
@@ -123,7 +126,9 @@ def test_first_run_end_to_end(project: Path, first: dict) -> None:
     assert set(flat["acc"]) == {f"{r['method']}_ipc{r['ipc']}" for r in ev["rows"]}
     for stage in STAGES:
         assert "seconds" not in (project / f"metrics/{stage}.json").read_text()
-        assert "wall_seconds" in json.loads((project / f"timings/{stage}.json").read_text())
+        timings = json.loads((project / f"timings/{stage}.json").read_text())
+        assert "wall_seconds" in timings
+        assert timings["device"] == (_DEVICE if stage in DEVICE_STAGES else "cpu"), stage  # the resolved device
     assert (project / "artifacts/evaluate/results.md").read_text().count("| dd | hard |") == len(METHOD_NAMES)
     for stage in STAGES:
         assert (project / f"artifacts/{stage}/params.resolved.yaml").is_file()
@@ -160,6 +165,7 @@ def test_mlflow_has_parent_nested_runs_metrics_and_images(project: Path, first: 
     assert set(by_name) == set(STAGES)
     for stage, run in by_name.items():
         assert run.info.status == "FINISHED" and run.data.tags["cached"] == "false", stage
+        assert run.data.tags["device"] == (_DEVICE if stage in DEVICE_STAGES else "cpu"), stage
         assert not any(k.startswith("sha256.") for k in run.data.tags), stage
         assert "artifact_hashes.json" in [f.path for f in client.list_artifacts(run.info.run_id)], stage
     # One run per result cell, with its own params and metrics: MLflow's table ranks the methods.

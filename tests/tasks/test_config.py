@@ -234,3 +234,25 @@ def test_params_yaml_spells_out_the_section_defaults() -> None:
     # One place for the pipeline's defaults: the section dataclasses. params.yaml writes every one of them out
     # (the main job) and must not drift from them; the dsv components keep their own (the field's protocols).
     assert load_config(ROOT / "params.yaml") == PipelineConfig()
+
+
+def test_device_auto_is_the_default_and_resolves_to_cpu_without_cuda() -> None:
+    import torch
+
+    from tasks.output import device_of, graphs_of, resolve_device
+
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.runtime.device == "auto" and cfg.runtime.cuda_graphs == "auto"
+    assert cfg.distill.protocol.batched == "auto"
+    if torch.cuda.is_available():
+        assert device_of(cfg) == "cuda" and graphs_of(cfg)
+    else:
+        assert device_of(cfg) == resolve_device("auto") == "cpu"
+        assert not graphs_of(cfg)  # auto: graphs only on cuda
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match=r"runtime\.cuda_graphs = 'maybe' is not one of auto, on, off"):
+        load_config(ROOT / "params.yaml", ["runtime.cuda_graphs=maybe"])
+    with pytest.raises(ConfigError, match=r"distill\.protocol\.batched"):
+        load_config(ROOT / "params.yaml", ["distill.protocol.batched=sometimes"])
