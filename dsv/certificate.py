@@ -93,13 +93,19 @@ class Certificate:
 
 
 def full_batch_grad(
-    model: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor, batch_size: int = 128
+    model: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor, batch_size: int | None = None
 ) -> list[Tensor]:
     """∇_θ of the mean cross-entropy over all of (x, y), accumulated over batches (model in eval mode).
+
+    ``batch_size`` None: 128 on the CPU (the activations stay in cache), 1024 on an accelerator (a pass over
+    Fashion-MNIST in 58 rounds of kernel launches instead of 461); (x, y) are moved to the device once.
 
     Returns one tensor per parameter in ``params``, in the parameters' dtype.
     """
     device = params[0].device
+    if batch_size is None:
+        batch_size = 128 if device.type == "cpu" else 1024
+    x, y = x.to(device), y.to(device)
     acc = [torch.zeros_like(p) for p in params]
     n = x.shape[0]
     was = model.training
@@ -124,7 +130,7 @@ def kkt_certificate(
     weight_decay: float,
     params: list[nn.Parameter],
     subset: str = "all",
-    batch_size: int = 128,
+    batch_size: int | None = None,
 ) -> Certificate:
     """The relative stationarity residual of θ* at uniform λ = 1/(nω) (see the module docstring).
 
@@ -136,7 +142,8 @@ def kkt_certificate(
         params: the parameters θ to certify (see :func:`dsv.kkt.stationarity_params`).
         subset: the subset's name, recorded in the result.
         batch_size: samples per forward and backward (memory and speed only: 128 runs a CPU pass over
-            Fashion-MNIST ~1.6x faster than 1024, the activations staying in cache).
+            Fashion-MNIST ~1.6x faster than 1024, the activations staying in cache); None = 128 on the CPU,
+            1024 on an accelerator (:func:`full_batch_grad`).
 
     Raises:
         ValueError: when ``weight_decay`` is not > 0 or x is empty.
@@ -159,7 +166,7 @@ def kkt_certificates(
     y: Tensor,
     weight_decay: float,
     subsets: dict[str, list[nn.Parameter]],
-    batch_size: int = 128,
+    batch_size: int | None = None,
 ) -> dict[str, Certificate]:
     """:func:`kkt_certificate` for several parameter subsets from one pass over the training split."""
     if not weight_decay > 0:

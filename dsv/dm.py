@@ -23,7 +23,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from dsv.augment import AugmentConfig, augment, dsa_config
+from dsv.augment import AugmentConfig, augment, augment_groups, dsa_config
 from dsv.checks import at_least, positive
 from dsv.models import ModelConfig, build_seeded
 
@@ -140,6 +140,7 @@ def distribution_matching(
     num_classes = int(max(int(y_real.max()), int(y_syn.max()))) + 1
 
     g = torch.Generator().manual_seed(seed)
+    x_real = x_real.to(device)  # resident for the whole run: no per-iteration gather on the host
     x_syn = x_init.detach().clone().requires_grad_(True)
     opt = torch.optim.SGD([x_syn], lr=cfg.lr_img, momentum=cfg.momentum)
     losses: list[Tensor] = []
@@ -148,14 +149,14 @@ def distribution_matching(
         net.train()  # as in DM; the instance/group norms behave the same in both modes
         for p in net.parameters():
             p.requires_grad_(False)
-        real_batches, syn_batches = [], []
+        picks, aug_seeds = [], []
         for c in classes:
             pool = real_idx[c]
-            pick = pool[torch.randperm(pool.numel(), generator=g)[: cfg.batch_real]]
-            aug_seed = _seed(g)
-            # Same seed, per-batch parameters: identical transform on the real and synthetic images of c.
-            real_batches.append(augment(x_real[pick].to(device), cfg.augment, torch.Generator().manual_seed(aug_seed)))
-            syn_batches.append(augment(x_syn[syn_idx[c]], cfg.augment, torch.Generator().manual_seed(aug_seed)))
+            picks.append(pool[torch.randperm(pool.numel(), generator=g)[: cfg.batch_real]].to(device))
+            aug_seeds.append(_seed(g))
+        # Same seed, per-batch parameters: identical transform on the real and synthetic images of c.
+        real_batches, syn_batches = _augment_pairs(
+            [x_real[pick] for pick in picks], [x_syn[syn_idx[c]] for c in classes], aug_seeds, cfg.augment)
         embed = cast(Callable[[Tensor], Tensor], net.embed)  # every dsv model has .embed
         with torch.no_grad():
             emb_real = embed(torch.cat(real_batches))  # (Σ_c B_c, D)
@@ -174,3 +175,26 @@ def distribution_matching(
         if callback is not None and ((it + 1) % cfg.report_every == 0 or it + 1 == cfg.iterations):
             callback(DMEvent(iteration=it + 1, total=cfg.iterations, loss=float(loss.detach())))
     return DMResult(x=x_syn.detach(), y=y_init.clone(), losses=torch.stack(losses).cpu().tolist())
+
+
+def _augment_pairs(real: list[Tensor], syn: list[Tensor], seeds: list[int], cfg: AugmentConfig
+                   ) -> tuple[list[Tensor], list[Tensor]]:
+    """Augment each class's real and synthetic batch with the generator of its seed (both get the same draws).
+
+    With batch-wide draws (``per_sample`` off) that do not depend on the batch's size (no "noise" op), a class's
+    real and synthetic images are one batch to the augmentation, and when every class's batch has the same
+    size all classes go through :func:`dsv.augment.augment_groups` at once: the same images as two
+    ``augment`` calls per class, in one kernel per op.
+    """
+    def gen(seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
+    if cfg.per_sample or "noise" in cfg.ops:
+        return ([augment(r, cfg, gen(s)) for r, s in zip(real, seeds)],
+                [augment(x, cfg, gen(s)) for x, s in zip(syn, seeds)])
+    pairs = [torch.cat([r, x]) for r, x in zip(real, syn)]
+    if len({p.shape[0] for p in pairs}) == 1:
+        out = list(augment_groups(torch.cat(pairs), cfg, [gen(s) for s in seeds]).split(pairs[0].shape[0]))
+    else:
+        out = [augment(p, cfg, gen(s)) for p, s in zip(pairs, seeds)]
+    return [o[: r.shape[0]] for o, r in zip(out, real)], [o[r.shape[0] :] for o, r in zip(out, real)]

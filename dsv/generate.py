@@ -293,8 +293,8 @@ def generate_images(
                         kept = z.detach().clone()
                 opt.step()
                 with torch.no_grad():
-                    if done is not None:
-                        z[done] = kept[done]  # Adam's momentum would move a finished image on
+                    if done is not None:  # Adam's momentum would move a finished image on (no host sync here)
+                        z.copy_(torch.where(done.view(-1, *([1] * (z.dim() - 1))), kept, z))
                     if lo is not None and hi is not None:
                         z.copy_(torch.maximum(torch.minimum(z, hi), lo))
                     if stat_on:

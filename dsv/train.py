@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,6 +201,8 @@ class StepRunner:
                 loss = self.step(sx, sy)
         except Exception as exc:  # noqa: BLE001 - any capture failure: run eagerly instead
             self.graphs, self.error = False, f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+            warnings.warn(f"CUDA graph capture of the training step failed, running it eagerly: {self.error}",
+                          RuntimeWarning, stacklevel=2)
             return self.step(xb, yb)
         self.graph, self.static = graph, (sx, sy, loss)
         graph.replay()
