@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dsv.device import to_device
+
 # The ops of Algorithm 1's manifold term (paper, CIFAR-10 / ImageNet settings).
 KKT_OPS: tuple[str, ...] = ("translate", "crop", "flip", "noise")
 # The DSA set of the dataset-distillation benchmark (Zhao & Bilen 2021).
@@ -105,8 +107,8 @@ def draw_op(op: str, shape: Sequence[int], cfg: AugmentConfig, g: torch.Generato
     """The random parameters of one op for a batch of ``shape``, drawn on the CPU from ``g`` only.
 
     Returns a (k, n) tensor of uniform draws (k per op, n = B per sample or 1 for the batch), or for
-    "noise" the (B, C, H, W) gaussian noise. Moved to the images' device in one copy by :func:`apply_drawn`'s
-    callers, so a step on an accelerator makes no host round trip per draw.
+    "noise" the (B, C, H, W) gaussian noise. :func:`apply_op` moves it to the images' device in one copy that
+    does not wait for the device (:func:`dsv.device.to_device`): no host round trip per draw.
     """
     if op == "noise":
         return torch.randn(tuple(shape), generator=g)
@@ -169,7 +171,7 @@ def apply_drawn(op: str, x: Tensor, p: Tensor, cfg: AugmentConfig) -> Tensor:
 
 def apply_op(op: str, x: Tensor, cfg: AugmentConfig, g: torch.Generator) -> Tensor:
     """Apply one named op to (B, C, H, W) images with randomness from ``g``."""
-    return apply_drawn(op, x, draw_op(op, x.shape, cfg, g).to(x.device, non_blocking=True), cfg)
+    return apply_drawn(op, x, to_device(draw_op(op, x.shape, cfg, g), x.device), cfg)
 
 
 def augment(x: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
@@ -216,7 +218,7 @@ def augment_groups(x: Tensor, cfg: AugmentConfig, generators: Sequence[torch.Gen
     if not cfg.one_per_call:  # every op on every block; each block's draws in its own order
         draws = [[draw_op(op, shape, cfg, g) for op in cfg.ops] for g in generators]
         for j, op in enumerate(cfg.ops):
-            x = apply_drawn(op, x, _blocks([d[j] for d in draws], b).to(x.device, non_blocking=True), cfg)
+            x = apply_drawn(op, x, to_device(_blocks([d[j] for d in draws], b), x.device), cfg)
         return x
     chosen: list[str] = []
     params: list[Tensor] = []
@@ -226,12 +228,12 @@ def augment_groups(x: Tensor, cfg: AugmentConfig, generators: Sequence[torch.Gen
         params.append(draw_op(op, shape, cfg, g))
     ops = sorted(set(chosen), key=cfg.ops.index)
     if len(ops) == 1:
-        return apply_drawn(ops[0], x, _blocks(params, b).to(x.device, non_blocking=True), cfg)
+        return apply_drawn(ops[0], x, to_device(_blocks(params, b), x.device), cfg)
     out = torch.empty_like(x)
     for op in ops:
         members = [i for i, c in enumerate(chosen) if c == op]
-        rows = torch.cat([torch.arange(i * b, (i + 1) * b) for i in members]).to(x.device, non_blocking=True)
-        drawn = _blocks([params[i] for i in members], b).to(x.device, non_blocking=True)
+        rows = to_device(torch.cat([torch.arange(i * b, (i + 1) * b) for i in members]), x.device)
+        drawn = to_device(_blocks([params[i] for i in members], b), x.device)
         out.index_copy_(0, rows, apply_drawn(op, x.index_select(0, rows), drawn, cfg))
     return out
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from dsv.augment import augment_groups
+from dsv.device import to_device
 from dsv.train import (
     FitConfig,
     FitResult,
@@ -123,10 +124,10 @@ def fit_batched(
     results = [FitResult(model=m) for m in models]
     running = torch.zeros(s, device=device)
     count, step_i, cursor = 0, 0, 0
-    perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device, non_blocking=True)
+    perms = to_device(torch.stack([torch.randperm(n, generator=g) for g in gens]), device)
     while step_i < total:
         if cursor + bs > n:
-            perms, cursor = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device, non_blocking=True), 0
+            perms, cursor = to_device(torch.stack([torch.randperm(n, generator=g) for g in gens]), device), 0
         idx = perms[:, cursor : cursor + bs].reshape(-1)
         cursor += bs
         xb, yb = x.index_select(0, idx), y.index_select(0, idx)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from dsv.augment import AugmentConfig, augment, augment_groups, dsa_config
 from dsv.checks import at_least, positive
+from dsv.device import to_device
 from dsv.models import ModelConfig, build_seeded
 
 
@@ -152,8 +153,9 @@ def distribution_matching(
         picks, aug_seeds = [], []
         for c in classes:
             pool = real_idx[c]
-            picks.append(pool[torch.randperm(pool.numel(), generator=g)[: cfg.batch_real]].to(device))
+            picks.append(pool[torch.randperm(pool.numel(), generator=g)[: cfg.batch_real]])
             aug_seeds.append(_seed(g))
+        picks = list(to_device(torch.cat(picks), device).split([p.numel() for p in picks]))  # one copy
         # Same seed, per-batch parameters: identical transform on the real and synthetic images of c.
         real_batches, syn_batches = _augment_pairs(
             [x_real[pick] for pick in picks], [x_syn[syn_idx[c]] for c in classes], aug_seeds, cfg.augment)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from dsv.augment import AugmentConfig, augment, dsa_config
 from dsv.checks import at_least, one_of, positive
+from dsv.device import to_device
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "step", "cosine")
@@ -269,11 +270,11 @@ def fit(
     result = FitResult(model=model)
     running = torch.zeros((), device=device)  # summed on the device: no host sync inside the interval
     count, step_i = 0, 0
-    perm = torch.randperm(n, generator=g).to(device, non_blocking=True)
+    perm = to_device(torch.randperm(n, generator=g), device)
     cursor = 0
     while step_i < total:
         if cursor + bs > n:
-            perm, cursor = torch.randperm(n, generator=g).to(device, non_blocking=True), 0
+            perm, cursor = to_device(torch.randperm(n, generator=g), device), 0
         idx = perm[cursor : cursor + bs]
         cursor += bs
         xb, yb = x[idx], y[idx]
