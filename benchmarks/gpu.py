@@ -21,18 +21,18 @@ Writes ``benchmarks/results/gpu.json`` and ``gpu.md`` (``--out`` to change), aft
 short keeps what it measured. ``/proc/loadavg`` is recorded before and after each part.
 
 Usage:
-  python benchmarks/gpu.py                         # on the GPU machine: cuda, cuda_eager, cpu, micro (~4-5 min)
+  python benchmarks/gpu.py                         # on the GPU machine: cuda, micro, cpu, cuda_eager (<= ~5 min)
   python benchmarks/gpu.py --device cpu --tiny     # tiny params on the CPU (tests/test_gpu_benchmark.py, CI)
 
 On the lent GPU machine (Python 3.12, torch, numpy, scipy, pyarrow, matplotlib, scikit-learn, pyyaml, timm and
 safetensors are there; Prefect, MLflow, DVC, pydantic and ruamel are not), prepare the carried folder here once
 with ``bash benchmarks/gpu_prepare.sh`` (wheels of pydantic, pydantic_core, typing_inspection, annotated_types,
 typing_extensions, ruamel.yaml and pydot at this venv's versions for CPython 3.12, plus the four Fashion-MNIST
-IDX files; ~33 MB in ``.gpu/``, ignored by git), then run with ``carry: [".gpu"]``:
+IDX files; 33 MB in ``.gpu/``, ignored by git), then run with ``carry: [".gpu"]`` and ``timeout_s: 540``:
 
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/wheels/*.whl \
-    && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --data-root .gpu/data \
-    && cp benchmarks/results/gpu.json benchmarks/results/gpu.md $OUT/
+  set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .gpu/wheels/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --data-root .gpu/data \
+    2>&1 | tee $OUT/gpu.log; cp benchmarks/results/gpu.json benchmarks/results/gpu.md $OUT/
 """
 
 from __future__ import annotations
@@ -195,17 +195,13 @@ def _time_fn(fn: Any, device: str, repeats: int) -> float:
 
 
 def micro(params: Path, overrides: list[str], device: str, tiny: bool) -> dict[str, Any]:
-    """ms per student-step (looped vs batched, eager vs graphs) and the DeepKKT/train step ratio."""
+    """ms per student-step (looped vs batched, eager vs graphs) and the DeepKKT/train step ratio; a measurement
+    that fails is recorded as an error next to the others."""
     import dataclasses
 
     import torch
 
-    from dsv.batched import fit_batched
-    from dsv.extract import ExtractConfig
-    from dsv.kkt import kkt_objective, stationarity_params
-    from dsv.models import build_seeded
     from dsv.protocols import student_fit_config
-    from dsv.train import fit, soft_cross_entropy
     from tasks.config import load_config
 
     cfg = load_config(params, overrides)
@@ -213,8 +209,7 @@ def micro(params: Path, overrides: list[str], device: str, tiny: bool) -> dict[s
         torch.set_num_threads(cfg.runtime.threads)
     protocol = cfg.distill.protocol
     shape, classes = ((1, 8, 8), 10) if tiny else ((1, 28, 28), 10)
-    ipc = cfg.distill.ipcs[0]
-    n = ipc * classes
+    n = cfg.distill.ipcs[0] * classes  # a cell's training set
     steps = 6 if tiny else 300
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, *shape, generator=g)
@@ -224,39 +219,82 @@ def micro(params: Path, overrides: list[str], device: str, tiny: bool) -> dict[s
     everyone = max(cell, cell * len(cfg.distill.methods))
     out: dict[str, Any] = {"student_model": dataclasses.asdict(protocol.model), "n_train": n, "steps": steps,
                            "batch": min(fit_cfg.batch_size, n), "augment": fit_cfg.augment, "students_per_cell": cell,
-                           "students_in_main_job": everyone, "student_ms": {}}
-
-    def students(s: int) -> list[torch.nn.Module]:
-        return [build_seeded(protocol.model, shape, classes, seed).to(device) for seed in range(s)]
-
-    warm = dataclasses.replace(fit_cfg, steps=min(steps, 10))
+                           "students_in_main_job": everyone, "student_ms": {}, "errors": {}}
+    try:  # first: it does not depend on the students' code
+        out.update(_kkt_micro(cfg, x, y, shape, classes, device, tiny))
+    except Exception as exc:  # noqa: BLE001 - recorded, the other measurements go on
+        out["errors"]["kkt"] = f"{type(exc).__name__}: {exc}"
     for graphs in (False, True):
         if graphs and device != "cuda":
             continue
-        tag = "graphs" if graphs else "eager"
-        fit(students(1)[0], x, y, warm, seed=0, graphs=graphs)  # warm-up: kernels, allocator
-        model = students(1)[0]
-        t, one = _timed(lambda: fit(model, x, y, fit_cfg, seed=0, graphs=graphs), device)  # noqa: B023
-        out["student_ms"][f"looped_{tag}"] = round(1e3 * t / steps, 4)
-        out["student_ms"][f"looped_{tag}_captured"] = bool(one.graphed)
-        for s in sorted({cell, everyone}):
-            fit_batched(students(s), x, y, warm, list(range(s)), graphs=graphs)
-            models = students(s)
-            t, many = _timed(lambda: fit_batched(models, x, y, fit_cfg, list(range(s)), graphs=graphs),  # noqa: B023
-                             device)
-            out["student_ms"][f"batched{s}_{tag}"] = round(1e3 * t / (steps * s), 4)
-            out["student_ms"][f"batched{s}_{tag}_captured"] = bool(many[0].graphed)
-            if many[0].graph_error:
-                out["student_ms"][f"batched{s}_{tag}_error"] = many[0].graph_error
-        print(f"  students ({tag}): {out['student_ms']}", flush=True)
-    if device == "cuda":  # a graphed student equals the eager one (same kernels, replayed)
-        a, b = students(1)[0], students(1)[0]
-        fit(a, x, y, warm, seed=3)
-        fit(b, x, y, warm, seed=3, graphs=True)
-        out["graphs_vs_eager_max_weight_diff"] = max(float((p - q).abs().max()) for p, q in
-                                                     zip(a.parameters(), b.parameters()))
+        for s in (1, cell, everyone):
+            key = f"{'looped' if s == 1 else f'batched{s}'}_{'graphs' if graphs else 'eager'}"
+            if key in out["student_ms"]:
+                continue
+            try:
+                out["student_ms"].update(_student_micro(key, protocol, fit_cfg, x, y, shape, classes, s, graphs, device))
+            except Exception as exc:  # noqa: BLE001
+                out["errors"][key] = f"{type(exc).__name__}: {exc}"
+        print(f"  students: {out['student_ms']} {out['errors'] or ''}", flush=True)
+    if device == "cuda":  # a graphed student equals the eager one (the same kernels, replayed)
+        try:
+            from dsv.models import build_seeded
+            from dsv.train import fit
 
-    # DeepKKT step vs a training step of the teacher on the same K candidates (as benchmarks/perf.py defines them)
+            warm = dataclasses.replace(fit_cfg, steps=10)
+            a, b = (build_seeded(protocol.model, shape, classes, 0).to(device) for _ in range(2))
+            fit(a, x, y, warm, seed=3)
+            fit(b, x, y, warm, seed=3, graphs=True)
+            out["graphs_vs_eager_max_weight_diff"] = max(float((p - q).abs().max()) for p, q in
+                                                         zip(a.parameters(), b.parameters()))
+        except Exception as exc:  # noqa: BLE001
+            out["errors"]["graphs_vs_eager"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _student_micro(key: str, protocol: Any, fit_cfg: Any, x: Any, y: Any, shape: tuple[int, ...], classes: int,
+                   s: int, graphs: bool, device: str) -> dict[str, Any]:
+    """ms per student-step of ``s`` students: one ``fit`` (s = 1) or one ``fit_batched`` of s students."""
+    import dataclasses
+
+    from dsv.batched import fit_batched
+    from dsv.models import build_seeded
+    from dsv.train import fit
+
+    def students() -> list[Any]:
+        return [build_seeded(protocol.model, shape, classes, seed).to(device) for seed in range(s)]
+
+    warm = dataclasses.replace(fit_cfg, steps=min(fit_cfg.steps, 10))
+    if s == 1:
+        fit(students()[0], x, y, warm, seed=0, graphs=graphs)  # warm-up: kernels, allocator
+        model = students()[0]
+        t, res = _timed(lambda: fit(model, x, y, fit_cfg, seed=0, graphs=graphs), device)
+    else:
+        fit_batched(students(), x, y, warm, list(range(s)), graphs=graphs)
+        models = students()
+        t, many = _timed(lambda: fit_batched(models, x, y, fit_cfg, list(range(s)), graphs=graphs), device)
+        res = many[0]
+    out: dict[str, Any] = {key: round(1e3 * t / (fit_cfg.steps * s), 4), f"{key}_captured": bool(res.graphed)}
+    if res.graph_error:
+        out[f"{key}_error"] = res.graph_error
+    return out
+
+
+def _kkt_micro(cfg: Any, x: Any, y: Any, shape: tuple[int, ...], classes: int, device: str, tiny: bool
+               ) -> dict[str, Any]:
+    """The DeepKKT step of ``extract`` (objective, gradients w.r.t. x and λ, Adam, λ clamp) against a training step
+    of the same teacher on the same K candidates (forward, backward, Adam), as benchmarks/perf.py defines them;
+    medians of interleaved repeats."""
+    import dataclasses
+
+    import torch
+
+    from dsv.extract import ExtractConfig
+    from dsv.kkt import kkt_objective, stationarity_params
+    from dsv.models import build_seeded
+    from dsv.train import soft_cross_entropy
+
+    n = x.shape[0]
     solver: ExtractConfig = cfg.extract.solver
     teacher = build_seeded(cfg.pretrain.model, shape, classes, 0).to(device).eval()
     for p in teacher.parameters():
@@ -286,19 +324,18 @@ def micro(params: Path, overrides: list[str], device: str, tiny: bool) -> dict[s
         soft_cross_entropy(student(xt), yk).mean().backward()
         topt.step()
 
-    repeats = 5 if tiny else 50
     for fn in (kkt_step, train_step):
         for _ in range(3):
             fn()
     kkt_s, train_s = [], []
-    for _ in range(repeats):  # interleaved: load on the machine hits both alike
+    for _ in range(5 if tiny else 50):  # interleaved: load on the machine hits both alike
         kkt_s.append(_time_fn(kkt_step, device, 1))
         train_s.append(_time_fn(train_step, device, 1))
-    out["kkt_step_ms"] = round(1e3 * statistics.median(kkt_s), 4)
-    out["train_step_ms"] = round(1e3 * statistics.median(train_s), 4)
-    out["kkt_train_ratio"] = round(statistics.median(kkt_s) / statistics.median(train_s), 3)
-    out["kkt"] = {"candidates": n, "param_subset": solver.kkt.param_subset, "impl": solver.kkt.impl,
-                  "teacher": dataclasses.asdict(cfg.pretrain.model)}
+    out = {"kkt_step_ms": round(1e3 * statistics.median(kkt_s), 4),
+           "train_step_ms": round(1e3 * statistics.median(train_s), 4),
+           "kkt_train_ratio": round(statistics.median(kkt_s) / statistics.median(train_s), 3),
+           "kkt": {"candidates": n, "param_subset": solver.kkt.param_subset, "impl": solver.kkt.impl,
+                   "teacher": dataclasses.asdict(cfg.pretrain.model)}}
     print(f"  DeepKKT {out['kkt_step_ms']} ms, train {out['train_step_ms']} ms, ratio {out['kkt_train_ratio']}",
           flush=True)
     return out
@@ -350,6 +387,9 @@ def _checks(report: dict[str, Any]) -> dict[str, Any]:
     runs, micro_r = report["runs"], report.get("micro", {})
     out: dict[str, Any] = {}
     fast, cpu = runs.get("cuda", {}), runs.get("cpu", {})
+    if "error" in fast and "stage_sum_seconds" in runs.get("cuda_plain", {}):
+        fast = runs["cuda_plain"]
+        out["device_run"] = "cuda_plain (the shipped configuration failed)"
     if "stage_sum_seconds" in fast:
         out["stage_sum_cuda_s"] = fast["stage_sum_seconds"]
     if "stage_sum_seconds" in fast and "stage_sum_seconds" in cpu:
@@ -377,7 +417,7 @@ def _markdown(report: dict[str, Any]) -> str:
              f"{meta['python']} · commit {meta['commit']} · params {meta['params']}{' (tiny)' if meta['tiny'] else ''}",
              f"Written by `python benchmarks/gpu.py{' ' + ' '.join(meta['argv']) if meta['argv'] else ''}`; "
              f"load average at start {meta['loadavg_start']}, at end {report.get('loadavg_end', 'n/a')}.", ""]
-    names = [k for k in ("cuda", "cuda_eager", "cpu") if k in runs]
+    names = [k for k in ("cuda", "cuda_eager", "cuda_plain", "cpu") if k in runs]
     lines += ["## Stage wall times (s), in-process stage code, no Prefect/MLflow/DVC", "",
               "| stage | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     stages = next((list(r["stage_seconds"]) for r in runs.values() if "stage_seconds" in r), [])
@@ -412,9 +452,12 @@ def _markdown(report: dict[str, Any]) -> str:
             if isinstance(v, float):
                 cap = micro_r["student_ms"].get(f"{k}_captured")
                 lines.append(f"| {k}{' (graph captured)' if cap else ''} | {v:.3f} |")
-        lines += ["", f"DeepKKT step {micro_r['kkt_step_ms']:.3f} ms, training step {micro_r['train_step_ms']:.3f} ms "
-                  f"(same teacher, K = {micro_r['kkt']['candidates']}): ratio **{micro_r['kkt_train_ratio']:.2f}** "
-                  f"(θ = {micro_r['kkt']['param_subset']}, impl {micro_r['kkt']['impl']})."]
+        if "kkt_step_ms" in micro_r:
+            lines += ["", f"DeepKKT step {micro_r['kkt_step_ms']:.3f} ms, training step {micro_r['train_step_ms']:.3f} "
+                      f"ms (same teacher, K = {micro_r['kkt']['candidates']}): ratio **{micro_r['kkt_train_ratio']:.2f}**"
+                      f" (θ = {micro_r['kkt']['param_subset']}, impl {micro_r['kkt']['impl']})."]
+        if micro_r.get("errors"):
+            lines += ["", f"Failed measurements: {micro_r['errors']}"]
         if "graphs_vs_eager_max_weight_diff" in micro_r:
             lines.append(f"Graphed vs eager student after 10 steps: max weight difference "
                          f"{micro_r['graphs_vs_eager_max_weight_diff']:.3g}.")
@@ -441,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS), help="folder for gpu.json and gpu.md")
     ap.add_argument("--skip", action="append", default=[], choices=("cuda_eager", "cpu", "micro"),
                     help="leave a part out")
-    ap.add_argument("--budget-s", type=float, default=290.0, help="skip parts that would start after this")
+    ap.add_argument("--budget-s", type=float, default=300.0,
+                    help="wall budget: a part whose expected time does not fit in what is left is skipped")
     ap.add_argument("--set", action="append", help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=("stages", "micro"), help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -485,24 +529,28 @@ def main(argv: list[str] | None = None) -> int:
         (out / "gpu.md").write_text(_markdown(report))
 
     fast = [f"runtime.device={args.device}"]
-    parts: list[tuple[str, str, list[str], str]] = [
-        ("cuda", "stages", fast, args.device),
-        ("cpu", "stages", ["runtime.device=cpu"], "cpu"),
-        ("micro", "micro", fast, args.device),
-        ("cuda_eager", "stages", [*fast, "runtime.cuda_graphs=off"], args.device),
+    # (name, worker, overrides, device, expected seconds on one H200 machine: a part starts only if it fits)
+    parts: list[tuple[str, str, list[str], str, float]] = [
+        ("cuda", "stages", fast, args.device, 45.0),
+        ("micro", "micro", fast, args.device, 40.0),
+        ("cpu", "stages", ["runtime.device=cpu"], "cpu", 170.0),
+        ("cuda_eager", "stages", [*fast, "runtime.cuda_graphs=off"], args.device, 45.0),
     ]
-    for name, kind, overrides, device in parts:
+    for name, kind, overrides, device, expected in parts:
         if name in args.skip:
             continue
+        if name == "cuda_eager" and "error" in report["runs"].get("cuda", {}):
+            # the shipped CUDA configuration failed: measure the plain one (no graphs, students one by one)
+            name, overrides = "cuda_plain", [*fast, "runtime.cuda_graphs=off", "distill.protocol.batched=off"]
         if name == "cuda_eager" and args.device != "cuda" and not args.tiny:
             continue  # graphs are a CUDA matter
         left = args.budget_s - (time.perf_counter() - started)
-        if left < 20 and name not in ("cuda",):
-            print(f"{name}: skipped (budget: {left:.0f} s left)")
+        if not args.tiny and name != "cuda" and expected > left:
+            print(f"{name}: skipped (expected {expected:.0f} s, {left:.0f} s of the budget left)")
             report.setdefault("skipped", []).append(name)
             continue
         print(f"{name}: {kind} on {device} ({' '.join(overrides)})", flush=True)
-        result = _spawn(kind, params, base + overrides, device, args.tiny, work, timeout=max(left, 60.0))
+        result = _spawn(kind, params, base + overrides, device, args.tiny, work, timeout=max(left, 2 * expected))
         if kind == "micro":
             report["micro"] = result
         else:
