@@ -163,6 +163,21 @@ def _sides(shape: tuple[int, int], levels: int, min_side: int = 7) -> list[tuple
     return out
 
 
+def noise_start(n: int, in_shape: tuple[int, ...], cfg: GenerateConfig, generator: torch.Generator,
+                std: float = 1.0) -> Tensor:
+    """(n, *in_shape) noise starts whose coarsest level is white noise of std ``std``.
+
+    The noise is drawn on the coarsest grid of ``cfg`` and upsampled by nearest neighbour, so the area
+    downsampling at the start of :func:`generate_images` gives it back (exactly for integer factors). Noise drawn
+    at full resolution would be averaged down (std 1 → 0.25 for a 4× smaller grid): every sample would start
+    near the mean image.
+    """
+    full = (int(in_shape[-2]), int(in_shape[-1]))
+    coarse = _sides(full, cfg.levels, cfg.min_side)[0]
+    z = std * torch.randn((n, in_shape[0], *coarse), generator=generator)
+    return F.interpolate(z, size=full, mode="nearest") if coarse != full else z
+
+
 def _resize(z: Tensor, side: tuple[int, int]) -> Tensor:
     if tuple(z.shape[-2:]) == tuple(side):
         return z
@@ -324,11 +339,11 @@ def sample(
     noise_std: float = 1.0,
     callback: Callable[[dict[str, float]], None] | None = None,
 ) -> Generated:
-    """``per_class`` images of every class (class 0 first), from standard-normal noise scaled by
-    ``noise_std`` (or from ``x0``, e.g. natural-image crops)."""
+    """``per_class`` images of every class (class 0 first), from noise of std ``noise_std`` on the coarsest grid
+    (:func:`noise_start`) or from ``x0`` (e.g. natural-image crops)."""
     y = torch.arange(num_classes).repeat_interleave(per_class)
     if x0 is None:
-        x0 = noise_std * torch.randn((y.numel(), *in_shape), generator=torch.Generator().manual_seed(seed))
+        x0 = noise_start(y.numel(), in_shape, cfg, torch.Generator().manual_seed(seed), noise_std)
     return generate_images(teacher, x0, y, cfg, seed, pixel_bounds, callback)
 
 
@@ -352,7 +367,7 @@ def interpolate(
     from dsv.extract import soft_targets
 
     gen = torch.Generator().manual_seed(seed)
-    starts = noise_std * torch.randn((len(pairs), *in_shape), generator=gen)
+    starts = noise_start(len(pairs), in_shape, cfg, gen, noise_std)
     x0 = starts.repeat_interleave(len(deltas), dim=0)
     y = torch.stack([soft_targets(a, b, d, num_classes) for a, b in pairs for d in deltas])
     pair_idx = torch.arange(len(pairs)).repeat_interleave(len(deltas))

@@ -57,6 +57,8 @@ def rows_from_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         vals = [r["val_acc"] for r in c["runs"] if not math.isnan(r["val_acc"])]
         row["val_acc_mean"] = sum(vals) / len(vals) if vals else float("nan")
         row["n_train"] = int(c["n_train"])
+        row["per_class"] = c.get("per_class")
+        row["probe_acc"] = c.get("probe_acc")
         cross = [r["cross_acc"] for r in c["runs"] if r.get("cross_acc") is not None]
         if cross:
             row["cross_model"] = c.get("cross_model")
@@ -135,14 +137,24 @@ def judge_markdown(judged: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _images(r: dict[str, Any]) -> str:
+    """``n_train`` with the per-class counts when they are not all equal."""
+    per = r.get("per_class") or []
+    if not per or min(per) == max(per):
+        return str(r["n_train"])
+    return f"{r['n_train']} ({min(per)}-{max(per)} per class)"
+
+
 def markdown(teacher_acc: float, rows: list[dict[str, Any]]) -> str:
     """The results as a markdown table (accuracies in %), ranked within each IPC, the best in bold."""
     cross = any(r.get("cross_acc_mean") is not None for r in rows)
-    head = "| rank | method | IPC | shots | protocol | labels | test acc (%) | LRS (%) | runs | val acc (%) |"
-    sep = "|---:|---|---:|---:|---|---|---:|---:|---:|---:|"
+    protocols = sorted({f"{r['protocol']} ({r['label_type']} labels)" for r in rows})
+    head = "| rank | method | IPC | images | shots | test acc (%) | probe (%) | LRS (%) | runs | val acc (%) |"
+    sep = "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     if cross:
         head, sep = head + " second architecture (%) |", sep + "---:|"
-    lines = [f"Teacher test accuracy: {100 * teacher_acc:.2f}%", "", head, sep]
+    lines = [f"Teacher test accuracy: {100 * teacher_acc:.2f}%; student protocol: {', '.join(protocols)}", "",
+             head, sep]
     ordered = sorted(rows, key=lambda r: (r["method"] == "full", r["label_type"], r["ipc"],
                                           r["rank"] if r.get("rank") is not None else 1 << 30))
     for r in ordered:
@@ -152,13 +164,16 @@ def markdown(teacher_acc: float, rows: list[dict[str, Any]]) -> str:
             acc = _pct(r["acc_mean"], r["acc_std"])
             acc = f"**{acc}**" if r.get("best") else acc
         rank = "" if r.get("rank") is None else str(r["rank"])
-        line = (f"| {rank} | {r['method']} | {r['ipc']} | {r['shots']} | {r['protocol']} | {r['label_type']} | {acc} | "
-                f"{_pct(r.get('lrs_mean'), r.get('lrs_std'))} | {r['n_runs']} | {_pct(r.get('val_acc_mean'))} |")
+        line = (f"| {rank} | {r['method']} | {r['ipc']} | {_images(r)} | {r['shots']} | {acc} | "
+                f"{_pct(r.get('probe_acc'))} | {_pct(r.get('lrs_mean'), r.get('lrs_std'))} | {r['n_runs']} | "
+                f"{_pct(r.get('val_acc_mean'))} |")
         if cross:
             line += f" {_pct(r.get('cross_acc_mean'), r.get('cross_acc_std'))} |"
         lines.append(line)
     ref = next((r.get("lrs_reference") for r in rows if r.get("lrs_reference")), None)
-    lines += ["", "Mean ± population std over the student seeds; rank within each IPC (1 = best, in bold). LRS: "
+    lines += ["", "Mean ± population std over the student seeds; rank within each IPC (1 = best, in bold). images: the "
+              "training set's size (IPC × classes). shots: real training images per class the method saw. probe: "
+              "the teacher's final layer refitted on the set's teacher features (a linear probe). LRS: "
               "DD-Ranking's label-robust score against the random row of the same IPC and seeds (higher is better; "
               "26.89 = no gain over random and no gap to real data; real-data accuracy from "
               f"{'the full method' if ref == 'full' else 'the teacher'}). Wall times per cell: timings/distill.json."]
