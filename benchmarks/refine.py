@@ -45,20 +45,35 @@ from tasks.paths import Paths  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def variants(base: ExtractConfig) -> dict[str, ExtractConfig]:
-    """The solver variants, one factor at a time from ``base`` (the shipped solver)."""
-    kkt = base.kkt
-    return {
-        "paper η (η_s = η_p = 5)": dataclasses.replace(base, kkt=dataclasses.replace(kkt, eta_stat=5.0, eta_primal=5.0)),
-        "η_s = 0, η_p = 5": dataclasses.replace(base, kkt=dataclasses.replace(kkt, eta_stat=0.0, eta_primal=5.0)),
-        "η_s = 0, η_p = 5, 500 steps": dataclasses.replace(
-            base, steps=500, kkt=dataclasses.replace(kkt, eta_stat=0.0, eta_primal=5.0)),
-        "η_s = 0, η_p = 20": dataclasses.replace(base, kkt=dataclasses.replace(kkt, eta_stat=0.0, eta_primal=20.0)),
-        "η_s = 0, η_p = 0 (no augmented copy)": dataclasses.replace(
-            base, kkt=dataclasses.replace(kkt, eta_stat=0.0, eta_primal=0.0)),
-        "η_s = 0, no L_stat (β_stat = 0)": dataclasses.replace(
-            base, kkt=dataclasses.replace(kkt, eta_stat=0.0, eta_primal=5.0, beta_stat=0.0)),
-    }
+# The variants of the study, one factor at a time from the paper's η (η_s = η_p = 5): "name": "key=value,...",
+# keys of dsv.extract.ExtractConfig (kkt.* for the objective). ``--variant NAME=SPEC`` adds or replaces one.
+VARIANTS: dict[str, str] = {
+    "paper η (η_s = η_p = 5)": "",
+    "η_s = 0, η_p = 5": "kkt.eta_stat=0",
+    "η_s = 0, η_p = 5, 500 steps": "kkt.eta_stat=0,steps=500",
+    "η_s = 0, η_p = 20": "kkt.eta_stat=0,kkt.eta_primal=20",
+    "η_s = 0, η_p = 0 (no augmented copy)": "kkt.eta_stat=0,kkt.eta_primal=0",
+    "η_s = 0, no L_stat (β_stat = 0)": "kkt.eta_stat=0,kkt.beta_stat=0",
+    "η_s = 0, lr_x 0.03": "kkt.eta_stat=0,lr_x=0.03",
+    "η_s = 0, NNLS λ (l2)": "kkt.eta_stat=0,lam_solver=nnls,kkt.distance=l2",
+}
+
+
+def configure(base: ExtractConfig, spec: str) -> ExtractConfig:
+    """``base`` with the ``key=value`` pairs of ``spec`` (comma-separated; ``kkt.`` keys go to the objective)."""
+    top: dict[str, Any] = {}
+    kkt: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, _, raw = item.partition("=")
+        value: Any = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        (kkt if key.startswith("kkt.") else top)[key.removeprefix("kkt.")] = value
+    return dataclasses.replace(base, **top, kkt=dataclasses.replace(base.kkt, **{"eta_stat": 5.0, "eta_primal": 5.0, **kkt}))
 
 
 def _load(base: Path, device: str) -> dict[str, Any]:
@@ -92,9 +107,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     protocol = ProtocolConfig(name="paper", epochs=args.epochs, min_steps=args.min_steps, n_runs=args.students,
                               model=ModelConfig(name="convnet", width=args.width, depth=3))
     base = ExtractConfig(steps=args.steps, log_every=args.steps)
-    chosen = variants(base)
+    specs = {**VARIANTS, **dict(v.split("=", 1) for v in args.variant)}
     if args.variants:
-        chosen = {k: v for k, v in chosen.items() if any(s in k for s in args.variants)}
+        specs = {k: v for k, v in specs.items() if any(s in k for s in args.variants)}
+    chosen = {k: configure(base, v) for k, v in specs.items()}
     rows: list[dict[str, Any]] = []
 
     def row(**kw: Any) -> None:
@@ -173,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-steps", type=int, default=400)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--variants", nargs="*", default=[], help="substrings of the variant names to run (default all)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
+                    help="add a variant, e.g. 'η_s 20=kkt.eta_stat=20' (keys of ExtractConfig, kkt.* for the objective)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default=None, help="results file stem (default refine-<dataset>)")

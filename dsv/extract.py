@@ -61,6 +61,10 @@ class ExtractConfig:
             IPC·(1 + spare) are optimised); the IPC returned per class are chosen as :func:`extract` says.
         keep_by: how candidates with λ > 0 are ranked for the IPC returned per class: "support" (largest
             support score λ_i·‖∇_θ L_i‖, see :mod:`dsv.lam`) or "lambda" (largest λ, the paper's ranking).
+        target_mix: per-candidate targets (our addition, for candidates without real images): each candidate's
+            hard target y_i is optimised as (1 − δ_i)·e_{y_i} + δ_i·e_{c_i}, δ_i ~ U(0, ``target_mix``) and c_i a
+            random other class, drawn once, so the candidates of a class settle at different places; their label
+            stays y_i (< 0.5 keeps y_i the argmax). 0 = off; hard targets only.
         repair_steps: after the optimisation, a candidate the teacher does not classify as its target gets
             at most this many steps of plain cross-entropy descent on x alone (learning rate ``lr_x``),
             stopping as soon as it is (primal feasibility); 0 = no repair.
@@ -82,6 +86,7 @@ class ExtractConfig:
     lam_steps: int = 100
     spare: float = 0.0
     keep_by: str = "support"
+    target_mix: float = 0.0
     repair_steps: int = 100
     clamp_pixels: bool = True
     kkt: KKTConfig = field(default_factory=KKTConfig)
@@ -101,6 +106,8 @@ class ExtractConfig:
         at_least(self, 0, "spare", "repair_steps")
         at_least(self, 1, "log_every")
         positive(self, "max_lam_ratio")
+        if not 0.0 <= self.target_mix < 0.5:
+            raise ValueError(f"target_mix must be in [0, 0.5), got {self.target_mix}")
 
 
 @dataclass(frozen=True)
@@ -327,6 +334,10 @@ def extract(
         if cfg.kkt.param_subset == "all":
             _warn_invariant(model, x.detach()[:8])
         y = y0.to(device)
+        if cfg.target_mix > 0 and y0.dim() == 1:
+            with torch.no_grad():
+                num_classes = int(model(x.detach()[:1]).shape[1])
+            y = _mixed_targets(y0, cfg.target_mix, g, num_classes).to(device)
         scale = cfg.lam_init if cfg.lam_init is not None else best_uniform_lambda(model, x.detach(), y, cfg.kkt.param_subset)
         # u parameterises λ = scale·u (drop/clamp/nnls) or λ = scale·softplus(u) (softplus).
         u0 = 1.0 if cfg.dual != "softplus" or nnls else math.log(math.e - 1.0)
@@ -435,6 +446,15 @@ def extract(
             )
 
 
+def _mixed_targets(y0: Tensor, mix: float, g: torch.Generator, num_classes: int) -> Tensor:
+    """Hard targets (K,) as per-candidate soft targets (K, C) mixed toward a random other class (see
+    ``ExtractConfig.target_mix``)."""
+    delta = torch.rand(y0.shape[0], generator=g) * mix
+    other = (y0.cpu() + torch.randint(1, num_classes, (y0.shape[0],), generator=g)) % num_classes
+    eye = torch.eye(num_classes)
+    return ((1 - delta)[:, None] * eye[y0.cpu()] + delta[:, None] * eye[other]).to(y0.device)
+
+
 def _repair(model: nn.Module, x: Tensor, y: Tensor, hard: Tensor, cfg: ExtractConfig, lo: Tensor | None,
             hi: Tensor | None) -> int:
     """Move the candidates the teacher misclassifies into their target class, in place (primal feasibility).
@@ -522,4 +542,5 @@ def _trace_row(step: int, terms, y: Tensor, lam: Tensor) -> dict[str, float]:  #
         "survivors": float(lam.numel()),
         "lam_mean": float(lam.detach().mean()),
         "residual_l2": float(terms.residual),
+        "repel": float(terms.repel),
     }

@@ -55,7 +55,8 @@ GRAPH_BYTES_FACTOR = 5.0
 class KKTConfig:
     """Weights and variants of the DeepKKT objective (paper Eq. 9 / Algorithm 1).
 
-    L_kkt = L_stat + β1·L_primal;  L_total = L_kkt(x) + η_s·L_stat(A(x)) + η_p·β1·L_primal(A(x)) + β2·L_tv + β3·L_norm.
+    L_kkt = L_stat + β1·L_primal;  L_total = L_kkt(x) + η_s·L_stat(A(x)) + η_p·β1·L_primal(A(x)) + β2·L_tv + β3·L_norm
+    (+ β_r·L_repel, an addition of ours, off by default).
 
     The paper's single η weighs both terms on the augmented copy (η_s = η_p = η = 5). They are split here
     because they do different jobs: λ is fitted to the candidates x, so stationarity on A(x) pulls x's
@@ -78,6 +79,8 @@ class KKTConfig:
         beta_primal: β1. Paper: 2e-3 (CIFAR-10 distillation), 2e-5 (ImageNet generation).
         beta_tv: β2, total-variation prior. Paper: 0 (CIFAR-10), 40 (ImageNet).
         beta_norm: β3, squared-norm prior. Paper: 0 (CIFAR-10), 1e-6 (ImageNet).
+        beta_repel: weight of the within-class repulsion (:func:`repulsion`, our addition for candidates that
+            start without real images: without it the candidates of a class settle on one mode). 0 = off.
         eta_stat: η_s, weight of the stationarity term on the augmented candidates A(x). Paper: η = 5.
         eta_primal: η_p, weight of the primal term on A(x). Paper: η = 5.
         augment: the augmentation A; paper: translate 0.125, crop 0.2, flip 0.5, noise (0.01 likely).
@@ -98,6 +101,7 @@ class KKTConfig:
     beta_primal: float = 2e-3
     beta_tv: float = 0.0
     beta_norm: float = 0.0
+    beta_repel: float = 0.0
     eta_stat: float = 5.0
     eta_primal: float = 5.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -114,7 +118,7 @@ class KKTConfig:
         ):
             if val not in allowed:
                 raise ValueError(f"{key} = {val!r} is not one of {', '.join(allowed)}")
-        for key in ("beta_stat", "beta_primal", "beta_tv", "beta_norm", "eta_stat", "eta_primal", "chunk_size", "memory_budget_mb"):
+        for key in ("beta_stat", "beta_primal", "beta_tv", "beta_norm", "beta_repel", "eta_stat", "eta_primal", "chunk_size", "memory_budget_mb"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
 
@@ -259,6 +263,45 @@ def norm_loss(x: Tensor) -> Tensor:
     return x.flatten(1).pow(2).sum(dim=1).mean()
 
 
+def repulsion(features: Tensor, y: Tensor) -> Tensor:
+    """Within-class similarity of a batch of images, to be minimised: the mean pairwise cosine of their features
+    within each class, the features centred on the batch's (detached) mean feature. A contrastive repulsion in
+    the spirit of CMI (Fang et al. 2021): it pushes the images of one class apart in the network's feature space,
+    so they cannot all settle on the class's single most typical image. 0 when no class has two images.
+
+    Args:
+        features: (K, F) features, e.g. the input of the teacher's final layer (:class:`capture_features`).
+        y: (K,) int or (K, C) soft targets (argmax).
+    """
+    hard = target_classes(y)
+    f = features.flatten(1)
+    f = torch.nn.functional.normalize(f - f.mean(0, keepdim=True).detach(), dim=1)
+    same = (hard[:, None] == hard[None, :]) & ~torch.eye(hard.numel(), dtype=torch.bool, device=hard.device)
+    pairs = same.sum()
+    if int(pairs) == 0:
+        return f.new_zeros(())
+    return (f @ f.T)[same].sum() / pairs
+
+
+class capture_features:  # noqa: N801 (a context manager used like a function)
+    """Context: records the input of ``model``'s final linear layer (its penultimate features) on every forward;
+    ``.last`` is the latest, with its graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layer = final_linear(model)[1]
+        self.last: Tensor | None = None
+
+    def __enter__(self) -> capture_features:
+        self.handle = self.layer.register_forward_hook(self._hook)
+        return self
+
+    def _hook(self, _m: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
+        self.last = inputs[0]
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
 @dataclass(frozen=True)
 class KKTTerms:
     """Values of the objective's terms at one step (detached scalars and logits)."""
@@ -272,6 +315,7 @@ class KKTTerms:
     norm: Tensor
     logits: Tensor  # (K, C) on the un-augmented candidates
     residual: Tensor  # relative l2 stationarity residual on x, see relative_residual
+    repel: Tensor  # within-class repulsion of x (0 when beta_repel is 0)
 
 
 def kkt_objective(
@@ -311,8 +355,14 @@ def kkt_objective(
 
 
 def _augmented(x: Tensor, cfg: KKTConfig) -> bool:
-    """Whether the objective has terms on an augmented copy (images only)."""
+    """Whether the objective has KKT terms on an augmented copy (images only)."""
     return x.dim() == 4 and (cfg.eta_stat > 0 or cfg.eta_primal > 0)
+
+
+def _repels(x: Tensor, cfg: KKTConfig) -> bool:
+    """Whether the objective has the repulsion term; it is taken on the augmented copy (one per-sample draw per
+    candidate), so that even two identical candidates see different views and move apart."""
+    return cfg.beta_repel > 0
 
 
 def _kkt_one_shot(
@@ -332,25 +382,32 @@ def _kkt_one_shot(
         s = weighted_grad_sum(net, params, soft_cross_entropy(logits, y), lam, create_graph=True)
         return stationarity_distance(params, s, cfg.distance), s
 
+    zero = x.new_zeros(())
     logits = net(x)  # (K, C)
     stat, s = stationarity(logits)
     primal = primal_loss(logits, y, gated)
     total = cfg.beta_stat * stat + cfg.beta_primal * primal
-    zero = x.new_zeros(())
-    stat_a = primal_a = zero
-    if _augmented(x, cfg):
-        logits_a = net(augment(x, cfg.augment, generator))
+    stat_a = primal_a = rep = zero
+    if _augmented(x, cfg) or _repels(x, cfg):
+        xa = augment(x, cfg.augment, generator) if x.dim() == 4 else x
+        with capture_features(net) as cap:
+            logits_a = net(xa)
         if cfg.eta_stat > 0:
             stat_a, _ = stationarity(logits_a)
-        primal_a = primal_loss(logits_a, y, gated)
-        total = total + cfg.eta_stat * cfg.beta_stat * stat_a + cfg.eta_primal * cfg.beta_primal * primal_a
+        if _augmented(x, cfg):
+            primal_a = primal_loss(logits_a, y, gated)
+        if cfg.beta_repel > 0:
+            assert cap.last is not None
+            rep = repulsion(cap.last, y)
+        total = (total + cfg.eta_stat * cfg.beta_stat * stat_a + cfg.eta_primal * cfg.beta_primal * primal_a
+                 + cfg.beta_repel * rep)
     tv = tv_loss(x) if cfg.beta_tv > 0 else zero
     nrm = norm_loss(x) if cfg.beta_norm > 0 else zero
     total = total + cfg.beta_tv * tv + cfg.beta_norm * nrm
     terms = KKTTerms(
         total=total.detach(), stat=stat.detach(), primal=primal.detach(), stat_aug=stat_a.detach(),
         primal_aug=primal_a.detach(), tv=tv.detach(), norm=nrm.detach(), logits=logits.detach(),
-        residual=relative_residual(params, s),
+        residual=relative_residual(params, s), repel=rep.detach(),
     )
     return total, terms
 
@@ -385,8 +442,10 @@ def _kkt_chunked(
     # (inputs, weight of its stationarity term, weight of its primal term)
     copies: list[tuple[Tensor, float, float]] = [(xl, 1.0, 1.0)]
     xa_graph = None
-    if _augmented(x, cfg):
+    if (_augmented(x, cfg) or _repels(x, cfg)) and x.dim() == 4:
         xa_graph = augment(xl, cfg.augment, generator)  # (K, C, H, W), graph to xl
+    if _augmented(x, cfg):
+        assert xa_graph is not None
         copies.append((xa_graph.detach(), cfg.eta_stat, cfg.eta_primal))
 
     zero = x.new_zeros(())
@@ -442,29 +501,35 @@ def _kkt_chunked(
             if gl_c is not None:
                 grad_lam[a:b] += gl_c
     gx = grad_inputs[0]
-    if xa_graph is not None:
-        (ga,) = torch.autograd.grad(xa_graph, xl, grad_outputs=grad_inputs[1])
+    if len(copies) > 1:
+        assert xa_graph is not None
+        (ga,) = torch.autograd.grad(xa_graph, xl, grad_outputs=grad_inputs[1], retain_graph=True)
         gx = gx + ga
-    tv = nrm = zero
-    if cfg.beta_tv > 0 or cfg.beta_norm > 0:
+    tv = nrm = rep = zero
+    if cfg.beta_tv > 0 or cfg.beta_norm > 0 or cfg.beta_repel > 0:
         with torch.enable_grad():
             tv = tv_loss(xl) if cfg.beta_tv > 0 else zero
             nrm = norm_loss(xl) if cfg.beta_norm > 0 else zero
-            (gp,) = torch.autograd.grad(cfg.beta_tv * tv + cfg.beta_norm * nrm, xl)
+            if cfg.beta_repel > 0:  # pairwise over all candidates: one forward of the features, no double backward
+                with capture_features(net) as cap:
+                    net(xa_graph if xa_graph is not None else xl)
+                assert cap.last is not None
+                rep = repulsion(cap.last, y)
+            (gp,) = torch.autograd.grad(cfg.beta_tv * tv + cfg.beta_norm * nrm + cfg.beta_repel * rep, xl)
         gx = gx + gp
-        tv, nrm = tv.detach(), nrm.detach()
+        tv, nrm, rep = tv.detach(), nrm.detach(), rep.detach()
     stat, primal = stats[0], primals[0].detach()
-    stat_a, primal_a = (stats[1], primals[1].detach()) if xa_graph is not None else (zero, zero)
+    stat_a, primal_a = (stats[1], primals[1].detach()) if len(copies) > 1 else (zero, zero)
     value = cfg.beta_stat * stat + cfg.beta_primal * primal
-    if xa_graph is not None:
+    if len(copies) > 1:
         value = value + cfg.eta_stat * cfg.beta_stat * stat_a + cfg.eta_primal * cfg.beta_primal * primal_a
-    value = value + cfg.beta_tv * tv + cfg.beta_norm * nrm
+    value = value + cfg.beta_tv * tv + cfg.beta_norm * nrm + cfg.beta_repel * rep
     link = (x * gx).sum() + (lam * grad_lam).sum()  # carries the exact gradients back to x and λ
     total = link - link.detach() + value
     assert logits_x is not None
     terms = KKTTerms(
         total=value, stat=stat, primal=primal, stat_aug=stat_a, primal_aug=primal_a, tv=tv, norm=nrm,
-        logits=logits_x, residual=residual,
+        logits=logits_x, residual=residual, repel=rep,
     )
     return total, terms
 

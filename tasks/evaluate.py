@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dsv.judge import judge_score, matched_real
+from dsv.judge import judge_score, matched_real, nearest_distance
 from dsv.protocols import ResultRow, label_robust_score
 from tasks.artifacts import load_model, load_split, load_tensors, read_data_meta, read_json
 from tasks.atomic import write_json, write_text
@@ -114,6 +114,8 @@ def flat_metrics(teacher_acc: float, rows: list[dict[str, Any]], judged: list[di
     for j in judged or ():
         out.setdefault("judge_acc", {})[j["set"]] = j["judge_acc"]
         out.setdefault("frechet", {})[j["set"]] = j["frechet"]
+        if not math.isnan(j["intra_class_cos"]):  # undefined at one image per class
+            out.setdefault("diversity_cos", {})[j["set"]] = j["intra_class_cos"]
     return {k: v for k, v in out.items() if v != {}}
 
 
@@ -129,11 +131,16 @@ def judge_markdown(judged: list[dict[str, Any]]) -> str:
         return ""
     lines = ["", "Independent judge (stage `judge`, never the teacher) on each training set: accuracy on the intended",
              "class, mean confidence, Fréchet distance of its features to as many real test images of the same classes",
-             "(lower = closer to real; `real_test` is a second real draw, the floor at this size; `noise` the ceiling).",
-             "", "| set | IPC | images | judge acc (%) | judge conf | Fréchet |", "|---|---:|---:|---:|---:|---:|"]
+             "(lower = closer to real; `real_test` is a second real draw, the floor at this size; `noise` the ceiling);",
+             "diversity: the mean within-class cosine of its judge features, centred on the real images' mean (1 = each",
+             "class is copies of one image; `real` = the same for real images of those classes); nearest training image:",
+             "mean pixel distance (normalised units) to it (a copy of a training image has 0).",
+             "", "| set | IPC | images | judge acc (%) | judge conf | Fréchet | diversity (cos) | real (cos) | "
+             "nearest training image |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for j in sorted(judged, key=lambda j: (j["ipc"], j["frechet"])):
         lines.append(f"| {j['method']} | {j['ipc']} | {j['n']} | {100 * j['judge_acc']:.1f} | {j['judge_conf']:.3f} | "
-                     f"{j['frechet']:.1f} |")
+                     f"{j['frechet']:.1f} | {j['intra_class_cos']:.3f} | {j['real_intra_class_cos']:.3f} | "
+                     f"{j['nearest_train']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -190,6 +197,7 @@ def judge_sets(paths: Paths, rows: list[dict[str, Any]], seed: int = 0) -> list[
         return []
     judge = load_model(paths.judge, paths.judge_spec)
     x_test, y_test = load_split(paths.test, meta)
+    x_train, _ = load_split(paths.train, meta)
     mean, std = meta.stats()
     lo, hi = ((0.0 - mean) / std).view(1, -1, 1, 1), ((1.0 - mean) / std).view(1, -1, 1, 1)
     out: list[dict[str, Any]] = []
@@ -220,7 +228,9 @@ def judge_sets(paths: Paths, rows: list[dict[str, Any]], seed: int = 0) -> list[
             reference = x_test[matched_real(y, y_test, torch.Generator().manual_seed(seed + ipc))]
             s = judge_score(judge, x, y, reference)
             out.append({"set": name, "method": method, "ipc": ipc, "n": s.n, "judge_acc": s.acc,
-                        "judge_conf": s.conf, "frechet": s.frechet})
+                        "judge_conf": s.conf, "frechet": s.frechet, "intra_class_cos": s.intra_class_cos,
+                        "real_intra_class_cos": s.real_intra_class_cos,
+                        "nearest_train": float(nearest_distance(x, x_train).mean())})
     return out
 
 

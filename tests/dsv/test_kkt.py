@@ -154,3 +154,58 @@ def test_eta_stat_zero_leaves_x_gradient_free_of_augmented_stationarity() -> Non
 def test_tv_of_constant_image_is_zero() -> None:
     assert tv_loss(torch.ones(2, 1, 5, 5)).item() == 0.0
     assert tv_loss(torch.arange(25.0).view(1, 1, 5, 5)).item() > 0
+
+
+def test_repulsion_pushes_two_identical_candidates_apart() -> None:
+    from dsv.models import ModelConfig, build_seeded
+
+    model = build_seeded(ModelConfig(name="convnet_tiny"), (1, 8, 8), 3, seed=0).eval().double()
+    g = torch.Generator().manual_seed(0)
+    one = torch.randn(1, 1, 8, 8, generator=g, dtype=torch.float64)
+    x = torch.cat([one, one, torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)]).requires_grad_(True)
+    y = torch.tensor([0, 0, 1, 1])
+    lam = torch.ones(4, dtype=torch.float64)
+    params = stationarity_params(model, "last")
+    only = KKTConfig(param_subset="last", beta_stat=0.0, beta_primal=0.0, eta_stat=0.0, eta_primal=0.0)
+
+    def grad(cfg: KKTConfig) -> torch.Tensor:
+        total, terms = kkt_objective(model, params, x, y, lam, cfg, torch.Generator().manual_seed(1))
+        return torch.autograd.grad(total, [x], allow_unused=True)[0]
+
+    with_rep = grad(replace(only, beta_repel=1.0))
+    # the copies get different gradients (their augmented views differ), so one step separates them
+    assert (with_rep[0] - with_rep[1]).abs().max() > 1e-6
+    step = x.detach() - 0.5 * with_rep
+    assert (step[0] - step[1]).abs().max() > 1e-6
+    # ... and the step lowers their similarity in feature space
+    from dsv.kkt import capture_features, repulsion
+
+    def rep(v: torch.Tensor) -> float:
+        with capture_features(model) as cap:
+            model(v)
+        assert cap.last is not None
+        return float(repulsion(cap.last, y).detach())
+
+    assert rep(step) < rep(x.detach())
+    without = grad(only)
+    assert without is None or without.abs().max() == 0  # nothing else moves them in this objective
+
+
+def test_repulsion_chunked_matches_one_shot() -> None:
+    from dsv.models import ModelConfig, build_seeded
+
+    model = build_seeded(ModelConfig(name="convnet_tiny"), (1, 8, 8), 3, seed=0).eval().double()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    lam0 = torch.full((6,), 0.2, dtype=torch.float64)
+    params = stationarity_params(model, "last")
+    out = []
+    for chunk in (0, 2):
+        x, lam = x0.clone().requires_grad_(True), lam0.clone().requires_grad_(True)
+        cfg = KKTConfig(param_subset="last", beta_repel=0.7, chunk_size=chunk)
+        total, _ = kkt_objective(model, params, x, y, lam, cfg, torch.Generator().manual_seed(2))
+        out.append((total.detach(), *torch.autograd.grad(total, [x, lam])))
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-10)
+    assert torch.allclose(out[0][1], out[1][1], rtol=1e-8, atol=1e-12)
+    assert torch.allclose(out[0][2], out[1][2], rtol=1e-8, atol=1e-12)
