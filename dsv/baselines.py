@@ -9,6 +9,7 @@ Inputs by family:
 
 * ``random``: labels only.
 * ``herding``, ``kcenter``: features (N, D), e.g. the teacher's ``embed()`` of the training set.
+* ``kkt_herding``: features and logits of the teacher (herding after a KKT support filter).
 * ``forgetting``, ``el2n``: the normalised images (N, ...) and a :class:`ProxyConfig`; they train their
   own small proxy model(s) with :func:`dsv.train.fit`.
 * ``entropy``, ``least_confidence``, ``margin``: logits (N, C) of a trained model (e.g. the teacher).
@@ -146,6 +147,51 @@ def herding(features: Tensor, y: Tensor, k: int, num_classes: int) -> Tensor:
             picks.append(i)
         out.append(idx[torch.tensor(picks, dtype=torch.long)])
     return torch.cat(out).long()
+
+
+def uniform_support(features: Tensor, logits: Tensor, y: Tensor) -> Tensor:
+    """Each sample's support score at a KKT point of the final layer, up to the common factor λ.
+
+    At a stationary point of mean CE + (ω/2)‖θ‖² every λ_i equals 1/(nω) (uniform), so the support score
+    λ_i·‖∇_θ L_i‖ over the final layer (W, b) is proportional to ‖∇_{W,b} L_i‖ = ‖p_i − e_{y_i}‖₂·‖(h_i, 1)‖₂,
+    with h_i the layer's input (``features``) and p_i the softmax of ``logits``. Large = a high-loss sample far
+    out in feature space (what EL2N ranks first).
+
+    Returns:
+        (N,) float64 scores.
+    """
+    _check_rows("features", features, y.shape[0])
+    _check_rows("logits", logits, y.shape[0])
+    p = logits.detach().cpu().double().softmax(dim=1)
+    err = (p - F.one_hot(y.cpu().long(), p.shape[1]).double()).norm(dim=1)
+    h = features.detach().cpu().double().flatten(1)
+    return err * (h.pow(2).sum(dim=1) + 1.0).sqrt()
+
+
+KKT_FILTER = 0.2
+
+
+def kkt_herding(features: Tensor, logits: Tensor, y: Tensor, k: int, num_classes: int, drop: float = KKT_FILTER
+                ) -> Tensor:
+    """Herding among the samples that support the teacher least: a KKT-filtered core-set.
+
+    Within each class the fraction ``drop`` of samples with the largest support score
+    (:func:`uniform_support`: the highest-loss, least typical samples, which a student trained from scratch
+    on a handful of images learns least from) is set aside, then :func:`herding` picks ``k`` from the rest,
+    matching the mean feature of the rest. ``drop = 0`` is herding.
+
+    Returns:
+        (C * k,) int64 indices, class 0 first, in greedy order within a class.
+    """
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"drop must be in [0, 1), got {drop}")
+    support = uniform_support(features, logits, y)
+    keep = torch.zeros(y.shape[0], dtype=torch.bool)
+    for idx in _class_members(y, k, num_classes):
+        n_keep = max(k, idx.numel() - int(drop * idx.numel()))
+        keep[idx[support[idx].argsort(stable=True)[:n_keep]]] = True
+    kept = keep.nonzero(as_tuple=True)[0]
+    return kept[herding(features[kept.to(features.device)], y.cpu()[kept], k, num_classes)]
 
 
 def kcenter_greedy(features: Tensor, y: Tensor, k: int, num_classes: int) -> Tensor:
@@ -329,6 +375,12 @@ def _sel_features(method: str) -> Selector:
     return run
 
 
+def _sel_kkt_herding(*, y: Tensor, k: int, num_classes: int, features: Tensor | None = None,
+                     logits: Tensor | None = None, **_: object) -> Tensor:
+    assert features is not None and logits is not None
+    return kkt_herding(features, logits, y, k, num_classes)
+
+
 def _sel_dynamics(method: str) -> Selector:
     fn = forgetting_scores if method == "forgetting" else el2n_scores
 
@@ -367,6 +419,7 @@ SELECTORS: dict[str, Selector] = {
     "random": _sel_random,
     "herding": _sel_features("herding"),
     "kcenter": _sel_features("kcenter"),
+    "kkt_herding": _sel_kkt_herding,
     "forgetting": _sel_dynamics("forgetting"),
     "el2n": _sel_dynamics("el2n"),
     "entropy": _sel_uncertainty("entropy"),
@@ -376,7 +429,8 @@ SELECTORS: dict[str, Selector] = {
 # The inputs of select() beyond the labels that each selector needs: the one place that knows, so a caller can
 # compute only those (``tasks.distill`` does, lazily).
 SELECTOR_INPUTS: dict[str, tuple[str, ...]] = {
-    "random": (), "herding": ("features",), "kcenter": ("features",), "forgetting": ("x",), "el2n": ("x",),
+    "random": (), "herding": ("features",), "kcenter": ("features",), "kkt_herding": ("features", "logits"),
+    "forgetting": ("x",), "el2n": ("x",),
     "entropy": ("logits",), "least_confidence": ("logits",), "margin": ("logits",),
 }
 assert set(SELECTOR_INPUTS) == set(SELECTORS)

@@ -18,16 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsv.baselines import SELECTOR_INPUTS, SELECTORS, random_select
 from dsv.certificate import scale_invariant_names
 from dsv.checks import at_least, one_of, positive
-from dsv.data.core import per_class_indices
 from dsv.kkt import KKTConfig, kkt_objective, soft_cross_entropy, stationarity_params, weighted_grad_sum
 from dsv.lam import margins, per_sample_grads, solve_nnls
 
 DUALS = ("drop", "clamp", "softplus")
 LAM_SOLVERS = ("adam", "nnls")
 KEEP_BY = ("support", "lambda")
-INITS = ("nshot", "0shot", "noise")
+# Real images picked by a core-set selector of dsv.baselines that works on the teacher's features (and logits);
+# "random" is not among them: "nshot" is that draw.
+SELECTOR_INITS: tuple[str, ...] = ("herding", "kcenter", "kkt_herding")
+INITS: tuple[str, ...] = ("nshot", "0shot", "noise", *SELECTOR_INITS)
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -55,9 +58,16 @@ class ExtractConfig:
         lam_every: steps between two NNLS solves ("nnls" only).
         lam_steps: iterations of one NNLS solve ("nnls" only).
         spare: extra candidates per class as a multiple of IPC (used by :func:`init_candidates`:
-            IPC·(1 + spare) are optimised); survivors beyond IPC are trimmed by ``keep_by``.
-        keep_by: how survivors beyond IPC are chosen: "support" (largest support score λ_i·‖∇_θ L_i‖,
-            see :mod:`dsv.lam`) or "lambda" (largest λ, the paper's ranking).
+            IPC·(1 + spare) are optimised); the IPC returned per class are chosen as :func:`extract` says.
+        keep_by: how candidates with λ > 0 are ranked for the IPC returned per class: "support" (largest
+            support score λ_i·‖∇_θ L_i‖, see :mod:`dsv.lam`) or "lambda" (largest λ, the paper's ranking).
+        target_mix: per-candidate targets (our addition, for candidates without real images): each candidate's
+            hard target y_i is optimised as (1 − δ_i)·e_{y_i} + δ_i·e_{c_i}, δ_i ~ U(0, ``target_mix``) and c_i a
+            random other class, drawn once, so the candidates of a class settle at different places; their label
+            stays y_i (< 0.5 keeps y_i the argmax). 0 = off; hard targets only.
+        repair_steps: after the optimisation, a candidate the teacher does not classify as its target gets
+            at most this many steps of plain cross-entropy descent on x alone (learning rate ``lr_x``),
+            stopping as soon as it is (primal feasibility); 0 = no repair.
         clamp_pixels: keep candidates inside the valid pixel range [0, 1] (mapped to normalised space).
         kkt: the objective's weights and variants.
         log_every: trace interval in steps.
@@ -76,6 +86,8 @@ class ExtractConfig:
     lam_steps: int = 100
     spare: float = 0.0
     keep_by: str = "support"
+    target_mix: float = 0.0
+    repair_steps: int = 100
     clamp_pixels: bool = True
     kkt: KKTConfig = field(default_factory=KKTConfig)
     log_every: int = 10
@@ -91,8 +103,11 @@ class ExtractConfig:
         one_of("lam_solver", self.lam_solver, LAM_SOLVERS)
         one_of("keep_by", self.keep_by, KEEP_BY)
         at_least(self, 1, "lam_every", "lam_steps")
-        at_least(self, 0, "spare")
+        at_least(self, 0, "spare", "repair_steps")
         at_least(self, 1, "log_every")
+        positive(self, "max_lam_ratio")
+        if not 0.0 <= self.target_mix < 0.5:
+            raise ValueError(f"target_mix must be in [0, 0.5), got {self.target_mix}")
 
 
 @dataclass(frozen=True)
@@ -106,21 +121,26 @@ class ExtractEvent:
 
 @dataclass
 class DSVResult:
-    """The deep support vectors that survived, with diagnostics.
+    """The deep support vectors, with diagnostics (see :func:`extract` for how they are chosen).
 
     Attributes:
         x: (M, C, H, W) DSVs in normalised input space.
         y: (M,) int targets or (M, C) soft targets.
-        lam: (M,) multipliers λ (> 0 unless the caller asked to keep λ = 0 candidates).
+        lam: (M,) multipliers λ (≥ 0; 0 for a candidate that filled a class's place without supporting θ*).
         support: (M,) support scores λ_i·‖∇_θ L_i‖ (θ = the stationarity subset).
         margin: (M,) teacher margin towards the (hard) target: its logit minus the largest other.
         probs: (M, C) teacher probabilities.
         entropy: (M,) teacher prediction entropy (nats).
-        source_index: (M,) index of each survivor in the initial candidate tensor.
-        survivors_per_class: candidates left per (hard) target class, after trimming.
-        dropped: candidates removed by the dual rule ("drop") or, at the end, for λ = 0.
-        trace: one dict per logged step (step, loss, stat, primal, stat_aug, tv, norm, entropy,
-            acc_target, survivors, lam_mean, residual_rel).
+        source_index: (M,) index of each DSV in the initial candidate tensor.
+        per_class: DSVs returned per (hard) target class.
+        dropped: candidates the paper's dual rule ("drop") discarded during the optimisation.
+        lambda_zero: returned DSVs with λ = 0 (or dropped by the dual rule): they fill their class's places
+            because fewer candidates than asked for ended with λ > 0.
+        repaired: candidates the final primal repair moved into their target class.
+        infeasible: returned DSVs the teacher still does not classify as their target (0 unless the repair
+            failed and the class had no feasible candidate left).
+        trace: one dict per logged step (step, loss, stat, primal, stat_aug, primal_aug, tv, norm, entropy,
+            acc_target, survivors, lam_mean, residual_l2).
         lam_scale: the λ scale s used.
         dual: the dual rule used ("drop" is the paper's).
     """
@@ -133,8 +153,11 @@ class DSVResult:
     support: Tensor
     margin: Tensor
     source_index: Tensor
-    survivors_per_class: list[int]
+    per_class: list[int]
     dropped: int
+    lambda_zero: int
+    repaired: int
+    infeasible: int
     trace: list[dict[str, float]]
     lam_scale: float
     dual: str
@@ -165,28 +188,43 @@ def init_candidates(
     real_x: Tensor | None = None,
     real_y: Tensor | None = None,
     other_x: Tensor | None = None,
+    features: Tensor | None = None,
+    logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Initial candidates, ``per_class`` of each class, class 0 first.
 
     Args:
-        kind: "nshot" (one real image per candidate, from ``real_x``/``real_y``), "0shot" (images of
-            another dataset ``other_x``, already shaped like ``in_shape`` and normalised; no real image
-            of the task is used) or "noise" (standard normal in normalised space).
-        per_class: candidates per class (IPC·(1 + spare), rounded up).
+        kind: "nshot" (a random draw of real images: :func:`dsv.baselines.random_select`, so the same
+            generator seed gives the random core-set's images), a selector of :data:`SELECTOR_INITS` (the
+            real images that core-set method picks, e.g. "herding": DSVs refine the best selection), "0shot"
+            (images of another dataset ``other_x``, already shaped like ``in_shape`` and normalised; no real
+            image of the task is used) or "noise" (standard normal in normalised space).
+        per_class: candidates per class (IPC·(1 + spare), rounded up). A selector's first IPC picks are
+            its IPC-image core-set (greedy and random orders are prefix-stable).
         num_classes: C.
         in_shape: (C, H, W) of one input.
         generator: the only source of randomness.
-        real_x, real_y: the real pool for "nshot" (normalised).
+        real_x, real_y: the real pool for "nshot" and the selectors (normalised).
         other_x: the foreign pool for "0shot" (normalised, shape (N, *in_shape)).
+        features, logits: the teacher's (N, D) features / (N, C) logits of ``real_x``, for the selectors
+            that need them (:data:`dsv.baselines.SELECTOR_INPUTS`).
 
     Returns:
         (x0 (K, *in_shape), y0 (K,) int64), K = per_class·C.
     """
     y0 = torch.arange(num_classes).repeat_interleave(per_class)
-    if kind == "nshot":
+    if kind == "nshot" or kind in SELECTOR_INITS:
         if real_x is None or real_y is None:
-            raise ValueError("init 'nshot' needs real images (real_x, real_y)")
-        idx = per_class_indices(real_y, per_class, num_classes, generator)
+            raise ValueError(f"init {kind!r} needs real images (real_x, real_y)")
+        if kind == "nshot":
+            idx = random_select(real_y, per_class, num_classes, generator)
+        else:
+            given = {"features": features, "logits": logits}
+            missing = [n for n in SELECTOR_INPUTS[kind] if given[n] is None]
+            if missing:
+                raise ValueError(f"init {kind!r} needs the teacher's {' and '.join(missing)} of the real images")
+            idx = SELECTORS[kind](y=real_y.cpu(), k=per_class, num_classes=num_classes, generator=generator,
+                                  features=features, logits=logits)
         return real_x[idx].clone(), real_y[idx].clone()
     if kind == "0shot":
         if other_x is None:
@@ -255,9 +293,15 @@ def extract(
     callback: Callable[[ExtractEvent], None] | None = None,
     pixel_bounds: tuple[Tensor, Tensor] | None = None,
     keep_per_class: int | None = None,
-    keep_zero_lambda: bool = False,
 ) -> DSVResult:
-    """Optimise candidates and λ under the DeepKKT objective (Algorithm 1).
+    """Optimise candidates and λ under the DeepKKT objective (Algorithm 1), then return IPC DSVs per class.
+
+    After the optimisation, every candidate the teacher does not classify as its target is repaired
+    (``cfg.repair_steps``). Each class then returns ``keep_per_class`` candidates (all when None), chosen in
+    this order: feasible candidates with λ > 0 by ``cfg.keep_by``; then feasible candidates with λ = 0 (or
+    dropped by the paper's dual rule) by the teacher's margin; then infeasible ones by margin. So a class is
+    never emptied and a distilled set always has IPC images per class; how many places were filled by
+    λ = 0 candidates is reported (``lambda_zero``), as the paper asks for the survivors.
 
     Args:
         teacher: trained classifier Φ(·; θ*); never updated (its parameters are bit-identical after).
@@ -269,9 +313,7 @@ def extract(
         pixel_bounds: per-channel (per-feature for (K, D) inputs) (lo, hi) of the valid range in normalised
             space, shape (C,) or (D,) each;
             used when ``cfg.clamp_pixels``.
-        keep_per_class: trim survivors to at most this many per class (by ``cfg.keep_by``); None keeps all.
-        keep_zero_lambda: also return candidates whose λ ended at 0 (generation and editing, where the
-            image is the product); by default a candidate with λ = 0 supports nothing and is not a DSV.
+        keep_per_class: DSVs returned per class (at most the candidates of that class); None returns all.
 
     Returns:
         :class:`DSVResult`.
@@ -285,7 +327,6 @@ def extract(
     device = next(teacher.parameters()).device
     g = torch.Generator().manual_seed(seed)
     k = x0.shape[0]
-    num_classes_hint = int(y0.shape[1]) if y0.dim() == 2 else None
     nnls = cfg.lam_solver == "nnls"
     with _FrozenTeacher(teacher) as model:
         x = x0.detach().clone().to(device=device, dtype=next(teacher.parameters()).dtype).requires_grad_(True)
@@ -293,6 +334,10 @@ def extract(
         if cfg.kkt.param_subset == "all":
             _warn_invariant(model, x.detach()[:8])
         y = y0.to(device)
+        if cfg.target_mix > 0 and y0.dim() == 1:
+            with torch.no_grad():
+                num_classes = int(model(x.detach()[:1]).shape[1])
+            y = _mixed_targets(y0, cfg.target_mix, g, num_classes).to(device)
         scale = cfg.lam_init if cfg.lam_init is not None else best_uniform_lambda(model, x.detach(), y, cfg.kkt.param_subset)
         # u parameterises λ = scale·u (drop/clamp/nnls) or λ = scale·softplus(u) (softplus).
         u0 = 1.0 if cfg.dual != "softplus" or nnls else math.log(math.e - 1.0)
@@ -304,7 +349,6 @@ def extract(
         if cfg.clamp_pixels and pixel_bounds is not None:
             lo = pixel_bounds[0].to(device).view(1, -1, *([1] * (x.dim() - 2)))
             hi = pixel_bounds[1].to(device).view(1, -1, *([1] * (x.dim() - 2)))
-        d0 = _distance_at_zero(params, cfg.kkt.distance)
         theta = torch.cat([p.detach().flatten() for p in params])
         trace: list[dict[str, float]] = []
         last_finite = float("nan")
@@ -333,7 +377,7 @@ def extract(
                         f"non-finite DeepKKT loss ({loss_val}) at step {step}; {_last_finite(last_finite)}"
                     )
                 last_finite = loss_val
-                row = _trace_row(step, terms, ys, lams, d0)
+                row = _trace_row(step, terms, ys, lams)
                 trace.append(row)
                 if callback is not None:
                     callback(ExtractEvent(step=step, total_steps=cfg.steps, metrics=row))
@@ -362,37 +406,101 @@ def extract(
                         f"{cfg.max_lam_ratio:g}; {_last_finite(last_finite)}"
                     )
         with torch.no_grad():
-            lam_all = scale * (F.softplus(u) if softplus else u)
-            if not keep_zero_lambda:
-                alive &= lam_all > 0
-            idx = alive.nonzero(as_tuple=True)[0]
-            hard = (y0.argmax(1) if y0.dim() == 2 else y0).to(device)
-            logits_all = model(x.detach())
+            lam_all = (scale * (F.softplus(u) if softplus else u)).clamp_min(0) * alive
+        hard = (y0.argmax(1) if y0.dim() == 2 else y0).to(device)
+        xf = x.detach()
+        repaired = _repair(model, xf, y, hard, cfg, lo, hi)
+        with torch.no_grad():
+            logits_all = model(xf)
+            feasible = logits_all.argmax(1) == hard
+            margin_all = margins(logits_all, hard)
+            positive_idx = (lam_all > 0).nonzero(as_tuple=True)[0]
             gnorm = torch.zeros(k, dtype=x.dtype, device=device)
-            if idx.numel():
-                gm = per_sample_grads(model, x.detach()[idx], y[idx], cfg.kkt.param_subset, chunk=256)
-                gnorm[idx] = gm.norm(dim=1)
+            if positive_idx.numel():
+                gm = per_sample_grads(model, xf[positive_idx], y[positive_idx], cfg.kkt.param_subset, chunk=256)
+                gnorm[positive_idx] = gm.norm(dim=1)
             support = lam_all * gnorm
-            if keep_per_class is not None:
-                idx = _trim(idx, hard, support if cfg.keep_by == "support" else lam_all, keep_per_class)
-            logits = logits_all[idx] if idx.numel() else x.new_zeros((0, num_classes_hint or 1))
+            # Rank within class: tier (0: feasible with λ > 0, 1: feasible, 2: infeasible), then the score.
+            tier = torch.where(feasible, torch.where(lam_all > 0, 0, 1), 2)
+            score = torch.where(tier == 0, support if cfg.keep_by == "support" else lam_all, margin_all)
+            idx = _choose(hard, tier, score, keep_per_class)
+            logits = logits_all[idx]
             ncls = logits_all.shape[1]
-            counts = torch.bincount(hard[idx].cpu(), minlength=ncls).tolist()
             return DSVResult(
-                x=x[idx].detach().cpu(),
+                x=xf[idx].cpu(),
                 y=y0[idx.cpu()].clone(),
-                lam=lam_all[idx].detach().cpu(),
+                lam=lam_all[idx].cpu(),
                 probs=F.softmax(logits, dim=1).cpu(),
                 entropy=entropy_of(logits).cpu(),
                 support=support[idx].cpu(),
-                margin=margins(logits, hard[idx]).cpu() if idx.numel() else x.new_zeros(0).cpu(),
+                margin=margin_all[idx].cpu(),
                 source_index=idx.cpu(),
-                survivors_per_class=counts,
+                per_class=torch.bincount(hard[idx].cpu(), minlength=ncls).tolist(),
                 dropped=int((~alive).sum()),
+                lambda_zero=int((lam_all[idx] == 0).sum()),
+                repaired=repaired,
+                infeasible=int((~feasible[idx]).sum()),
                 trace=trace,
                 lam_scale=float(scale),
                 dual=cfg.dual if not nnls else "nnls",
             )
+
+
+def _mixed_targets(y0: Tensor, mix: float, g: torch.Generator, num_classes: int) -> Tensor:
+    """Hard targets (K,) as per-candidate soft targets (K, C) mixed toward a random other class (see
+    ``ExtractConfig.target_mix``)."""
+    delta = torch.rand(y0.shape[0], generator=g) * mix
+    other = (y0.cpu() + torch.randint(1, num_classes, (y0.shape[0],), generator=g)) % num_classes
+    eye = torch.eye(num_classes)
+    return ((1 - delta)[:, None] * eye[y0.cpu()] + delta[:, None] * eye[other]).to(y0.device)
+
+
+def _repair(model: nn.Module, x: Tensor, y: Tensor, hard: Tensor, cfg: ExtractConfig, lo: Tensor | None,
+            hi: Tensor | None) -> int:
+    """Move the candidates the teacher misclassifies into their target class, in place (primal feasibility).
+
+    Plain cross-entropy descent on those candidates alone (Adam, ``cfg.lr_x``, pixel bounds kept); a candidate
+    stops moving as soon as the teacher gives its target. Returns how many were misclassified and are not any
+    more.
+    """
+    with torch.no_grad():
+        bad = (model(x).argmax(1) != hard).nonzero(as_tuple=True)[0]
+    if bad.numel() == 0 or cfg.repair_steps == 0:
+        return 0
+    xr = x[bad].clone().requires_grad_(True)
+    yr, hr = y[bad], hard[bad]
+    opt = torch.optim.Adam([xr], lr=cfg.lr_x)
+    for _ in range(cfg.repair_steps):
+        logits = model(xr)
+        done = logits.argmax(1) == hr
+        if bool(done.all()):
+            break
+        loss = (soft_cross_entropy(logits, yr) * (~done)).sum()
+        (gx,) = torch.autograd.grad(loss, [xr])
+        kept = xr.detach().clone()
+        opt.zero_grad(set_to_none=True)
+        xr.grad = gx
+        opt.step()
+        with torch.no_grad():
+            xr[done] = kept[done]  # Adam's momentum would move a finished candidate on
+            if lo is not None and hi is not None:
+                xr.copy_(torch.maximum(torch.minimum(xr, hi), lo))
+    with torch.no_grad():
+        fixed = model(xr).argmax(1) == hr
+        x[bad[fixed]] = xr.detach()[fixed]
+    return int(fixed.sum())
+
+
+def _choose(hard: Tensor, tier: Tensor, score: Tensor, keep: int | None) -> Tensor:
+    """Per class, the ``keep`` candidates of lowest tier and, within a tier, highest score (all when None);
+    returned sorted by index. Ties keep index order (a stable sort)."""
+    out = []
+    for c in hard.unique():
+        members = (hard == c).nonzero(as_tuple=True)[0]
+        by_score = members[torch.sort(score[members], descending=True, stable=True).indices]
+        ranked = by_score[torch.sort(tier[by_score], stable=True).indices]
+        out.append(ranked if keep is None else ranked[:keep])
+    return torch.cat(out).sort().values if out else hard.new_zeros(0)
 
 
 def _warn_invariant(model: nn.Module, example: Tensor) -> None:
@@ -416,23 +524,7 @@ def _last_finite(loss: float) -> str:
     return f"last finite loss {loss:.6g}" if math.isfinite(loss) else "no finite loss was logged before it"
 
 
-def _distance_at_zero(params: list[nn.Parameter], distance: str) -> float:
-    total = sum(p.numel() for p in params)
-    if distance == "l1":
-        return sum(float(p.detach().abs().sum()) for p in params) / total
-    return sum(float(p.detach().pow(2).sum()) for p in params) / total
-
-
-def _trim(idx: Tensor, hard: Tensor, lam: Tensor, keep: int) -> Tensor:
-    out = []
-    for c in hard[idx].unique():
-        members = idx[hard[idx] == c]
-        order = lam[members].argsort(descending=True)
-        out.append(members[order[:keep]])
-    return torch.cat(out).sort().values if out else idx
-
-
-def _trace_row(step: int, terms, y: Tensor, lam: Tensor, d0: float) -> dict[str, float]:  # noqa: ANN001
+def _trace_row(step: int, terms, y: Tensor, lam: Tensor) -> dict[str, float]:  # noqa: ANN001
     from dsv.kkt import target_classes
 
     logits = terms.logits
@@ -442,11 +534,13 @@ def _trace_row(step: int, terms, y: Tensor, lam: Tensor, d0: float) -> dict[str,
         "stat": float(terms.stat),
         "primal": float(terms.primal),
         "stat_aug": float(terms.stat_aug),
+        "primal_aug": float(terms.primal_aug),
         "tv": float(terms.tv),
         "norm": float(terms.norm),
         "entropy": float(entropy_of(logits).mean()),
         "acc_target": float((logits.argmax(1) == target_classes(y)).float().mean()),
         "survivors": float(lam.numel()),
         "lam_mean": float(lam.detach().mean()),
-        "residual_rel": float(terms.stat) / max(d0, 1e-30),
+        "residual_l2": float(terms.residual),
+        "repel": float(terms.repel),
     }

@@ -38,7 +38,9 @@ from dsv.augment import AugmentConfig, augment
 from dsv.checks import at_least, one_of
 from dsv.kkt import (
     PARAM_SUBSETS,
+    capture_features,
     norm_loss,
+    repulsion,
     soft_cross_entropy,
     stationarity_distance,
     stationarity_params,
@@ -74,6 +76,10 @@ class GenerateConfig:
         beta_norm: weight of the squared-norm prior (mean squared value of x in normalised units).
         beta_bn: weight of the BatchNorm feature-statistics prior (0 or a teacher without BN: off).
         beta_stat: weight of the DeepKKT stationarity term (0 = plain inversion with priors).
+        beta_repel: weight of the within-class repulsion of the teacher's features (:func:`dsv.kkt.repulsion`):
+            the images of one class are pushed apart so they do not all become the class's one mode. 0 = off.
+        target_mix: per-sample targets for :func:`sample`: each image's class c is optimised as
+            (1 − δ)·e_c + δ·e_{c'}, δ ~ U(0, ``target_mix``), c' a random other class. 0 = off.
         param_subset: θ of the stationarity term ("last", "free", "all": :func:`dsv.kkt.stationarity_params`).
         lr_lam: Adam learning rate of u (λ = s·u) when ``beta_stat`` > 0.
         clamp_pixels: keep x inside the valid pixel range after every step.
@@ -90,6 +96,8 @@ class GenerateConfig:
     beta_norm: float = 0.01
     beta_bn: float = 0.01
     beta_stat: float = 0.0
+    beta_repel: float = 0.0
+    target_mix: float = 0.0
     param_subset: str = "last"
     lr_lam: float = 0.1
     clamp_pixels: bool = True
@@ -102,7 +110,9 @@ class GenerateConfig:
         for key in ("lr", "lr_lam"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("beta_tv", "beta_norm", "beta_bn", "beta_stat"):
+        if not 0.0 <= self.target_mix < 0.5:
+            raise ValueError(f"target_mix must be in [0, 0.5), got {self.target_mix}")
+        for key in ("beta_tv", "beta_norm", "beta_bn", "beta_stat", "beta_repel"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
 
@@ -161,6 +171,21 @@ def _sides(shape: tuple[int, int], levels: int, min_side: int = 7) -> list[tuple
             break
         out.insert(0, ((h + 1) // 2, (w + 1) // 2))
     return out
+
+
+def noise_start(n: int, in_shape: tuple[int, ...], cfg: GenerateConfig, generator: torch.Generator,
+                std: float = 1.0) -> Tensor:
+    """(n, *in_shape) noise starts whose coarsest level is white noise of std ``std``.
+
+    The noise is drawn on the coarsest grid of ``cfg`` and upsampled by nearest neighbour, so the area
+    downsampling at the start of :func:`generate_images` gives it back (exactly for integer factors). Noise drawn
+    at full resolution would be averaged down (std 1 → 0.25 for a 4× smaller grid): every sample would start
+    near the mean image.
+    """
+    full = (int(in_shape[-2]), int(in_shape[-1]))
+    coarse = _sides(full, cfg.levels, cfg.min_side)[0]
+    z = std * torch.randn((n, in_shape[0], *coarse), generator=generator)
+    return F.interpolate(z, size=full, mode="nearest") if coarse != full else z
 
 
 def _resize(z: Tensor, side: tuple[int, int]) -> Tensor:
@@ -244,10 +269,18 @@ def generate_images(
             for i in range(share + (1 if level == len(sides) - 1 else 0)):
                 x = _resize(z, full)
                 views = torch.cat([augment(x, cfg.augment, g) for _ in range(cfg.views)])
-                logits = teacher(views)
-                ce = soft_cross_entropy(logits, y.repeat(cfg.views, *([1] * (y.dim() - 1)))).mean()
-                total = ce
+                y_views = y.repeat(cfg.views, *([1] * (y.dim() - 1)))
                 zero = x.new_zeros(())
+                rep = zero
+                if cfg.beta_repel > 0:
+                    with capture_features(teacher) as cap:
+                        logits = teacher(views)
+                    assert cap.last is not None
+                    rep = repulsion(cap.last, y_views)
+                else:
+                    logits = teacher(views)
+                ce = soft_cross_entropy(logits, y_views).mean()
+                total = ce + cfg.beta_repel * rep
                 bn_term = bn.take(x) if bn else zero
                 tv = tv_loss(x) if cfg.beta_tv > 0 else zero
                 nrm = norm_loss(x) / x[0].numel() if cfg.beta_norm > 0 else zero
@@ -271,7 +304,7 @@ def generate_images(
                             bn.take(x)
                     row = {"step": float(step), "level": float(level), "side": float(side[0]), "loss": val,
                            "ce": float(ce.detach()), "tv": float(tv.detach()), "norm": float(nrm.detach()),
-                           "bn": float(bn_term.detach()), "stat": float(stat.detach()),
+                           "bn": float(bn_term.detach()), "stat": float(stat.detach()), "repel": float(rep.detach()),
                            "acc_target": float((p_clean.argmax(1) == hard).float().mean()),
                            "conf_target": float(p_clean.gather(1, hard.view(-1, 1)).mean())}
                     trace.append(row)
@@ -324,12 +357,21 @@ def sample(
     noise_std: float = 1.0,
     callback: Callable[[dict[str, float]], None] | None = None,
 ) -> Generated:
-    """``per_class`` images of every class (class 0 first), from standard-normal noise scaled by
-    ``noise_std`` (or from ``x0``, e.g. natural-image crops)."""
+    """``per_class`` images of every class (class 0 first), from noise of std ``noise_std`` on the coarsest grid
+    (:func:`noise_start`) or from ``x0`` (e.g. natural-image crops)."""
     y = torch.arange(num_classes).repeat_interleave(per_class)
+    g = torch.Generator().manual_seed(seed)
     if x0 is None:
-        x0 = noise_std * torch.randn((y.numel(), *in_shape), generator=torch.Generator().manual_seed(seed))
-    return generate_images(teacher, x0, y, cfg, seed, pixel_bounds, callback)
+        x0 = noise_start(y.numel(), in_shape, cfg, g, noise_std)
+    target = y
+    if cfg.target_mix > 0:
+        delta = torch.rand(y.numel(), generator=g) * cfg.target_mix
+        other = (y + torch.randint(1, num_classes, (y.numel(),), generator=g)) % num_classes
+        eye = torch.eye(num_classes)
+        target = (1 - delta)[:, None] * eye[y] + delta[:, None] * eye[other]
+    out = generate_images(teacher, x0, target, cfg, seed, pixel_bounds, callback)
+    out.y = y  # the class each image is of (the mixed targets only steered the optimisation)
+    return out
 
 
 def interpolate(
@@ -352,7 +394,7 @@ def interpolate(
     from dsv.extract import soft_targets
 
     gen = torch.Generator().manual_seed(seed)
-    starts = noise_std * torch.randn((len(pairs), *in_shape), generator=gen)
+    starts = noise_start(len(pairs), in_shape, cfg, gen, noise_std)
     x0 = starts.repeat_interleave(len(deltas), dim=0)
     y = torch.stack([soft_targets(a, b, d, num_classes) for a, b in pairs for d in deltas])
     pair_idx = torch.arange(len(pairs)).repeat_interleave(len(deltas))

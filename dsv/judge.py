@@ -29,12 +29,17 @@ class JudgeScore:
         conf: mean judge probability of the intended class.
         frechet: Fréchet distance between the judge features of the set and of the reference images.
         n: images in the set.
+        intra_class_cos: :func:`intra_class_cosine` of the set's judge features, centred on the reference's mean
+            feature (1.0 = each class is copies of one image).
+        real_intra_class_cos: the same for the reference (real images, same classes and counts).
     """
 
     acc: float
     conf: float
     frechet: float
     n: int
+    intra_class_cos: float = float("nan")
+    real_intra_class_cos: float = float("nan")
 
 
 @torch.no_grad()
@@ -61,18 +66,70 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     return float((mu_a - mu_b).pow(2).sum() + ca.trace() + cb.trace() - 2 * tr_sqrt)
 
 
+def intra_class_cosine(feats: Tensor, y: Tensor, center: Tensor | None = None) -> float:
+    """Diversity of a set: the mean pairwise cosine similarity of its features within a class, averaged over
+    the classes with at least two members. 1.0 for a class made of copies.
+
+    Args:
+        feats: (N, F) features (e.g. the judge's, :func:`features`).
+        y: (N,) int or (N, C) soft labels (argmax).
+        center: (F,) subtracted from every feature first. ReLU features all lie in the positive orthant, where
+            any two images have a high cosine; centring on the mean feature of real images (of all classes)
+            measures the angle around the data's centre instead.
+
+    Returns:
+        The mean within-class cosine (NaN when no class has two members).
+    """
+    hard = y.argmax(1) if y.dim() == 2 else y
+    f = feats.double() - (0.0 if center is None else center.double())
+    f = F.normalize(f, dim=1)
+    per_class = []
+    for c in hard.unique():
+        fc = f[hard == c]
+        m = fc.shape[0]
+        if m < 2:
+            continue
+        gram = fc @ fc.T
+        per_class.append(float((gram.sum() - gram.diagonal().sum()) / (m * (m - 1))))
+    return sum(per_class) / len(per_class) if per_class else float("nan")
+
+
+def nearest_distance(x: Tensor, pool: Tensor, chunk: int = 4096) -> Tensor:
+    """For each image of ``x`` (N, ...), the Euclidean distance to its nearest image in ``pool`` (M, ...), (N,).
+
+    A memorisation check: a synthetic image much closer to a training image than real test images are
+    (:func:`nearest_distance` of the test set against the training set) is a copy of it.
+    """
+    a = x.flatten(1).double()
+    best = torch.full((a.shape[0],), float("inf"), dtype=torch.float64)
+    for i in range(0, pool.shape[0], chunk):
+        b = pool[i : i + chunk].flatten(1).double()
+        best = torch.minimum(best, torch.cdist(a, b).min(dim=1).values)
+    return best
+
+
 def judge_score(judge: nn.Module, x: Tensor, y: Tensor, reference: Tensor) -> JudgeScore:
     """Judge accuracy and confidence on the intended classes ``y`` ((N,) int or (N, C) soft: argmax), and the
     Fréchet distance to ``reference`` images (real images of the same classes, ideally the same count)."""
     hard = y.argmax(1) if y.dim() == 2 else y
     probs = F.softmax(predict_logits(judge, x), dim=1)
     conf = probs.gather(1, hard.view(-1, 1).long()).squeeze(1)
+    fx, fr = features(judge, x), features(judge, reference)
+    center = fr.mean(0)
     return JudgeScore(
         acc=float((probs.argmax(1) == hard).float().mean()),
         conf=float(conf.mean()),
-        frechet=frechet_distance(features(judge, x), features(judge, reference)),
+        frechet=frechet_distance(fx, fr),
         n=int(x.shape[0]),
+        intra_class_cos=intra_class_cosine(fx, hard, center),
+        real_intra_class_cos=intra_class_cosine(fr, _reference_labels(hard), center),
     )
+
+
+def _reference_labels(hard: Tensor) -> Tensor:
+    """The labels of a :func:`matched_real` reference drawn for targets ``hard``: class by class, ascending."""
+    classes, counts = torch.unique(hard, return_counts=True)
+    return classes.repeat_interleave(counts)
 
 
 def matched_real(y: Tensor, real_y: Tensor, generator: torch.Generator, exclude: Tensor | None = None,

@@ -23,6 +23,7 @@ from torch.func import functional_call, grad, vmap
 
 from dsv.checks import at_least, one_of, positive
 from dsv.kkt import DISTANCES, PARAM_SUBSETS, stationarity_params
+from dsv.kkt import relative_residual as kkt_relative_residual
 from dsv.train import soft_cross_entropy
 
 LAMBDA_SOLVERS = ("nnls", "adam")
@@ -86,7 +87,8 @@ class LambdaResult:
             (‖∇L_i‖ ∝ 1 − p_i for the last layer), so this, not λ, ranks support vectors.
         margin: (N,) teacher margin, logit of the true class minus the largest other logit.
         support_rank: (N,) rank of the support score within the class (0 = highest).
-        residual_rel: relative stationarity residual per batch, at the end (1.0 = λ explains nothing).
+        residual_l2: relative l2 stationarity residual ‖θ + Gᵀλ‖/‖θ‖ per batch, at the end (1.0 = λ explains
+            nothing).
     """
 
     lam: Tensor
@@ -95,7 +97,7 @@ class LambdaResult:
     support: Tensor | None = None
     margin: Tensor | None = None
     support_rank: Tensor | None = None
-    residual_rel: list[float] = field(default_factory=list)
+    residual_l2: list[float] = field(default_factory=list)
 
     def topk(self, k: int, by: str = "lambda") -> Tensor:
         """Indices of the k top samples of every class by "lambda" or "support", class 0 first, (C·k,)."""
@@ -122,7 +124,7 @@ class LambdaEvent:
 
     batch: int
     total_batches: int
-    residual_rel: float
+    residual_l2: float
 
 
 def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor, subset: str = "all", chunk: int = 128) -> Tensor:
@@ -154,21 +156,26 @@ def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor, subset: str = "all"
 
 
 def solve_nnls(
-    g: Tensor, theta: Tensor, steps: int = 300, lam0: Tensor | None = None, tol: float = 1e-10
+    g: Tensor, theta: Tensor, steps: int = 300, lam0: Tensor | None = None, tol: float = 1e-10,
+    polish: int | None = None,
 ) -> Tensor:
-    """min_{λ ≥ 0} ½‖θ + Gᵀλ‖² (non-negative least squares) by accelerated projected gradient.
+    """min_{λ ≥ 0} ½‖θ + Gᵀλ‖² (non-negative least squares): accelerated projected gradient, then an exact
+    active-set finish.
 
     Works on the Gram matrix K = GGᵀ (m × m) and q = Gθ: the gradient is Kλ + q, the step 1/L with L the
     largest eigenvalue of K (so every plain projected step decreases the objective), momentum restarted
     whenever the objective would rise (O'Donoghue and Candès' adaptive restart). A solution λ* satisfies
-    λ* = max(0, λ* − (Kλ* + q)/L), so started there the iteration stays there.
+    λ* = max(0, λ* − (Kλ* + q)/L), so started there the iteration stays there. First-order steps crawl on
+    ill-conditioned K, so their result seeds Lawson and Hanson's active-set method (:func:`_active_set`), which
+    ends at the exact solution in a finite number of passive-set changes.
 
     Args:
         g: (m, P) gradients, one row per candidate.
         theta: (P,) flattened θ*.
-        steps: iteration budget.
+        steps: iteration budget of the projected gradient.
         lam0: (m,) warm start (clamped at 0); zeros when None.
         tol: stop when the projected-gradient step moves λ by less than ``tol``·(1 + ‖λ‖) in l∞.
+        polish: passive-set changes allowed to the active-set finish (None: 2·m; 0: none).
 
     Returns:
         λ (m,), in g's dtype.
@@ -198,15 +205,57 @@ def solve_nnls(
         lam, t, f_prev = nxt, t_next, f_nxt
         if moved <= tol * (1.0 + float(lam.abs().max())):
             break
-    return lam
+    budget = 2 * k.shape[0] if polish is None else polish
+    return _active_set(k.double(), q.double(), lam.double(), budget).to(lam.dtype) if budget > 0 else lam
 
 
-def relative_residual(g: Tensor, theta: Tensor, lam: Tensor, distance: str) -> float:
-    """D(θ, −Gᵀλ) / D(θ, 0) for D = "l1" (mean |r|) or "l2" (mean r²), r = θ + Gᵀλ."""
-    r = theta + g.t() @ lam
-    if distance == "l1":
-        return float(r.abs().mean() / theta.abs().mean().clamp_min(1e-30))
-    return float((r * r).mean() / (theta * theta).mean().clamp_min(1e-30))
+def _active_set(k: Tensor, q: Tensor, lam: Tensor, budget: int) -> Tensor:
+    """Lawson-Hanson on ½λᵀKλ + qᵀλ, λ ≥ 0 (float64), warm-started with the passive set {λ > 0}.
+
+    Each passive-set problem K_SS λ_S = −q_S is solved with a tiny ridge (K is singular when m > P); an
+    infeasible solution is stepped back to the boundary and the coordinates that hit 0 leave the set; then the
+    coordinate with the most negative gradient enters, until no gradient is negative (the KKT conditions) or
+    ``budget`` changes were made. Never returns a worse point than it got.
+    """
+    m = k.shape[0]
+    ridge = 1e-12 * float(k.diagonal().abs().max().clamp_min(1e-300))
+    eye = torch.eye(m, dtype=k.dtype, device=k.device)
+
+    def value(v: Tensor) -> float:
+        return float(0.5 * v @ (k @ v) + q @ v)
+
+    start, start_value = lam.clone(), value(lam)
+    passive = lam > 0
+    changes = 0
+    while changes <= budget:
+        while True:  # the passive-set problem, stepped back inside λ ≥ 0
+            idx = passive.nonzero(as_tuple=True)[0]
+            z = torch.zeros_like(lam)
+            if idx.numel():
+                z[idx] = torch.linalg.solve(k[idx][:, idx] + ridge * eye[: idx.numel(), : idx.numel()], -q[idx])
+            bad = idx[z[idx] <= 0]
+            if bad.numel() == 0:
+                break
+            alpha = float((lam[bad] / (lam[bad] - z[bad]).clamp_min(1e-300)).min().clamp(0.0, 1.0))
+            lam = (lam + alpha * (z - lam)).clamp_min(0)
+            passive &= lam > 0
+            passive[bad[lam[bad] <= 1e-15 * (1 + float(lam.max()))]] = False
+            lam[~passive] = 0.0
+            changes += 1
+        lam = z
+        grad = k @ lam + q
+        grad[passive] = 0.0
+        j = int(grad.argmin())
+        if float(grad[j]) >= -1e-12 * (1.0 + float(q.abs().max())):
+            break
+        passive[j] = True
+        changes += 1
+    return lam if value(lam) <= start_value else start
+
+
+def relative_residual(g: Tensor, theta: Tensor, lam: Tensor) -> float:
+    """‖θ + Gᵀλ‖₂ / ‖θ‖₂: the stationarity residual in the unit of :func:`dsv.kkt.relative_residual`."""
+    return float(kkt_relative_residual([theta], [g.t() @ lam]))
 
 
 def solve_lambdas(
@@ -218,14 +267,14 @@ def solve_lambdas(
         g: (m, P) per-sample gradients.
         theta: (P,) flattened θ*.
         distance: "l1" (mean |r|) or "l2" (mean r²), r = θ + G^T λ: the problem (and the reported
-            residual) of "adam"; "nnls" solves and reports the l2 problem (its l1 residual can exceed 1
-            even when the l2 one fell).
+            residual) of "adam"; "nnls" solves the l2 problem. The returned residual is always the relative l2
+            norm.
         steps: iteration budget.
         lr: Adam learning rate relative to the best uniform λ ("adam" only).
         solver: "nnls" (:func:`solve_nnls`, the l2 problem) or "adam" (projected Adam on ``distance``).
 
     Returns:
-        (λ (m,), relative residual D(θ, −G^Tλ)/D(θ, 0)).
+        (λ (m,), relative l2 residual ‖θ + Gᵀλ‖₂/‖θ‖₂).
     """
     s = g.sum(0)
     c = float(-(theta @ s) / (s @ s).clamp_min(1e-30))
@@ -235,7 +284,7 @@ def solve_lambdas(
         # jumping to a sparse vertex (P ≪ m makes the solution set large).
         with torch.no_grad():
             lam = solve_nnls(g, theta, steps, lam0=torch.full((g.shape[0],), max(c, 0.0), dtype=g.dtype, device=g.device))
-            return lam, relative_residual(g, theta, lam, "l2")
+            return lam, relative_residual(g, theta, lam)
     scale = c if c > 0 else 1.0 / g.shape[0]
     u = torch.ones(g.shape[0], dtype=g.dtype, device=g.device, requires_grad=True)
     opt = torch.optim.Adam([u], lr=lr)
@@ -253,7 +302,7 @@ def solve_lambdas(
             u.clamp_(min=0.0)
     with torch.no_grad():
         lam = scale * u.detach()
-        return lam, relative_residual(g, theta, lam, distance)
+        return lam, relative_residual(g, theta, lam)
 
 
 def margins(logits: Tensor, y: Tensor) -> Tensor:
@@ -328,12 +377,12 @@ def fit_lambdas(
                 margin[idx] = margins(teacher(xb), yb).cpu()
             residuals.append(rel)
             if callback is not None:
-                callback(LambdaEvent(batch=b + 1, total_batches=n_batches, residual_rel=rel))
+                callback(LambdaEvent(batch=b + 1, total_batches=n_batches, residual_l2=rel))
     finally:
         teacher.train(was_training)
     support = lam * gnorm
-    return LambdaResult(lam=lam, rank=rank_within_class(lam, y), labels=y.clone(), support=support,
-                        margin=margin, support_rank=rank_within_class(support, y), residual_rel=residuals)
+    return LambdaResult(lam=lam, rank=rank_within_class(lam, y, g), labels=y.clone(), support=support,
+                        margin=margin, support_rank=rank_within_class(support, y, g), residual_l2=residuals)
 
 
 def _stratified_order(y: Tensor, g: torch.Generator) -> Tensor:
@@ -347,11 +396,15 @@ def _stratified_order(y: Tensor, g: torch.Generator) -> Tensor:
     return merged[keys.argsort(stable=True)]
 
 
-def rank_within_class(lam: Tensor, y: Tensor) -> Tensor:
-    """Rank of each sample's λ within its class: 0 = highest; ties broken by index."""
+def rank_within_class(lam: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Rank of each sample's score within its class: 0 = highest. Ties are broken in a random order drawn from
+    ``generator`` (by index without one): at a KKT point λ is uniform, and an index order would make "top-λ"
+    mean "first in the file"."""
     rank = torch.empty_like(y)
     for c in y.unique().tolist():
         members = (y == c).nonzero(as_tuple=True)[0]
+        if generator is not None:
+            members = members[torch.randperm(members.numel(), generator=generator)]
         order = members[lam[members].argsort(descending=True, stable=True)]
         rank[order] = torch.arange(order.numel())
     return rank

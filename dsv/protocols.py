@@ -36,15 +36,18 @@ PROTOCOLS: tuple[str, ...] = ("dd", "paper", "soft")
 BATCHED: tuple[str, ...] = ("auto", "on", "off")
 HARD_PROTOCOLS: tuple[str, ...] = ("dd", "paper")
 LABEL_TYPES: tuple[str, ...] = ("hard", "soft")
+# DSVs by init kind: dsv_<init> for every init of dsv.extract.INITS (e.g. dsv_herding refines herding's picks);
+# spelled out so that the student code does not depend on the extraction code (a test keeps them equal).
+DSV_METHODS: dict[str, str] = {f"dsv_{init}": init for init in ("nshot", "0shot", "noise", "herding", "kcenter",
+                                                                 "kkt_herding")}
 METHOD_NAMES: tuple[str, ...] = (
-    "dsv_nshot",
-    "dsv_0shot",
-    "dsv_noise",
+    *DSV_METHODS,
     "lambda_topk",
     "support_topk",
     "random",
     "herding",
     "kcenter",
+    "kkt_herding",
     "forgetting",
     "el2n",
     "entropy",
@@ -271,6 +274,54 @@ def train_student(
     model = build_seeded(protocol_cfg.model, in_shape, num_classes, seed).to(device)
     fit(model, x, y, fit_cfg, seed=seed, callback=callback, teacher=kd_teacher, graphs=graphs)
     return model
+
+
+def linear_probe(
+    train_features: Tensor,
+    train_y: Tensor,
+    test_features: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    weight_decay: float = 5e-3,
+    max_iter: int = 200,
+) -> float:
+    """Test accuracy of a final linear layer refitted on a set's frozen teacher features (a linear probe).
+
+    Minimises mean CE + (ω/2)‖(W, b)‖² over (W, b) from zero by full-batch L-BFGS in float64: the teacher's own
+    final-layer objective restricted to the set. On the whole training split its solution is the teacher's
+    final layer at a KKT point, so a set whose probe matches the teacher's accuracy carries the support of the
+    decision function.
+
+    Args:
+        train_features: (M, D) teacher features (input of its final layer) of the set.
+        train_y: (M,) int labels or (M, C) soft labels.
+        test_features: (T, D) teacher features of the test set; test_y: (T,) labels.
+        num_classes: C.
+        weight_decay: ω (> 0).
+        max_iter: L-BFGS iterations.
+    """
+    from dsv.train import soft_cross_entropy
+
+    if not weight_decay > 0:
+        raise ValueError(f"weight_decay must be > 0, got {weight_decay}")
+    h = train_features.detach().cpu().double().flatten(1)
+    y = train_y.detach().cpu()
+    y = y.double() if y.dim() == 2 else y.long()
+    w = torch.zeros(num_classes, h.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-10, tolerance_change=1e-12)
+
+    def closure() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = soft_cross_entropy(h @ w.t() + b, y).mean() + 0.5 * weight_decay * ((w * w).sum() + (b * b).sum())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        pred = (test_features.detach().cpu().double().flatten(1) @ w.t() + b).argmax(dim=1)
+    return float((pred == test_y.cpu()).double().mean())
 
 
 @dataclass(frozen=True)

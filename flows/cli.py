@@ -229,11 +229,10 @@ def run_summary(summary: dict, cfg, root: Path, seconds: float, params: str = "p
     try:
         ex = read_json(paths.metrics("extract"))
         for key, m in ex.items():
-            if isinstance(m, dict) and "survivors_per_class" in m:
-                per = m["survivors_per_class"]
-                asked = f" of {m['asked']}" if "asked" in m else ""
-                lines.append(f"DSVs kept {key}: {m['survivors']}{asked} ({' '.join(str(n) for n in per)} per class; "
-                             "a candidate whose λ ended at 0 is not a DSV)")
+            if isinstance(m, dict) and "per_class" in m:
+                per = m["per_class"]
+                lines.append(f"DSVs {key}: {m['n']} ({' '.join(str(n) for n in per)} per class; "
+                             f"{m['lambda_zero']} with λ = 0, {m['repaired']} repaired into their class)")
     except Exception:  # noqa: BLE001
         pass
     with contextlib.suppress(OSError):

@@ -64,6 +64,8 @@ PROGRESS = ("auto", "on", "off")
 MOVED: dict[str, str] = {
     "evaluate": "the student protocol moved to the stage that trains the students: distill.protocol and "
                 "distill.cross_model (the evaluate stage has no settings)",
+    "extract.solver.kkt.eta": "the paper's η is split in two: extract.solver.kkt.eta_stat (stationarity on the "
+                              "augmented copy) and extract.solver.kkt.eta_primal (the primal term on it)",
     "runtime.task_runner": "runtime.workers > 1 (or runtime.dask_address) runs the mapped units on Dask worker "
                            "processes; threads are gone",
 }

@@ -47,10 +47,10 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     bar = Bar(cfg.runtime.progress, 0, "coreset λ", unit="batch")
 
     def on_batch(ev: LambdaEvent) -> None:
-        trace.append({"batch": ev.batch, "residual_rel": ev.residual_rel})
-        log.metric("residual_rel", ev.residual_rel, step=ev.batch)
+        trace.append({"batch": ev.batch, "residual_l2": ev.residual_l2})
+        log.metric("residual_l2", ev.residual_l2, step=ev.batch)
         bar.total(ev.total_batches)
-        bar.to(ev.batch, residual=ev.residual_rel)
+        bar.to(ev.batch, residual=ev.residual_l2)
 
     with bar:
         # λ on the teacher's training-set scale: the teacher saw the whole split, not the subset.
@@ -73,7 +73,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         "n": int(y.numel()),
         "lam_mean": float(res.lam.mean()),
         "lam_negative_fraction": float((res.lam < 0).float().mean()),
-        "residual_rel_mean": float(torch.tensor(res.residual_rel).mean()) if res.residual_rel else float("nan"),
+        "residual_l2_mean": float(torch.tensor(res.residual_l2).mean()) if res.residual_l2 else float("nan"),
         "pearson_sum_lam_vs_acc": rho,
         "pearson_sum_support_vs_acc": pearson(support_sums, per_class_acc) if support_sums is not None else float("nan"),
         "sum_lam_per_class": [float(v) for v in sums],

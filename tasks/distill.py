@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from dsv.baselines import SELECTOR_INPUTS, select
 from dsv.data.core import normalize, per_class_indices
 from dsv.dm import distribution_matching
-from dsv.protocols import ProtocolConfig, student_fit_config, train_students
+from dsv.protocols import DSV_METHODS, ProtocolConfig, linear_probe, student_fit_config, train_students
 from dsv.train import EvalResult, TrainEvent, evaluate, predict_logits
 from tasks.artifacts import (
     DataMeta,
@@ -48,8 +48,10 @@ from tasks.tracking import StageLog
 if TYPE_CHECKING:
     from tasks.config import PipelineConfig
 
-DSV_METHODS = {"dsv_nshot": "nshot", "dsv_0shot": "0shot", "dsv_noise": "noise"}
-FULL_DATA_METHODS = frozenset({"lambda_topk", "support_topk", "herding", "kcenter", "forgetting", "el2n", "entropy", "dm", "full"})
+# Real images per class a DSV init sees: IPC for a random draw, none for 0-shot and noise, all for a selector.
+_DSV_SHOTS = {"nshot": "ipc", "0shot": "none", "noise": "none"}
+# The linear probe's ω when the teacher's spec does not record its weight decay (a bring-your-own checkpoint).
+PROBE_WEIGHT_DECAY = 5e-3
 
 
 def units(cfg: PipelineConfig) -> list[dict[str, Any]]:
@@ -92,6 +94,19 @@ class _Inputs:
     def logits(self) -> Tensor:
         return predict_logits(self.teacher, self.train[0])
 
+    @cached_property
+    def test(self) -> tuple[Tensor, Tensor]:
+        return load_split(self.paths.test, self.meta)
+
+    @cached_property
+    def test_features(self) -> Tensor:
+        return predict_logits(self.teacher, self.test[0], batch_size=256, embed=True)
+
+    @cached_property
+    def teacher_weight_decay(self) -> float:
+        wd = read_json(self.paths.teacher_spec).get("weight_decay")
+        return float(wd) if wd else PROBE_WEIGHT_DECAY
+
     @property
     def per_class(self) -> int:
         return int(torch.bincount(self.train[1], minlength=self.meta.num_classes).min())
@@ -105,9 +120,11 @@ def build_set(method: str, ipc: int, inp: _Inputs) -> tuple[Tensor, Tensor, int]
     """
     cfg, c = inp.cfg, inp.meta.num_classes
     if method in DSV_METHODS:
-        t = read_dsv_parquet(inp.paths.dsv_parquet, init=DSV_METHODS[method], ipc=ipc)
+        init = DSV_METHODS[method]
+        t = read_dsv_parquet(inp.paths.dsv_parquet, init=init, ipc=ipc)
         mean, std = inp.meta.stats()
-        return normalize(t.x, mean, std), t.y, ipc if method == "dsv_nshot" else 0
+        shots = {"ipc": ipc, "none": 0}.get(_DSV_SHOTS.get(init, "all"), inp.per_class)
+        return normalize(t.x, mean, std), t.y, shots
     x, y = inp.train
     if method == "full":
         return x, y, inp.per_class
@@ -115,7 +132,10 @@ def build_set(method: str, ipc: int, inp: _Inputs) -> tuple[Tensor, Tensor, int]
         raise ValueError(f"distill.ipcs: IPC {ipc} exceeds the {inp.per_class} training images per class")
     if method in ("lambda_topk", "support_topk"):
         by = "lambda" if method == "lambda_topk" else "support"
-        idx = read_lambdas_parquet(inp.paths.lambdas_parquet).topk(ipc, c, by=by)
+        ranked = read_lambdas_parquet(inp.paths.lambdas_parquet)
+        idx = ranked.topk(ipc, c, by=by)
+        # The core-set is ranked among the images λ was fitted on (coreset.per_class of each class).
+        return x[idx], y[idx], int(torch.bincount(ranked.label, minlength=c).min())
     elif method == "dm":
         g = torch.Generator().manual_seed(cfg.distill.seed)
         if cfg.distill.dm_real == "shots":
@@ -162,7 +182,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
                  save_tensors(paths.distill_set(method, ipc), {"x": x, "y": y})]
         return {"files": hash_files(paths, files), "seconds": round(time.perf_counter() - started, 3),
                 "select_seconds": round(select_seconds, 3), "unit": unit}
-    x_test, y_test = load_split(paths.test, meta)
+    x_test, y_test = inp.test
     x_val, y_val = load_split(paths.val, meta)
     fit_cfg = student_fit_config(protocol, int(x.shape[0]))
     teacher = inp.teacher if protocol.name == "soft" else None
@@ -201,10 +221,13 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
                                graphs=graphs)
         for run, res in zip(runs, other):
             run["cross_acc"] = res.accuracy
+    set_features = inp.features if method == "full" else predict_logits(inp.teacher, x, batch_size=256, embed=True)
+    probe = linear_probe(set_features, y, inp.test_features, y_test, meta.num_classes, inp.teacher_weight_decay)
     cell = {
         "method": method, "ipc": ipc if method != "full" else inp.per_class, "shots": shots,
         "protocol": protocol.name, "label_type": protocol.label_type, "n_train": int(y.shape[0]),
-        "steps": fit_cfg.steps, "runs": runs,
+        "per_class": torch.bincount(y if y.dim() == 1 else y.argmax(1), minlength=meta.num_classes).tolist(),
+        "probe_acc": probe, "steps": fit_cfg.steps, "runs": runs,
         **({"cross_model": cfg.distill.cross_model.name} if cfg.distill.cross_model is not None else {}),
     }
     cell_file = write_json(paths.distill_cell(method, ipc), cell)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dsv.judge import judge_score, matched_real
+from dsv.judge import judge_score, matched_real, nearest_distance
 from dsv.protocols import ResultRow, label_robust_score
 from tasks.artifacts import load_model, load_split, load_tensors, read_data_meta, read_json
 from tasks.atomic import write_json, write_text
@@ -57,6 +57,8 @@ def rows_from_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         vals = [r["val_acc"] for r in c["runs"] if not math.isnan(r["val_acc"])]
         row["val_acc_mean"] = sum(vals) / len(vals) if vals else float("nan")
         row["n_train"] = int(c["n_train"])
+        row["per_class"] = c.get("per_class")
+        row["probe_acc"] = c.get("probe_acc")
         cross = [r["cross_acc"] for r in c["runs"] if r.get("cross_acc") is not None]
         if cross:
             row["cross_model"] = c.get("cross_model")
@@ -112,6 +114,8 @@ def flat_metrics(teacher_acc: float, rows: list[dict[str, Any]], judged: list[di
     for j in judged or ():
         out.setdefault("judge_acc", {})[j["set"]] = j["judge_acc"]
         out.setdefault("frechet", {})[j["set"]] = j["frechet"]
+        if not math.isnan(j["intra_class_cos"]):  # undefined at one image per class
+            out.setdefault("diversity_cos", {})[j["set"]] = j["intra_class_cos"]
     return {k: v for k, v in out.items() if v != {}}
 
 
@@ -127,22 +131,37 @@ def judge_markdown(judged: list[dict[str, Any]]) -> str:
         return ""
     lines = ["", "Independent judge (stage `judge`, never the teacher) on each training set: accuracy on the intended",
              "class, mean confidence, Fréchet distance of its features to as many real test images of the same classes",
-             "(lower = closer to real; `real_test` is a second real draw, the floor at this size; `noise` the ceiling).",
-             "", "| set | IPC | images | judge acc (%) | judge conf | Fréchet |", "|---|---:|---:|---:|---:|---:|"]
+             "(lower = closer to real; `real_test` is a second real draw, the floor at this size; `noise` the ceiling);",
+             "diversity: the mean within-class cosine of its judge features, centred on the real images' mean (1 = each",
+             "class is copies of one image; `real` = the same for real images of those classes); nearest training image:",
+             "mean pixel distance (normalised units) to it (a copy of a training image has 0).",
+             "", "| set | IPC | images | judge acc (%) | judge conf | Fréchet | diversity (cos) | real (cos) | "
+             "nearest training image |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for j in sorted(judged, key=lambda j: (j["ipc"], j["frechet"])):
         lines.append(f"| {j['method']} | {j['ipc']} | {j['n']} | {100 * j['judge_acc']:.1f} | {j['judge_conf']:.3f} | "
-                     f"{j['frechet']:.1f} |")
+                     f"{j['frechet']:.1f} | {j['intra_class_cos']:.3f} | {j['real_intra_class_cos']:.3f} | "
+                     f"{j['nearest_train']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _images(r: dict[str, Any]) -> str:
+    """``n_train`` with the per-class counts when they are not all equal."""
+    per = r.get("per_class") or []
+    if not per or min(per) == max(per):
+        return str(r["n_train"])
+    return f"{r['n_train']} ({min(per)}-{max(per)} per class)"
 
 
 def markdown(teacher_acc: float, rows: list[dict[str, Any]]) -> str:
     """The results as a markdown table (accuracies in %), ranked within each IPC, the best in bold."""
     cross = any(r.get("cross_acc_mean") is not None for r in rows)
-    head = "| rank | method | IPC | shots | protocol | labels | test acc (%) | LRS (%) | runs | val acc (%) |"
-    sep = "|---:|---|---:|---:|---|---|---:|---:|---:|---:|"
+    protocols = sorted({f"{r['protocol']} ({r['label_type']} labels)" for r in rows})
+    head = "| rank | method | IPC | images | shots | test acc (%) | probe (%) | LRS (%) | runs | val acc (%) |"
+    sep = "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     if cross:
         head, sep = head + " second architecture (%) |", sep + "---:|"
-    lines = [f"Teacher test accuracy: {100 * teacher_acc:.2f}%", "", head, sep]
+    lines = [f"Teacher test accuracy: {100 * teacher_acc:.2f}%; student protocol: {', '.join(protocols)}", "",
+             head, sep]
     ordered = sorted(rows, key=lambda r: (r["method"] == "full", r["label_type"], r["ipc"],
                                           r["rank"] if r.get("rank") is not None else 1 << 30))
     for r in ordered:
@@ -152,13 +171,16 @@ def markdown(teacher_acc: float, rows: list[dict[str, Any]]) -> str:
             acc = _pct(r["acc_mean"], r["acc_std"])
             acc = f"**{acc}**" if r.get("best") else acc
         rank = "" if r.get("rank") is None else str(r["rank"])
-        line = (f"| {rank} | {r['method']} | {r['ipc']} | {r['shots']} | {r['protocol']} | {r['label_type']} | {acc} | "
-                f"{_pct(r.get('lrs_mean'), r.get('lrs_std'))} | {r['n_runs']} | {_pct(r.get('val_acc_mean'))} |")
+        line = (f"| {rank} | {r['method']} | {r['ipc']} | {_images(r)} | {r['shots']} | {acc} | "
+                f"{_pct(r.get('probe_acc'))} | {_pct(r.get('lrs_mean'), r.get('lrs_std'))} | {r['n_runs']} | "
+                f"{_pct(r.get('val_acc_mean'))} |")
         if cross:
             line += f" {_pct(r.get('cross_acc_mean'), r.get('cross_acc_std'))} |"
         lines.append(line)
     ref = next((r.get("lrs_reference") for r in rows if r.get("lrs_reference")), None)
-    lines += ["", "Mean ± population std over the student seeds; rank within each IPC (1 = best, in bold). LRS: "
+    lines += ["", "Mean ± population std over the student seeds; rank within each IPC (1 = best, in bold). images: the "
+              "training set's size (IPC × classes). shots: real training images per class the method saw. probe: "
+              "the teacher's final layer refitted on the set's teacher features (a linear probe). LRS: "
               "DD-Ranking's label-robust score against the random row of the same IPC and seeds (higher is better; "
               "26.89 = no gain over random and no gap to real data; real-data accuracy from "
               f"{'the full method' if ref == 'full' else 'the teacher'}). Wall times per cell: timings/distill.json."]
@@ -175,6 +197,7 @@ def judge_sets(paths: Paths, rows: list[dict[str, Any]], seed: int = 0) -> list[
         return []
     judge = load_model(paths.judge, paths.judge_spec)
     x_test, y_test = load_split(paths.test, meta)
+    x_train, _ = load_split(paths.train, meta)
     mean, std = meta.stats()
     lo, hi = ((0.0 - mean) / std).view(1, -1, 1, 1), ((1.0 - mean) / std).view(1, -1, 1, 1)
     out: list[dict[str, Any]] = []
@@ -205,7 +228,9 @@ def judge_sets(paths: Paths, rows: list[dict[str, Any]], seed: int = 0) -> list[
             reference = x_test[matched_real(y, y_test, torch.Generator().manual_seed(seed + ipc))]
             s = judge_score(judge, x, y, reference)
             out.append({"set": name, "method": method, "ipc": ipc, "n": s.n, "judge_acc": s.acc,
-                        "judge_conf": s.conf, "frechet": s.frechet})
+                        "judge_conf": s.conf, "frechet": s.frechet, "intra_class_cos": s.intra_class_cos,
+                        "real_intra_class_cos": s.real_intra_class_cos,
+                        "nearest_train": float(nearest_distance(x, x_train).mean())})
     return out
 
 

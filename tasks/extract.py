@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dsv.baselines import SELECTOR_INPUTS
 from dsv.data.core import denormalize
 from dsv.extract import INITS, ExtractConfig, ExtractEvent, extract, init_candidates
+from dsv.train import predict_logits
 from tasks.artifacts import (
     PARAMS_HASH_KEY,
     load_model,
@@ -142,16 +144,25 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     solver = solver_for(e, job.init)
     widths = [_with_spare(j.per_class, solver.spare) for j in all_jobs]
     total = sum(widths)
-    g = torch.Generator().manual_seed(_seed(e.seed, INITS.index(job.init), job.ipc))
-    real_x = real_y = other_x = None
-    if job.init == "nshot":
+    real_x = real_y = other_x = features = logits = None
+    if job.init in ("noise", "0shot"):
+        g = torch.Generator().manual_seed(_seed(e.seed, INITS.index(job.init), job.ipc))
+    else:
+        # Real images are drawn as the core-set selectors draw them (dsv.baselines.select seeds a generator
+        # with the seed): "nshot" with extract.seed = distill.seed starts from the random row's images.
+        g = torch.Generator().manual_seed(e.seed)
         real_x, real_y = load_split(paths.train, meta)
-    elif job.init == "0shot":
+        needs = SELECTOR_INPUTS.get(job.init, ())
+        if "features" in needs:
+            features = predict_logits(teacher, real_x, batch_size=256, embed=True)
+        if "logits" in needs:
+            logits = predict_logits(teacher, real_x)
+    if job.init == "0shot":
         pool = load_tensors(paths.init_pool, ("x",))["x"]
         if pool.shape[0] == 0:
             raise ValueError("init '0shot' needs the init pool, which is empty (see prepare.init_pool)")
         other_x = (pool - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    x0, y0 = init_candidates(job.init, total, c, meta.input_shape, g, real_x, real_y, other_x)
+    x0, y0 = init_candidates(job.init, total, c, meta.input_shape, g, real_x, real_y, other_x, features, logits)
     start = sum(widths[: job.shard])
     keep = torch.cat([torch.arange(k * total + start, k * total + start + widths[job.shard]) for k in range(c)])
     x0, y0 = x0[keep], y0[keep]
@@ -162,7 +173,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
 
     def on_step(ev: ExtractEvent) -> None:
         log.metrics({f"{prefix}/{k}": v for k, v in ev.metrics.items() if k != "step"}, step=ev.step)
-        bar.to(ev.step, loss=ev.metrics.get("loss", float("nan")), survivors=ev.metrics.get("survivors", 0.0))
+        bar.to(ev.step, loss=ev.metrics.get("loss", float("nan")), residual=ev.metrics.get("residual_l2", 0.0))
 
     try:
         with bar:
@@ -181,8 +192,9 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     save_tensors(
         shard_file,
         {"x": res.x, "y": res.y, "lam": res.lam, "probs": res.probs, "entropy": res.entropy,
-         "support": res.support, "margin": res.margin, "source_index": res.source_index},
-        metadata={"lam_scale": repr(res.lam_scale), "dual": res.dual, "dropped": str(res.dropped)},
+         "support": res.support, "margin": res.margin, "source_index": res.source_index,
+         "counts": torch.tensor([res.dropped, res.lambda_zero, res.repaired, res.infeasible])},
+        metadata={"lam_scale": repr(res.lam_scale), "dual": res.dual},
     )
     trace_file = paths.extract_shard_trace(job.init, job.ipc, job.shard)
     write_json(trace_file, [{**row, "init": job.init, "ipc": job.ipc, "shard": job.shard} for row in res.trace])
@@ -202,11 +214,13 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
     mean, std = meta.stats()
     xs, ys, lams, ents, confs, names, inits, ipcs, shard_ids = [], [], [], [], [], [], [], [], []
     supports, margins = [], []
+    counts: dict[tuple[str, int], torch.Tensor] = {}
     trace: list[dict] = []
     metrics: dict[str, object] = {}
     for job in jobs(cfg):
         t = load_tensors(paths.extract_shard(job.init, job.ipc, job.shard),
-                         ("x", "y", "lam", "probs", "entropy", "support", "margin"))
+                         ("x", "y", "lam", "probs", "entropy", "support", "margin", "counts"))
+        counts[(job.init, job.ipc)] = counts.get((job.init, job.ipc), torch.zeros(4, dtype=torch.long)) + t["counts"]
         y = t["y"].long() if t["y"].dim() == 1 else t["y"].argmax(1)
         n = y.numel()
         xs.append(denormalize(t["x"], mean, std) if n else t["x"])
@@ -251,14 +265,19 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
                 return sum(vals) / len(vals) if vals else float("nan")
 
             key = f"{init}_ipc{ipc}"
+            dropped, lambda_zero, repaired, infeasible = counts[(init, ipc)].tolist()
             metrics[key] = {
-                "survivors": int(sel.sum()),
-                "survivors_per_class": torch.bincount(y_all[sel], minlength=meta.num_classes).tolist(),
+                "n": int(sel.sum()),
+                "per_class": torch.bincount(y_all[sel], minlength=meta.num_classes).tolist(),
+                "lambda_zero": lambda_zero,
+                "dropped": dropped,
+                "repaired": repaired,
+                "infeasible": infeasible,
                 "acc_target": avg(end, "acc_target"),
                 "entropy_start": avg(start, "entropy"),
                 "entropy_end": avg(end, "entropy"),
-                "residual_start": avg(start, "residual_rel"),
-                "residual_end": avg(end, "residual_rel"),
+                "residual_l2_start": avg(start, "residual_l2"),
+                "residual_l2_end": avg(end, "residual_l2"),
                 "lam_mean": float(torch.cat(lams)[sel].mean()) if int(sel.sum()) else float("nan"),
                 "support_mean": float(torch.cat(supports)[sel].mean()) if int(sel.sum()) else float("nan"),
                 "asked": int(ipc * meta.num_classes),

@@ -87,7 +87,8 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
     test = evaluate(model, x_test, y_test, meta.num_classes)
     val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None
     spec = {"model": to_plain(p.model), "in_shape": list(meta.input_shape), "num_classes": meta.num_classes,
-            "source": "checkpoint" if p.checkpoint else "trained"}
+            "source": "checkpoint" if p.checkpoint else "trained",
+            "weight_decay": None if p.checkpoint else p.fit.weight_decay}
     save_model(paths.teacher, paths.teacher_spec, model.cpu(), spec)
     write_json(paths.pretrain_curve, curve)
     metrics = {

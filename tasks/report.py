@@ -195,8 +195,8 @@ def render(cfg: PipelineConfig, paths: Paths, run_url: str | None = None) -> str
     kept = []
     try:
         ex = read_json(paths.metrics("extract"))
-        kept = [[k, m["survivors"], *m["survivors_per_class"]]
-                for k, m in ex.items() if isinstance(m, dict) and "survivors_per_class" in m]
+        kept = [[k, m["n"], m["lambda_zero"], *m["per_class"]]
+                for k, m in ex.items() if isinstance(m, dict) and "per_class" in m]
     except ArtifactError:
         pass
     per_class = ""
@@ -233,7 +233,7 @@ written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
 <p>Teacher KKT certificate (relative stationarity residual at uniform λ = 1/(nω); 0 = a KKT point, where
 DeepKKT's stationarity condition can hold): {html.escape(cert)}</p>
 {per_class}
-<h3>DSVs kept per class</h3>{_table(["init / IPC", "DSVs", *(classes or [])], kept) if kept else "<p>n/a</p>"}
+<h3>DSVs per class</h3>{_table(["init / IPC", "DSVs", "with λ = 0", *(classes or [])], kept) if kept else "<p>n/a</p>"}
 <h2>Results</h2>{_results(ev) if ev else "<p>No evaluation yet.</p>"}
 <h2>Deep Support Vectors</h2>{grids}
 <h2>The classifier as a generator</h2>{_generation(paths)}

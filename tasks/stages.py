@@ -209,7 +209,7 @@ _EXTRA_DEPS: dict[str, tuple[str, ...]] = {"evaluate": ("metrics/pretrain.json",
 DVC_PLOTS: dict[str, tuple[str, str]] = {
     "artifacts/pretrain/curve.json": ("step", "loss"),
     "artifacts/extract/trace.json": ("step", "entropy"),
-    "artifacts/coreset/trace.json": ("batch", "residual_rel"),
+    "artifacts/coreset/trace.json": ("batch", "residual_l2"),
     "artifacts/generate/trace.json": ("step", "conf_target"),
     "artifacts/evaluate/acc_vs_ipc.json": ("ipc", "acc"),
 }

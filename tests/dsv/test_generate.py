@@ -152,3 +152,40 @@ def test_matched_real_mirrors_class_counts_and_excludes() -> None:
         matched_real(torch.zeros(5, dtype=torch.long), real, g)
     # a small test split: take what a class has (the generate stage then scores what it can)
     assert real[matched_real(torch.zeros(5, dtype=torch.long), real, g, strict=False)].tolist() == [0] * 4
+
+
+def test_intra_class_cosine_is_one_for_copies_and_matches_a_hand_computation() -> None:
+    from dsv.judge import intra_class_cosine
+
+    copies = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 0.5], [3.0, 0.5]])
+    assert abs(intra_class_cosine(copies, torch.tensor([0, 0, 1, 1])) - 1.0) < 1e-12
+    # by hand: class 0 = {(1,0), (0,1), (1,1)}: cosines 0, 1/√2, 1/√2 -> mean √2/3; class 1 = {(1,0), (-1,0)}: -1
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
+    y = torch.tensor([0, 0, 0, 1, 1])
+    want = (2 ** 0.5 / 3 + -1.0) / 2
+    assert abs(intra_class_cosine(f, y) - want) < 1e-12
+    # centring moves the origin: around (0.5, 0.5) the class-0 points (1,0) and (0,1) are opposite
+    assert abs(intra_class_cosine(f[:2], y[:2], torch.tensor([0.5, 0.5])) + 1.0) < 1e-12
+    assert intra_class_cosine(f[:1], y[:1]) != intra_class_cosine(f[:1], y[:1])  # NaN: no class has two images
+
+
+def test_nearest_distance_finds_copies() -> None:
+    from dsv.judge import nearest_distance
+
+    pool = torch.randn(50, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([pool[[3, 7]], pool[[3]] + 0.5])
+    d = nearest_distance(x, pool, chunk=16)
+    assert d[:2].abs().max() < 1e-9 and abs(float(d[2]) - 0.5 * 4) < 1e-6
+
+
+def test_noise_starts_keep_their_std_at_the_coarsest_grid() -> None:
+    import torch.nn.functional as F
+
+    from dsv.generate import noise_start
+
+    cfg = GenerateConfig(levels=2, min_side=7)
+    x0 = noise_start(64, (1, 28, 28), cfg, torch.Generator().manual_seed(0))
+    coarse = F.interpolate(x0, size=(7, 7), mode="area")  # what generate_images optimises first
+    assert abs(float(coarse.std()) - 1.0) < 0.05
+    # full-resolution white noise averaged down to the same grid would have a quarter of that std
+    assert float(F.interpolate(torch.randn(64, 1, 28, 28), size=(7, 7), mode="area").std()) < 0.3

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
+from dsv.augment import augment
 from dsv.kkt import (
     KKTConfig,
     kkt_objective,
@@ -41,17 +44,17 @@ def test_weight_decay_identity_gives_zero_residual() -> None:
     omega, n = 5e-2, 40
     model, x, y = _converged_mlp(omega, n)
     lam = torch.full((n,), 1.0 / (n * omega), dtype=torch.float64)
-    _, rel = stationarity_residual(model, x, y, lam)
-    # Tolerance: L-BFGS converges to ~1e-9 gradient norm; the relative l1 residual is far below 1e-4.
+    rel = stationarity_residual(model, x, y, lam)
+    # Tolerance: L-BFGS converges to ~1e-9 gradient norm; the relative residual is far below 1e-4.
     assert rel < 1e-4, rel
     # A perturbed θ is clearly not stationary for the same λ.
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    _, rel_perturbed = stationarity_residual(model, x, y, lam)
+    rel_perturbed = stationarity_residual(model, x, y, lam)
     assert rel_perturbed > 0.05, rel_perturbed
     # And λ = 0 explains nothing (relative residual exactly 1).
-    _, rel_zero = stationarity_residual(model, x, y, torch.zeros_like(lam))
+    rel_zero = stationarity_residual(model, x, y, torch.zeros_like(lam))
     assert abs(rel_zero - 1.0) < 1e-12
 
 
@@ -107,12 +110,16 @@ def test_objective_terms_and_teacher_untouched() -> None:
     x = torch.randn(6, 1, 8, 8, requires_grad=True)
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     lam = torch.ones(6, requires_grad=True)
-    cfg = KKTConfig(beta_tv=1.0, beta_norm=1e-3)
+    cfg = KKTConfig(beta_tv=1.0, beta_norm=1e-3, beta_primal=0.5, primal="ungated", param_subset="all")
     params = stationarity_params(model, "all")
     total, terms = kkt_objective(model, params, x, y, lam, cfg, torch.Generator().manual_seed(0))
-    expected = (terms.stat + cfg.beta_primal * terms.primal + cfg.eta * (terms.stat_aug + cfg.beta_primal * terms.primal_aug)
-                + cfg.beta_tv * terms.tv + cfg.beta_norm * terms.norm)
-    assert torch.allclose(total.detach(), expected)
+    # rebuilt from independent pieces: the public losses on x and on the same augmentation draw of x
+    xa = augment(x, cfg.augment, torch.Generator().manual_seed(0))
+    expected = (stationarity_loss(model, x, y, lam, "l1", "all") + 0.5 * primal_loss(model(x), y, gated=False)
+                + cfg.eta_stat * stationarity_loss(model, xa, y, lam, "l1", "all")
+                + cfg.eta_primal * 0.5 * primal_loss(model(xa), y, gated=False)
+                + tv_loss(x) + 1e-3 * x.flatten(1).pow(2).sum(1).mean())
+    assert torch.allclose(total.detach(), expected.detach(), rtol=1e-5)
     gx, glam = torch.autograd.grad(total, [x, lam])
     assert torch.isfinite(gx).all() and torch.isfinite(glam).all()
     assert all(p.grad is None for p in model.parameters())
@@ -120,6 +127,85 @@ def test_objective_terms_and_teacher_untouched() -> None:
         assert torch.equal(v, before[k])
 
 
+def test_eta_stat_zero_leaves_x_gradient_free_of_augmented_stationarity() -> None:
+    from dsv.models import ModelConfig, build_seeded
+
+    model = build_seeded(ModelConfig(name="convnet_tiny"), (1, 8, 8), 3, seed=0).eval().double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    lam = torch.full((6,), 0.3, dtype=torch.float64, requires_grad=True)
+    params = stationarity_params(model, "last")
+
+    def grads(cfg: KKTConfig) -> torch.Tensor:
+        total, _ = kkt_objective(model, params, x, y, lam, cfg, torch.Generator().manual_seed(3))
+        return torch.autograd.grad(total, [x])[0]
+
+    base = KKTConfig(param_subset="last", primal="ungated", beta_primal=0.2, eta_stat=0.0, eta_primal=5.0)
+    xa = augment(x, base.augment, torch.Generator().manual_seed(3))
+    want = torch.autograd.grad(stationarity_loss(model, x, y, lam, "l1", "last")
+                               + 0.2 * primal_loss(model(x), y, gated=False)
+                               + 5.0 * 0.2 * primal_loss(model(xa), y, gated=False), [x])[0]
+    assert torch.allclose(grads(base), want, rtol=1e-9, atol=1e-12)
+    # with η_s > 0 the augmented stationarity term does enter x's gradient (the test can fail)
+    assert not torch.allclose(grads(replace(base, eta_stat=5.0)), want, rtol=1e-6)
+
+
 def test_tv_of_constant_image_is_zero() -> None:
     assert tv_loss(torch.ones(2, 1, 5, 5)).item() == 0.0
     assert tv_loss(torch.arange(25.0).view(1, 1, 5, 5)).item() > 0
+
+
+def test_repulsion_pushes_two_identical_candidates_apart() -> None:
+    from dsv.models import ModelConfig, build_seeded
+
+    model = build_seeded(ModelConfig(name="convnet_tiny"), (1, 8, 8), 3, seed=0).eval().double()
+    g = torch.Generator().manual_seed(0)
+    one = torch.randn(1, 1, 8, 8, generator=g, dtype=torch.float64)
+    x = torch.cat([one, one, torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)]).requires_grad_(True)
+    y = torch.tensor([0, 0, 1, 1])
+    lam = torch.ones(4, dtype=torch.float64)
+    params = stationarity_params(model, "last")
+    only = KKTConfig(param_subset="last", beta_stat=0.0, beta_primal=0.0, eta_stat=0.0, eta_primal=0.0)
+
+    def grad(cfg: KKTConfig) -> torch.Tensor:
+        total, terms = kkt_objective(model, params, x, y, lam, cfg, torch.Generator().manual_seed(1))
+        return torch.autograd.grad(total, [x], allow_unused=True)[0]
+
+    with_rep = grad(replace(only, beta_repel=1.0))
+    # the copies get different gradients (their augmented views differ), so one step separates them
+    assert (with_rep[0] - with_rep[1]).abs().max() > 1e-6
+    step = x.detach() - 0.5 * with_rep
+    assert (step[0] - step[1]).abs().max() > 1e-6
+    # ... and the step lowers their similarity in feature space
+    from dsv.kkt import capture_features, repulsion
+
+    def rep(v: torch.Tensor) -> float:
+        with capture_features(model) as cap:
+            model(v)
+        assert cap.last is not None
+        return float(repulsion(cap.last, y).detach())
+
+    assert rep(step) < rep(x.detach())
+    without = grad(only)
+    assert without is None or without.abs().max() == 0  # nothing else moves them in this objective
+
+
+def test_repulsion_chunked_matches_one_shot() -> None:
+    from dsv.models import ModelConfig, build_seeded
+
+    model = build_seeded(ModelConfig(name="convnet_tiny"), (1, 8, 8), 3, seed=0).eval().double()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    lam0 = torch.full((6,), 0.2, dtype=torch.float64)
+    params = stationarity_params(model, "last")
+    out = []
+    for chunk in (0, 2):
+        x, lam = x0.clone().requires_grad_(True), lam0.clone().requires_grad_(True)
+        cfg = KKTConfig(param_subset="last", beta_repel=0.7, chunk_size=chunk)
+        total, _ = kkt_objective(model, params, x, y, lam, cfg, torch.Generator().manual_seed(2))
+        out.append((total.detach(), *torch.autograd.grad(total, [x, lam])))
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-10)
+    assert torch.allclose(out[0][1], out[1][1], rtol=1e-8, atol=1e-12)
+    assert torch.allclose(out[0][2], out[1][2], rtol=1e-8, atol=1e-12)

@@ -186,3 +186,11 @@ def test_label_robust_score_by_hand() -> None:
     assert math.isclose(label_robust_score([1.0], [0.0], 1.0, weight=1.0).lrs_mean, 1.0)
     with pytest.raises(ValueError, match="at least one paired accuracy"):
         label_robust_score([], [0.5], 0.9)
+
+
+def test_dsv_method_names_cover_every_init_kind() -> None:
+    from dsv.extract import INITS
+    from dsv.protocols import DSV_METHODS
+
+    assert sorted(DSV_METHODS.values()) == sorted(INITS)
+    assert all(m == f"dsv_{i}" for m, i in DSV_METHODS.items())

@@ -56,7 +56,7 @@ def test_shipped_params_files_are_valid() -> None:
         ("pretrain.model.name=convnett", r"pretrain\.model\.name = 'convnett' is not one of .*did you mean 'convnet'"),
         ("extract.ipcs=[0]", r"extract\.ipcs must all be >= 1"),
         ("extract.ipcs=5", r"extract\.ipcs = 5.*expected tuple"),
-        ("extract.inits=[nshot, zeroshot]", r"extract\.inits = 'zeroshot' is not one of nshot, 0shot, noise"),
+        ("extract.inits=[nshot, zeroshot]", r"extract\.inits = 'zeroshot' is not one of nshot, 0shot, noise, herding"),
         ("extract.solver.kkt.distance=l3", r"extract\.solver\.kkt\.distance = 'l3' is not one of l1, l2"),
         ("extract.solver.dual=relu", r"extract\.solver\.dual = 'relu' is not one of drop, clamp, softplus"),
         ("distill.methods=[random, herdin]", r"distill\.methods = 'herdin'.*did you mean 'herding'"),
