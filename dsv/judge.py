@@ -29,9 +29,13 @@ class JudgeScore:
         conf: mean judge probability of the intended class.
         frechet: Fréchet distance between the judge features of the set and of the reference images.
         n: images in the set.
-        intra_class_cos: :func:`intra_class_cosine` of the set's judge features, centred on the reference's mean
-            feature (1.0 = each class is copies of one image).
+        intra_class_cos: :func:`intra_class_cosine` of the set's judge features (1.0 = each class is copies of one
+            image). ReLU features lie in the positive orthant, so real images score high too: compare with
+            ``real_intra_class_cos``.
         real_intra_class_cos: the same for the reference (real images, same classes and counts).
+        collapse: the within-class cosine of the set's judge features around the reference's mean feature of
+            each class: about 0 for real images (they spread around their class mean), 1 for copies of one image;
+            high when a class's images share one direction away from the real class, i.e. one mode.
     """
 
     acc: float
@@ -40,6 +44,7 @@ class JudgeScore:
     n: int
     intra_class_cos: float = float("nan")
     real_intra_class_cos: float = float("nan")
+    collapse: float = float("nan")
 
 
 @torch.no_grad()
@@ -73,15 +78,14 @@ def intra_class_cosine(feats: Tensor, y: Tensor, center: Tensor | None = None) -
     Args:
         feats: (N, F) features (e.g. the judge's, :func:`features`).
         y: (N,) int or (N, C) soft labels (argmax).
-        center: (F,) subtracted from every feature first. ReLU features all lie in the positive orthant, where
-            any two images have a high cosine; centring on the mean feature of real images (of all classes)
-            measures the angle around the data's centre instead.
+        center: subtracted from the features first: (F,) for all, or (N, F) one per image (e.g. the real mean
+            of each image's class: then real images score about 0 and copies of one image still 1).
 
     Returns:
         The mean within-class cosine (NaN when no class has two members).
     """
     hard = y.argmax(1) if y.dim() == 2 else y
-    f = feats.double() - (0.0 if center is None else center.double())
+    f = feats.double() - (0.0 if center is None else center.double())  # center: (F,) or (N, F)
     f = F.normalize(f, dim=1)
     per_class = []
     for c in hard.unique():
@@ -115,14 +119,17 @@ def judge_score(judge: nn.Module, x: Tensor, y: Tensor, reference: Tensor) -> Ju
     probs = F.softmax(predict_logits(judge, x), dim=1)
     conf = probs.gather(1, hard.view(-1, 1).long()).squeeze(1)
     fx, fr = features(judge, x), features(judge, reference)
-    center = fr.mean(0)
+    ref_y = _reference_labels(hard)
+    class_mean = {int(c): fr[ref_y == c].mean(0) for c in ref_y.unique()}
+    centers = torch.stack([class_mean[int(c)] for c in hard]) if len(class_mean) else None
     return JudgeScore(
         acc=float((probs.argmax(1) == hard).float().mean()),
         conf=float(conf.mean()),
         frechet=frechet_distance(fx, fr),
         n=int(x.shape[0]),
-        intra_class_cos=intra_class_cosine(fx, hard, center),
-        real_intra_class_cos=intra_class_cosine(fr, _reference_labels(hard), center),
+        intra_class_cos=intra_class_cosine(fx, hard),
+        real_intra_class_cos=intra_class_cosine(fr, ref_y),
+        collapse=intra_class_cosine(fx, hard, centers),
     )
 
 

@@ -268,6 +268,9 @@ class ExtractStageConfig:
         by_init: per init kind ("nshot", "0shot", "noise"), keys of ``solver`` to override for that kind
             (nested sections merge key by key), e.g. ``{nshot: {lam_solver: nnls, spare: 1.0}}``. Default:
             none (see ``DEFAULT_BY_INIT``).
+        warmup: the teacher-only inits ("0shot", "noise") are first inverted with this generator recipe
+            (``dsv.generate.GenerateConfig``: coarse-to-fine, augmented views, priors; noise is drawn at its
+            coarsest grid), then refined by the DeepKKT solver; null = DeepKKT from the raw starts.
     """
 
     inits: tuple[str, ...] = ("nshot", "0shot")
@@ -276,6 +279,7 @@ class ExtractStageConfig:
     seed: int = 0
     solver: ExtractConfig = field(default_factory=ExtractConfig)
     by_init: dict[str, dict[str, Any]] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_BY_INIT)))
+    warmup: GenerateConfig | None = None
 
     def __post_init__(self) -> None:
         _choices("inits", self.inits, INITS)

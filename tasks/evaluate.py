@@ -114,8 +114,8 @@ def flat_metrics(teacher_acc: float, rows: list[dict[str, Any]], judged: list[di
     for j in judged or ():
         out.setdefault("judge_acc", {})[j["set"]] = j["judge_acc"]
         out.setdefault("frechet", {})[j["set"]] = j["frechet"]
-        if not math.isnan(j["intra_class_cos"]):  # undefined at one image per class
-            out.setdefault("diversity_cos", {})[j["set"]] = j["intra_class_cos"]
+        if not math.isnan(j["collapse"]):  # undefined at one image per class
+            out.setdefault("collapse", {})[j["set"]] = j["collapse"]
     return {k: v for k, v in out.items() if v != {}}
 
 
@@ -132,15 +132,16 @@ def judge_markdown(judged: list[dict[str, Any]]) -> str:
     lines = ["", "Independent judge (stage `judge`, never the teacher) on each training set: accuracy on the intended",
              "class, mean confidence, Fréchet distance of its features to as many real test images of the same classes",
              "(lower = closer to real; `real_test` is a second real draw, the floor at this size; `noise` the ceiling);",
-             "diversity: the mean within-class cosine of its judge features, centred on the real images' mean (1 = each",
-             "class is copies of one image; `real` = the same for real images of those classes); nearest training image:",
-             "mean pixel distance (normalised units) to it (a copy of a training image has 0).",
-             "", "| set | IPC | images | judge acc (%) | judge conf | Fréchet | diversity (cos) | real (cos) | "
-             "nearest training image |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "cos: the mean within-class cosine of its judge features (1 = each class is copies of one image; `real`: the",
+             "same for real images of those classes); collapse: that cosine around the real class mean (real images ≈ 0,",
+             "copies 1: one mode per class); nearest: mean pixel distance (normalised units) to the nearest training",
+             "image (a copy of one has 0).",
+             "", "| set | IPC | images | judge acc (%) | judge conf | Fréchet | cos | real cos | collapse | nearest |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for j in sorted(judged, key=lambda j: (j["ipc"], j["frechet"])):
         lines.append(f"| {j['method']} | {j['ipc']} | {j['n']} | {100 * j['judge_acc']:.1f} | {j['judge_conf']:.3f} | "
                      f"{j['frechet']:.1f} | {j['intra_class_cos']:.3f} | {j['real_intra_class_cos']:.3f} | "
-                     f"{j['nearest_train']:.2f} |")
+                     f"{j['collapse']:.3f} | {j['nearest_train']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,7 +230,7 @@ def judge_sets(paths: Paths, rows: list[dict[str, Any]], seed: int = 0) -> list[
             s = judge_score(judge, x, y, reference)
             out.append({"set": name, "method": method, "ipc": ipc, "n": s.n, "judge_acc": s.acc,
                         "judge_conf": s.conf, "frechet": s.frechet, "intra_class_cos": s.intra_class_cos,
-                        "real_intra_class_cos": s.real_intra_class_cos,
+                        "real_intra_class_cos": s.real_intra_class_cos, "collapse": s.collapse,
                         "nearest_train": float(nearest_distance(x, x_train).mean())})
     return out
 

@@ -24,6 +24,7 @@ import torch
 from dsv.baselines import SELECTOR_INPUTS
 from dsv.data.core import denormalize
 from dsv.extract import INITS, ExtractConfig, ExtractEvent, extract, init_candidates
+from dsv.generate import generate_images, noise_start
 from dsv.train import predict_logits
 from tasks.artifacts import (
     PARAMS_HASH_KEY,
@@ -98,6 +99,10 @@ def solver_for(e: ExtractStageConfig, init: str) -> ExtractConfig:
     return _merged(e.solver, e.by_init.get(init, {}))  # type: ignore[no-any-return]
 
 
+# Inits that use no real image of the task: the generator warm-up (extract.warmup) applies to them.
+TEACHER_ONLY = ("0shot", "noise")
+
+
 def _seed(base: int, *parts: int) -> int:
     """A deterministic seed per (init, IPC, shard), independent of Python's hash randomisation."""
     h = base
@@ -162,11 +167,19 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
         if pool.shape[0] == 0:
             raise ValueError("init '0shot' needs the init pool, which is empty (see prepare.init_pool)")
         other_x = (pool - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    x0, y0 = init_candidates(job.init, total, c, meta.input_shape, g, real_x, real_y, other_x, features, logits)
+    warm = e.warmup if job.init in TEACHER_ONLY and len(meta.input_shape) == 3 else None
+    if job.init == "noise" and warm is not None:  # noise on the warm-up's coarsest grid (see noise_start)
+        y0 = torch.arange(c).repeat_interleave(total)
+        x0 = noise_start(y0.numel(), meta.input_shape, warm, g)
+    else:
+        x0, y0 = init_candidates(job.init, total, c, meta.input_shape, g, real_x, real_y, other_x, features, logits)
     start = sum(widths[: job.shard])
     keep = torch.cat([torch.arange(k * total + start, k * total + start + widths[job.shard]) for k in range(c)])
     x0, y0 = x0[keep], y0[keep]
     lo, hi = _bounds(paths, meta)
+    if warm is not None:
+        x0 = generate_images(teacher, x0.to(device), y0.to(device), warm, seed=_seed(e.seed, INITS.index(job.init),
+                             job.ipc, job.shard), pixel_bounds=(lo, hi)).x
 
     prefix = job.tag
     bar = Bar(cfg.runtime.progress, solver.steps, f"extract {prefix}", unit="step")

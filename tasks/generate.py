@@ -109,7 +109,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
                          ("real", x_test[second], y_test[second])):
         ok = reference.numel() >= 2 and xs.shape[0] >= 2
         s = judge_score(judge, xs, ys, x_test[reference]) if ok else None
-        for k in ("acc", "conf", "frechet", "intra_class_cos"):
+        for k in ("acc", "conf", "frechet", "intra_class_cos", "collapse"):
             metrics[f"{name}_judge_{k}"] = getattr(s, k) if s is not None else float("nan")
     metrics.update(_strip_metrics(judge, strips, pair_idx, deltas, pairs))
     if edits is not None:

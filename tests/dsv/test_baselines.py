@@ -193,3 +193,24 @@ def test_el2n_matches_definition_bounds() -> None:
 def test_proxy_config_checks() -> None:
     with pytest.raises(ValueError, match="el2n_models"):
         ProxyConfig(el2n_models=0)
+
+
+def test_kkt_herding_herds_among_the_low_support_samples() -> None:
+    from dsv.baselines import herding, kkt_herding, uniform_support
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(60, 4, generator=g)
+    y = torch.arange(2).repeat_interleave(30)
+    logits = torch.randn(60, 2, generator=g) * 3
+    support = uniform_support(feats, logits, y)
+    # by hand for one sample: ‖softmax − onehot‖·‖(h, 1)‖
+    p = logits[0].softmax(0).double()
+    want = float((p - torch.tensor([1.0, 0.0], dtype=torch.float64)).norm() * (feats[0].double().norm() ** 2 + 1) ** 0.5)
+    assert abs(float(support[0]) - want) < 1e-6  # float32 softmax in the caller's logits
+    picks = kkt_herding(feats, logits, y, 5, 2, drop=0.2)
+    assert picks.shape == (10,) and (y[picks] == torch.arange(2).repeat_interleave(5)).all()
+    for c in range(2):
+        members = (y == c).nonzero(as_tuple=True)[0]
+        dropped = set(members[support[members].argsort(descending=True)[:6]].tolist())  # top 20% of 30
+        assert not dropped & set(picks[y[picks] == c].tolist())
+    assert torch.equal(kkt_herding(feats, logits, y, 5, 2, drop=0.0), herding(feats, y, 5, 2))
