@@ -6,8 +6,9 @@ conv + ReLU + max-pool blocks, one linear layer). Each is used as trained (``tod
 convergence phase (``conv``: full-batch L-BFGS on the final layer, ``dsv.certificate.converge``), with
 its KKT certificate. Each *setting* fixes teacher regime, model, θ subset, λ solver, steps and spare;
 each is run at IPC 1 and 10, from n-shot real images and from noise, **with and without L_stat** (paired
-rows, same budget, same initial candidates: ``kkt.beta_stat`` 1 vs 0). Per row: the certificate, the
-final relative stationarity residual, a memorisation measure (mean over DSVs of the cosine similarity
+rows, same budget, same initial candidates: ``kkt.beta_stat`` 1 vs 0), over ``--seeds`` draws (the n-shot
+draw, the noise, the augmentation draws of the extraction: one seed per draw; the real-image reference row
+uses the same draws). Per row: the certificate, the relative l2 stationarity residual ‖θ* + Σλ∇L‖/‖θ*‖, a memorisation measure (mean over DSVs of the cosine similarity
 to the nearest training image vs to the nearest held-out test image) and students' test accuracy under
 the ``paper`` protocol (ConvNet-3 width 32, Adam lr 1e-4, DSA, max(200 epochs, 400 steps), n seeds).
 
@@ -15,8 +16,8 @@ The grid is fractional (one factor varied at a time from the converged instance-
 NNLS solver); the settings are listed in the output. Writes benchmarks/results/kkt-regime-<dataset>.json
 and .md; resumable (rows already in the JSON are skipped).
 
-    .venv/bin/python benchmarks/kkt_regime.py --dataset digits
-    .venv/bin/python benchmarks/kkt_regime.py --dataset fashion_mnist --n-per-class 1000
+    .venv/bin/python benchmarks/kkt_regime.py --dataset digits --epochs 30
+    .venv/bin/python benchmarks/kkt_regime.py --dataset fashion_mnist --n-per-class 1000 --device cuda
 """
 
 from __future__ import annotations
@@ -89,12 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--inits", nargs="+", default=["nshot", "noise"])
     ap.add_argument("--settings", nargs="*", default=None, help="subset of setting names (default: all)")
-    ap.add_argument("--n-runs", type=int, default=3)
+    ap.add_argument("--n-runs", type=int, default=3, help="student seeds")
+    ap.add_argument("--seeds", type=int, default=3, help="draws: initial candidates and extraction seed")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--root", default="data", help="where the dataset files are (also the system paths)")
     ap.add_argument("--name", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    ds = load_dataset(DataConfig(name=args.dataset, n_per_class=args.n_per_class,
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    ds = load_dataset(DataConfig(name=args.dataset, root=args.root, n_per_class=args.n_per_class,
                                  test_per_class=args.test_per_class, seed=0))
+    dev = args.device
     mean, std = ds.mean, ds.std
     x_train, y_train = normalize(ds.train_x, mean, std), ds.train_y
     x_test, y_test = normalize(ds.test_x, mean, std), ds.test_y
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if ("today", kind) not in models:
             mc = ModelConfig(name="convnet", width=args.teacher_width, depth=depth,
                              norm="instance" if kind == "inorm" else "none", pool="avg" if kind == "inorm" else "max")
-            m = build_seeded(mc, shape, c, 0)
+            m = build_seeded(mc, shape, c, 0).to(dev)
             t0 = time.perf_counter()
             fit(m, x_train, y_train, FitConfig(optimizer="adam", lr=1e-3, weight_decay=OMEGA, epochs=args.epochs,
                                                batch_size=128, schedule="cosine"), seed=0)
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if regime == "conv":
             m = copy.deepcopy(models[("today", kind)])
             t0 = time.perf_counter()
-            r = converge(m, x_train, y_train, OMEGA, ConvergeConfig(scope="last", max_iter=500))
+            r = converge(m, x_train.to(dev), y_train.to(dev), OMEGA, ConvergeConfig(scope="last", max_iter=500))
             m.eval()
             models[("conv", kind)] = m
             teacher_info[f"conv/{kind}"] = {**describe(m, time.perf_counter() - t0), "lbfgs_iterations": r.iterations}
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         acc = evaluate(m, x_test, y_test, c).accuracy
         certs = {}
         for subset in ("all", "last", "free"):
-            ps = stationarity_params(m, subset, x_train[:8])
+            ps = stationarity_params(m, subset, x_train[:8].to(dev))
             certs[subset] = kkt_certificate(m, x_train, y_train, OMEGA, ps, subset).relative
         return {"test_acc": acc, "certificate": certs, "seconds": round(seconds, 1)}
 
@@ -158,23 +164,37 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: dict(zip(("regime", "model", "param_subset", "lam_solver", "steps", "spare"), v))
                          for k, v in SETTINGS.items()},
             "protocol": dataclasses.asdict(protocol), "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+            "seeds": args.seeds, "device": args.device,
         })
         RESULTS.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(out, indent=1, default=str) + "\n")
         stem.with_suffix(".md").write_text(render(out))
 
     settings = args.settings or list(SETTINGS)
+
+    def students(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+        return [r.accuracy for r in train_students(x, y, x_test, y_test, None, protocol, shape, c, seeds, dev)]
+
+    def mean_std(v: list[float]) -> tuple[float, float]:
+        t = torch.tensor(v, dtype=torch.float64)
+        return (float(t.mean()), float(t.std(correction=0))) if v else (float("nan"), float("nan"))
+
+    draws = list(range(args.seeds))
     for ipc in args.ipcs:
         for init in args.inits:
             key = ("real images", ipc, init, "reference")
-            if init == "nshot" and key not in done:
-                x0, y0 = init_candidates("nshot", ipc, c, shape, torch.Generator().manual_seed(0),
-                                         real_x=x_train, real_y=y_train)
-                accs = [r.accuracy for r in train_students(x0, y0, x_test, y_test, None, protocol, shape, c, seeds)]
-                out["rows"].append({"dataset": args.dataset, "setting": "real images", "ipc": ipc, "init": init,
-                                    "variant": "reference", "acc_mean": sum(accs) / len(accs),
-                                    "acc_std": float(torch.tensor(accs).std(unbiased=False)), "accs": accs})
-                save()
+            ref_accs: dict[int, list[float]] = {}
+            if init == "nshot":
+                for s in draws:
+                    x0, y0 = init_candidates("nshot", ipc, c, shape, torch.Generator().manual_seed(s),
+                                             real_x=x_train, real_y=y_train)
+                    ref_accs[s] = students(x0, y0)
+                if key not in done:
+                    flat = [a for s in draws for a in ref_accs[s]]
+                    m, sd = mean_std(flat)
+                    out["rows"].append({"dataset": args.dataset, "setting": "real images", "ipc": ipc, "init": init,
+                                        "variant": "reference", "acc_mean": m, "acc_std": sd, "accs": flat})
+                    save()
             for setting in settings:
                 regime, kind, *_ = SETTINGS[setting]
                 for variant, beta in (("full", 1.0), ("no_stat", 0.0)):
@@ -183,26 +203,32 @@ def main(argv: list[str] | None = None) -> int:
                     t_model = teacher(regime, kind)
                     cfg = solver_config(setting, beta)
                     per = ipc + int(round(ipc * cfg.spare))
-                    g = torch.Generator().manual_seed(0)
-                    x0, y0 = init_candidates(init, per, c, shape, g, real_x=x_train, real_y=y_train)
-                    t0 = time.perf_counter()
-                    res = extract(t_model, x0, y0, cfg, seed=0, pixel_bounds=bounds, keep_per_class=ipc)
-                    ext_s = time.perf_counter() - t0
-                    accs = ([r.accuracy for r in train_students(res.x, res.y, x_test, y_test, None, protocol, shape, c,
-                                                                 seeds)] if res.x.shape[0] else [])
-                    sim_train = max_cosine(res.x, x_train) if res.x.shape[0] else torch.zeros(1)
-                    sim_test = max_cosine(res.x, x_test) if res.x.shape[0] else torch.zeros(1)
+                    accs, deltas, r0, r1, sims, lam0, ext_s = [], [], [], [], [], [], 0.0
+                    for s in draws:
+                        x0, y0 = init_candidates(init, per, c, shape, torch.Generator().manual_seed(s), real_x=x_train,
+                                                 real_y=y_train)
+                        t0 = time.perf_counter()
+                        res = extract(t_model, x0.to(dev), y0.to(dev), cfg, seed=s, pixel_bounds=bounds,
+                                      keep_per_class=ipc)
+                        ext_s += time.perf_counter() - t0
+                        got = students(res.x, res.y)
+                        accs += got
+                        if s in ref_accs:
+                            deltas += [a - b for a, b in zip(got, ref_accs[s])]
+                        r0.append(res.trace[0]["residual_l2"])
+                        r1.append(res.trace[-1]["residual_l2"])
+                        lam0.append(res.lambda_zero)
+                        sims.append((float(max_cosine(res.x, x_train).mean()), float(max_cosine(res.x, x_test).mean())))
                     cert = teacher_info[f"{regime}/{kind}"]["certificate"][cfg.kkt.param_subset]
+                    m, sd = mean_std(accs)
+                    dm, dsd = mean_std(deltas)
                     row = {
                         "dataset": args.dataset, "setting": setting, "ipc": ipc, "init": init, "variant": variant,
-                        "acc_mean": sum(accs) / len(accs) if accs else float("nan"),
-                        "acc_std": float(torch.tensor(accs).std(unbiased=False)) if accs else float("nan"),
-                        "accs": accs, "residual_start": res.trace[0]["residual_rel"],
-                        "residual_end": res.trace[-1]["residual_rel"], "kkt_certificate": cert,
-                        "dsvs": int(res.x.shape[0]), "entropy_end": res.trace[-1]["entropy"],
-                        "acc_target": res.trace[-1]["acc_target"],
-                        "sim_train": float(sim_train.mean()), "sim_test": float(sim_test.mean()),
-                        "extract_seconds": round(ext_s, 1),
+                        "acc_mean": m, "acc_std": sd, "accs": accs, "delta_vs_real_mean": dm, "delta_vs_real_std": dsd,
+                        "residual_start": sum(r0) / len(r0), "residual_end": sum(r1) / len(r1),
+                        "kkt_certificate": cert, "dsvs": ipc * c, "lambda_zero": sum(lam0) / len(lam0),
+                        "sim_train": sum(a for a, _ in sims) / len(sims), "sim_test": sum(b for _, b in sims) / len(sims),
+                        "extract_seconds": round(ext_s / len(draws), 1),
                     }
                     out["rows"].append(row)
                     done.add((setting, ipc, init, variant))
@@ -220,8 +246,9 @@ def render(out: dict[str, Any]) -> str:
         f"# KKT regime study: {out['dataset']} ({out['n_train']} training images, {out['n_test']} test)", "",
         "Commands (all merged into this file): " + "; ".join(f"`{c}`" for c in out.get("commands", [out["command"]]))
         + f" (last at commit {out['commit']}; load {' '.join(out['loadavg'])}). Students: `paper` protocol, "
-        f"{out['protocol']['n_runs']} seeds, mean ± std (%). `residual`: stationarity residual relative to λ = 0 "
-        "(start → end). `certificate`: the teacher's KKT certificate on the setting's θ subset. `sim train/test`: "
+        f"{out['protocol']['n_runs']} student seeds × {out.get('seeds', 1)} draws (initial candidates and extraction "
+        "seed; the reference row trains on the same n-shot draws), mean ± std (%). `residual`: relative l2 "
+        "stationarity residual ‖θ* + Σλ∇L‖/‖θ*‖ (start → end). `certificate`: the teacher's KKT certificate on the setting's θ subset. `sim train/test`: "
         "mean cosine similarity of each DSV to its nearest training / test image (memorisation shows as "
         "train ≫ test). Paired rows: the same setting with L_stat (`full`) and without (`no_stat`, kkt.beta_stat = 0).", "",
         "## Teachers", "", "| teacher | test acc | certificate all | last | free | seconds |", "|---|---:|---:|---:|---:|---:|",

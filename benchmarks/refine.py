@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta = d["meta"]
     c = meta.num_classes
     protocol = ProtocolConfig(name="paper", epochs=args.epochs, min_steps=args.min_steps, n_runs=args.students,
-                              model=ModelConfig(name="convnet", width=args.width, depth=3))
+                              model=ModelConfig(name="convnet", width=args.width, depth=args.depth))
     base = ExtractConfig(steps=args.steps, log_every=args.steps)
     specs = {**VARIANTS, **dict(v.split("=", 1) for v in args.variant)}
     if args.variants:
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def render(p: dict[str, Any]) -> str:
     lines = [f"# DSV refinement study: {p['dataset']}", "", f"- Command: `{p['command']}` at commit `{p['git_commit'][:7]}`; "
              f"wall {p['wall_s']:.0f} s, load average {p['loadavg_start']} → {p['loadavg_end']}.",
-             f"- Students: ConvNet-3 width {p['args']['width']}, protocol `paper` (Adam lr 1e-4, DSA, "
+             f"- Students: ConvNet (depth {p['args'].get('depth', 3)}) width {p['args']['width']}, protocol `paper` (Adam lr 1e-4, DSA, "
              f"max({p['args']['epochs']} epochs, {p['args']['min_steps']} steps)), {p['args']['students']} student seeds; "
              f"herding starts refined with {p['args']['seeds']} extraction seeds, random starts: one per draw.",
              "- Δ: paired by start and student seed (refined − unrefined), mean ± population std over the pairs. "
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--min-steps", type=int, default=400)
     ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--depth", type=int, default=3, help="student ConvNet depth")
     ap.add_argument("--variants", nargs="*", default=[], help="substrings of the variant names to run (default all)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
                     help="add a variant, e.g. 'η_s 20=kkt.eta_stat=20' (keys of ExtractConfig, kkt.* for the objective)")
