@@ -55,6 +55,7 @@ VARIANTS: dict[str, str] = {
     "no flip": "kkt.augment.ops=translate|crop|noise",
     "generator warm-up": "warmup.steps=200",
     "generator warm-up + repel 0.05": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05",
+    "generator warm-up + repel 0.5": "warmup.steps=200,warmup.beta_repel=0.5,kkt.beta_repel=0.5",
 }
 GEN_VARIANTS: dict[str, str] = {
     "generate (today's recipe)": "",
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pool = load_tensors(paths.init_pool, ("x",))["x"]
     pool = (pool - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     protocol = ProtocolConfig(name="paper", epochs=args.epochs, min_steps=args.min_steps, n_runs=args.students,
-                              model=ModelConfig(name="convnet", width=args.width, depth=3))
+                              model=ModelConfig(name="convnet", width=args.width, depth=args.depth))
     specs = {**VARIANTS, **GEN_VARIANTS, **dict(v.split("=", 1) for v in args.variant)}
     if args.variants:
         specs = {k: v for k, v in specs.items() if any(s in k for s in args.variants)}
@@ -165,7 +166,7 @@ def render(p: dict[str, Any]) -> str:
     lines = [f"# Teacher-only sets: {p['dataset']}", "",
              f"- Command: `{p['command']}` at commit `{p['git_commit'][:7]}`; wall {p['wall_s']:.0f} s, load average "
              f"{p['loadavg_start']} → {p['loadavg_end']}.",
-             f"- Students: ConvNet-3 width {a['width']}, protocol `paper` (Adam lr 1e-4, DSA, max({a['epochs']} epochs, "
+             f"- Students: ConvNet (depth {a.get('depth', 3)}) width {a['width']}, protocol `paper` (Adam lr 1e-4, DSA, max({a['epochs']} epochs, "
              f"{a['min_steps']} steps)), {a['students']} student seeds, hard labels; one extraction seed ({a['seed']}).",
              "- Judge: the pipeline's judge stage. cos: within-class cosine of judge features (1 = copies), real: the "
              "same for as many real images; collapse: that cosine around the real class mean (real ≈ 0, copies 1). "
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--min-steps", type=int, default=400)
     ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--depth", type=int, default=3, help="student ConvNet depth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="*", default=[], help="substrings of the variant names to run (default all)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
