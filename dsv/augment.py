@@ -37,6 +37,9 @@ class AugmentConfig:
         ops: the ops sampled from; one op is drawn per call (``one_per_call``) or all are applied.
         one_per_call: draw a single op per call (Algorithm 1 and DSA do this) instead of chaining all.
         per_sample: draw op parameters per sample (True) or once for the whole batch (DSA's Siamese mode).
+        op_per_sample: with ``one_per_call``, draw the op itself per sample too (each image gets its own
+            augmentation draw; needs ``per_sample``): candidates of one class are then never pushed by the
+            same transform at a step. Default off (Algorithm 1: one op per step for the batch).
         translate: max shift as a fraction of the side (paper: 0.125).
         crop: random-resized-crop strength: the crop keeps a side fraction in [1 - crop, 1] (paper: 0.2).
         crop_pad: DSA crop: shift by up to this fraction with zero fill (0.125).
@@ -53,6 +56,7 @@ class AugmentConfig:
     ops: tuple[str, ...] = KKT_OPS
     one_per_call: bool = True
     per_sample: bool = True
+    op_per_sample: bool = False
     translate: float = 0.125
     crop: float = 0.2
     crop_pad: float = 0.125
@@ -69,6 +73,8 @@ class AugmentConfig:
         unknown = [o for o in self.ops if o not in ALL_OPS]
         if unknown:
             raise ValueError(f"ops: unknown op(s) {unknown}; allowed: {', '.join(ALL_OPS)}")
+        if self.op_per_sample and not (self.per_sample and self.one_per_call):
+            raise ValueError("op_per_sample needs per_sample and one_per_call")
         if not 0.0 <= self.flip <= 1.0:
             raise ValueError(f"flip is a probability in [0, 1], got {self.flip}")
         for name in ("translate", "crop", "crop_pad", "cutout", "noise"):
@@ -187,6 +193,15 @@ def augment(x: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor
     """
     if x.dim() != 4 or not cfg.ops:
         return x  # tabular/toy inputs: augmentation does not apply
+    if cfg.one_per_call and cfg.op_per_sample:
+        which = torch.randint(len(cfg.ops), (x.shape[0],), generator=generator)  # (B,) one op per image
+        out = torch.empty_like(x)
+        for j, op in enumerate(cfg.ops):
+            rows = (which == j).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                idx = to_device(rows, x.device)
+                out = out.index_copy(0, idx, apply_op(op, x.index_select(0, idx), cfg, generator))
+        return out
     if cfg.one_per_call:
         k = int(torch.randint(len(cfg.ops), (1,), generator=generator))
         return apply_op(cfg.ops[k], x, cfg, generator)

@@ -108,3 +108,26 @@ def test_augment_groups_equals_one_augment_per_block(cfg: AugmentConfig) -> None
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(together, alone))
     with pytest.raises(ValueError, match="equal blocks"):
         augment_groups(x[:5], cfg, together)
+
+
+def test_op_per_sample_gives_each_candidate_its_own_draw() -> None:
+    import pytest
+
+    from dsv.augment import AugmentConfig, augment
+
+    x = torch.ones(1, 1, 8, 8).repeat(32, 1, 1, 1) * torch.linspace(0, 1, 64).view(1, 1, 8, 8)  # identical images
+    shared = AugmentConfig(ops=("translate", "flip", "noise"), noise=0.1)
+    own = AugmentConfig(ops=("translate", "flip", "noise"), noise=0.1, op_per_sample=True)
+    out_own = augment(x, own, torch.Generator().manual_seed(0))
+    # each image drew its own op: translated, flipped and noised copies all appear in one call
+    noised = [(o - x[0]).abs().max() > 0 and not torch.allclose(o, x[0].flip(-1)) for o in out_own]
+    assert 0 < sum(bool(n) for n in noised) < 32
+    assert len({tuple(o.flatten()[:8].round(decimals=4).tolist()) for o in out_own}) > 8
+    # the shared draw applies one op to the whole batch
+    shared_out = augment(x, shared, torch.Generator().manual_seed(0))
+    assert shared_out.requires_grad is False and shared_out.shape == x.shape
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(augment(xg, own, torch.Generator().manual_seed(1)).sum(), [xg])
+    assert torch.isfinite(g).all() and g.abs().sum() > 0  # differentiable through the scatter
+    with pytest.raises(ValueError, match="op_per_sample"):
+        AugmentConfig(op_per_sample=True, per_sample=False)
