@@ -49,19 +49,22 @@ RESULTS = ROOT / "benchmarks" / "results"
 # (dsv.extract.ExtractConfig); for ``kind = generate`` rows the ``gen.*`` keys set the GenerateConfig.
 VARIANTS: dict[str, str] = {
     "today": "",
-    "repel 0.05": "kkt.beta_repel=0.05",
-    "repel 0.5": "kkt.beta_repel=0.5",
-    "target mix 0.3": "target_mix=0.3",
-    "no flip": "kkt.augment.ops=translate|crop|noise",
     "generator warm-up": "warmup.steps=200",
-    "generator warm-up + repel 0.05": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05",
-    "generator warm-up + repel 0.5": "warmup.steps=200,warmup.beta_repel=0.5,kkt.beta_repel=0.5",
+    "warm-up + repel 0.05": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05",
+    "warm-up + repel 0.5": "warmup.steps=200,warmup.beta_repel=0.5,kkt.beta_repel=0.5",
+    "W+R 0.05 + own augmentation draws": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05,"
+                                         "kkt.augment.op_per_sample=1",
+    "W+R 0.05 + target mix 0.3": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05,target_mix=0.3",
+    "W+R 0.05 + no flip": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05,"
+                          "warmup.augment.ops=translate|cutout|noise,kkt.augment.ops=translate|crop|noise",
+    "repel 0.5 (no warm-up)": "kkt.beta_repel=0.5",
 }
 GEN_VARIANTS: dict[str, str] = {
     "generate (today's recipe)": "",
     "generate + repel 0.05": "gen.beta_repel=0.05",
     "generate + repel 0.5": "gen.beta_repel=0.5",
-    "generate + target mix 0.3": "gen.target_mix=0.3",
+    "generate + repel 0.05 + target mix 0.3": "gen.beta_repel=0.05,gen.target_mix=0.3",
+    "generate + repel 0.05 + no flip": "gen.beta_repel=0.05,gen.augment.ops=translate|cutout|noise",
 }
 
 
@@ -78,17 +81,24 @@ def _value(raw: str) -> Any:
 
 def configure(spec: str, steps: int) -> tuple[ExtractConfig, GenerateConfig, GenerateConfig]:
     """(extraction config, warm-up recipe, generation recipe) for a variant spec."""
-    groups: dict[str, dict[str, Any]] = {"": {}, "kkt": {}, "kkt.augment": {}, "warmup": {}, "gen": {}}
+    groups: dict[str, dict[str, Any]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, _, raw = item.partition("=")
         prefix, _, name = key.rpartition(".")
-        groups[prefix][name] = _value(raw)
-    base = ExtractConfig(steps=steps, log_every=steps)
-    kkt = dataclasses.replace(base.kkt, **groups["kkt"],
-                              augment=dataclasses.replace(base.kkt.augment, **groups["kkt.augment"]))
-    cfg = dataclasses.replace(base, **groups[""], kkt=kkt)
-    warm = dataclasses.replace(GenerateConfig(), **{"steps": 0, **groups["warmup"]})
-    gen = dataclasses.replace(GenerateConfig(), **groups["gen"])
+        groups.setdefault(prefix, {})[name] = _value(raw)
+
+    def build(obj: Any, prefix: str) -> Any:
+        keys = dict(groups.get(prefix, {}))
+        for f in dataclasses.fields(obj):
+            sub = f"{prefix}.{f.name}" if prefix else f.name
+            if dataclasses.is_dataclass(getattr(obj, f.name)) and any(g == sub or g.startswith(sub + ".")
+                                                                        for g in groups):
+                keys[f.name] = build(getattr(obj, f.name), sub)
+        return dataclasses.replace(obj, **keys)
+
+    cfg = build(ExtractConfig(steps=steps, log_every=steps), "")
+    warm = build(dataclasses.replace(GenerateConfig(), steps=0), "warmup")
+    gen = build(GenerateConfig(), "gen")
     return cfg, warm, gen
 
 
@@ -97,7 +107,21 @@ def _mean_std(v: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((a - m) ** 2 for a in v) / len(v))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def prepare(args: argparse.Namespace) -> None:
+    """Run the prepare, pretrain and judge stages in this process (no Prefect, MLflow or DVC) into ``--base``."""
+    from tasks.config import load_config
+    from tasks.stages import STAGES, stage_module
+    from tasks.tracking import NullLog
+
+    cfg = load_config(args.prepare, [f"runtime.output_dir={args.base}", *args.set])
+    paths = Paths((ROOT / args.base).resolve())
+    for name in ("prepare", "pretrain", "judge"):
+        t0 = time.perf_counter()
+        stage_module(name).run(cfg.restricted(STAGES[name].sections), paths, NullLog())
+        print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     paths = Paths((ROOT / args.base).resolve())
     meta = read_data_meta(paths.data_meta)
@@ -105,7 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     x, y = load_split(paths.train, meta)
     xt, yt = load_split(paths.test, meta)
     teacher = load_model(paths.teacher, paths.teacher_spec, args.device)
-    judge = load_model(paths.judge, paths.judge_spec)
+    judge = load_model(paths.judge, paths.judge_spec, args.device)
     mean, std = meta.stats()
     bounds = ((0.0 - mean) / std, (1.0 - mean) / std)
     pool = load_tensors(paths.init_pool, ("x",))["x"]
@@ -116,6 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.variants:
         specs = {k: v for k, v in specs.items() if any(s in k for s in args.variants)}
     rows: list[dict[str, Any]] = []
+    payload = {"dataset": meta.name, "rows": rows}
     real_nearest = float(nearest_distance(xt[:500], x).mean())
 
     def score(kind: str, init: str, ipc: int, name: str, xs: torch.Tensor, ys: torch.Tensor, secs: float) -> None:
@@ -131,6 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "nearest_train": float(nearest_distance(xs, x).mean()), "real_nearest_train": real_nearest,
                "n_train": int(ys.numel()), "seconds": secs}
         rows.append(row)
+        save(payload)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "accs"}),
               flush=True)
 
@@ -158,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     x0 = generate_images(teacher, x0, y0, warm, seed=args.seed, pixel_bounds=bounds).x
                 res = extract(teacher, x0, y0, cfg, seed=args.seed, pixel_bounds=bounds, keep_per_class=ipc)
                 score("dsv", init, ipc, name, res.x, res.y, time.perf_counter() - t0)
-    return {"dataset": meta.name, "rows": rows}
+    return payload
 
 
 def render(p: dict[str, Any]) -> str:
@@ -201,19 +227,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default=None, help="results file stem (default diversity-<dataset>)")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for the results files")
+    ap.add_argument("--prepare", default=None, metavar="PARAMS",
+                    help="first run the prepare, pretrain and judge stages of this params file into --base, in process")
+    ap.add_argument("-S", "--set", action="append", default=[], help="overrides for --prepare")
     args = ap.parse_args(argv)
     load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     t0 = time.perf_counter()
-    payload = run(args)
-    payload.update({
-        "command": "python benchmarks/diversity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
-        "wall_s": time.perf_counter() - t0, "loadavg_start": load0,
-        "loadavg_end": " ".join(Path("/proc/loadavg").read_text().split()[:3]), "args": vars(args),
-    })
-    stem = RESULTS / (args.name or f"diversity-{payload['dataset']}")
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(render(payload))
+    if args.prepare:
+        prepare(args)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+    def save(payload: dict[str, Any]) -> Path:
+        payload.update({
+            "command": "python benchmarks/diversity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "git_commit": commit, "wall_s": time.perf_counter() - t0, "loadavg_start": load0,
+            "loadavg_end": " ".join(Path("/proc/loadavg").read_text().split()[:3]), "args": vars(args),
+        })
+        stem = Path(args.out) / (args.name or f"diversity-{payload['dataset']}")
+        stem.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(render(payload))
+        return stem
+
+    stem = save(run(args, save))
     print(stem.with_suffix(".md").read_text())
     return 0
 

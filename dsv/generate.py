@@ -77,7 +77,8 @@ class GenerateConfig:
         beta_bn: weight of the BatchNorm feature-statistics prior (0 or a teacher without BN: off).
         beta_stat: weight of the DeepKKT stationarity term (0 = plain inversion with priors).
         beta_repel: weight of the within-class repulsion of the teacher's features (:func:`dsv.kkt.repulsion`):
-            the images of one class are pushed apart so they do not all become the class's one mode. 0 = off.
+            the images of one class are pushed apart so they do not all become the class's one mode. 0 = off
+            (the default 0.05 was chosen on Fashion-MNIST and digits, benchmarks/results/diversity-*.md).
         target_mix: per-sample targets for :func:`sample`: each image's class c is optimised as
             (1 − δ)·e_c + δ·e_{c'}, δ ~ U(0, ``target_mix``), c' a random other class. 0 = off.
         param_subset: θ of the stationarity term ("last", "free", "all": :func:`dsv.kkt.stationarity_params`).
@@ -96,7 +97,7 @@ class GenerateConfig:
     beta_norm: float = 0.01
     beta_bn: float = 0.01
     beta_stat: float = 0.0
-    beta_repel: float = 0.0
+    beta_repel: float = 0.05
     target_mix: float = 0.0
     param_subset: str = "last"
     lr_lam: float = 0.1

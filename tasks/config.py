@@ -250,7 +250,10 @@ class PretrainConfig:
 # datasets at every IPC; its best n-shot setting at IPC 1 (a converged teacher, the NNLS λ step, l2, one
 # spare candidate per DSV) is one override away (README, "The KKT regime"):
 #   -S pretrain.converge.scope=last -S 'extract.by_init={nshot: {lam_solver: nnls, spare: 1.0, kkt: {distance: l2}}}'
-DEFAULT_BY_INIT: dict[str, dict[str, Any]] = {}
+# The teacher-only inits also repel within a class (dsv.kkt.repulsion), as their warm-up does: measured on
+# Fashion-MNIST and digits (benchmarks/results/diversity-*.md).
+DEFAULT_BY_INIT: dict[str, dict[str, Any]] = {"0shot": {"kkt": {"beta_repel": 0.05}},
+                                              "noise": {"kkt": {"beta_repel": 0.05}}}
 
 
 @dataclass(frozen=True)
@@ -273,13 +276,13 @@ class ExtractStageConfig:
             coarsest grid), then refined by the DeepKKT solver; null = DeepKKT from the raw starts.
     """
 
-    inits: tuple[str, ...] = ("nshot", "0shot")
+    inits: tuple[str, ...] = ("herding", "nshot", "0shot")
     ipcs: tuple[int, ...] = (10,)
     shards: int = 1
     seed: int = 0
     solver: ExtractConfig = field(default_factory=ExtractConfig)
     by_init: dict[str, dict[str, Any]] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_BY_INIT)))
-    warmup: GenerateConfig | None = None
+    warmup: GenerateConfig | None = field(default_factory=GenerateConfig)
 
     def __post_init__(self) -> None:
         _choices("inits", self.inits, INITS)
@@ -321,7 +324,7 @@ class CoresetConfig:
 
 
 # The main job's comparison (15 minutes on a 2-core CPU); every method runs in benchmarks/table.py.
-HEADLINE_METHODS = ("dsv_nshot", "dsv_0shot", "lambda_topk", "support_topk", "random", "herding", "dm")
+HEADLINE_METHODS = ("dsv_herding", "herding", "dsv_nshot", "random", "kkt_herding", "dsv_0shot")
 
 
 @dataclass(frozen=True)

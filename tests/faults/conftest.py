@@ -28,7 +28,7 @@ from tests.integration.conftest import ROOT, TINY_PARAMS, copy_project, prefect_
 # The tiny project with fewer methods (the faults are in extract and the plumbing, not in distill).
 FAULT_PARAMS = TINY_PARAMS.replace(
     f"  methods: [{', '.join(METHOD_NAMES)}]\n", "  methods: [dsv_nshot, dsv_noise, random]\n"
-).replace("  inits: [nshot, 0shot, noise]\n", "  inits: [nshot, noise]\n")
+).replace("  inits: [nshot, 0shot, noise, herding, kcenter, kkt_herding]\n", "  inits: [nshot, noise]\n")
 assert FAULT_PARAMS != TINY_PARAMS
 
 _TRIED: Counter[str] = Counter()

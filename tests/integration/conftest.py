@@ -35,10 +35,11 @@ pretrain:
   model: {name: convnet_tiny}
   fit: {optimizer: adam, lr: 5e-3, weight_decay: 5e-3, steps: 40, batch_size: 64, augment: none, schedule: none}
 extract:
-  inits: [nshot, 0shot, noise]
+  inits: [nshot, 0shot, noise, herding, kcenter, kkt_herding]
   ipcs: [2]
   shards: 2
   solver: {steps: 4, log_every: 2, dual: clamp}
+  warmup: {steps: 4, log_every: 2}
 coreset:
   per_class: null
   lam: {batch_size: 200, steps: 10}
@@ -63,9 +64,9 @@ generate:
   recipe: {steps: 6, views: 1, log_every: 2}
 runtime: {threads: 1, log_models: false}
 """.replace("__METHODS__", ", ".join(METHOD_NAMES))
-# Rows the tiny project can produce at most: 3 inits x IPC 2 x 10 classes DSVs (a candidate whose λ
-# ended at 0 is not a DSV, so there may be fewer), and 10 classes x (40 - 5) training images with a λ each.
-TINY_DSV_ROWS = 3 * 2 * 10
+# Rows the tiny project produces: 6 inits x IPC 2 x 10 classes DSVs (always IPC per class), and 10 classes x
+# (40 - 5) training images with a λ each.
+TINY_DSV_ROWS = 6 * 2 * 10
 TINY_TRAIN = 10 * 35
 PROJECT_FILES = ("dsv", "tasks", "flows", "dvc.yaml", ".dvcignore", "pyproject.toml")
 

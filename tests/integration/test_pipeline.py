@@ -107,7 +107,7 @@ def test_first_run_end_to_end(project: Path, first: dict) -> None:
 
     dsv = pd.read_parquet(project / "artifacts/extract/dsv.parquet")
     ex = json.loads((project / "metrics/extract.json").read_text())
-    assert 0 < len(dsv) <= TINY_DSV_ROWS and len(dsv) == ex["n_dsv"]
+    assert len(dsv) == TINY_DSV_ROWS == ex["n_dsv"]  # IPC per class for every init: nothing dropped
     assert sorted(dsv["init"].unique()) == ["0shot", "noise", "nshot"]
     assert dsv.groupby(["init", "label"]).size().le(2).all() and (dsv["lam"] > 0).all()
     assert {"support", "margin"} <= set(dsv.columns) and (dsv["support"] >= 0).all()
@@ -121,6 +121,9 @@ def test_first_run_end_to_end(project: Path, first: dict) -> None:
     for r in ev["rows"]:
         assert {"method", "ipc", "shots", "protocol", "acc_mean", "acc_std", "n_runs", "rank", "lrs_mean"} <= set(r)
         assert r["n_runs"] == 2 and 0.0 <= r["acc_mean"] <= 1.0
+        if r["method"] != "full":  # every set, DSVs included, trains on IPC images of every class
+            assert r["n_train"] == 2 * 10 and r["per_class"] == [2] * 10, (r["method"], r["per_class"])
+            assert 0.0 <= r["probe_acc"] <= 1.0
     # DVC-readable metrics: scalars one level deep, no wall times (they live in timings/)
     flat = json.loads((project / "metrics/evaluate.json").read_text())
     assert set(flat["acc"]) == {f"{r['method']}_ipc{r['ipc']}" for r in ev["rows"]}
@@ -314,7 +317,7 @@ def test_dvc_repro_matches_the_flow_and_skips_when_unchanged(repo: Path, prefect
     out = _sh([sys.executable, "-m", "dvc", "repro"], repo, env)
     assert "Running stage" not in out
     assert "up to date" in out or "didn't change" in out
-    assert 0 < len(pd.read_parquet(repo / "artifacts/extract/dsv.parquet")) <= TINY_DSV_ROWS
+    assert len(pd.read_parquet(repo / "artifacts/extract/dsv.parquet")) == TINY_DSV_ROWS
 
 
 def test_dvc_experiment_is_reused_by_the_flow_and_shown(repo: Path, prefect_api: str) -> None:
