@@ -361,9 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _interrupt_code(exc)
         if code is None:
             raise
-        # The lock was released and the MLflow runs marked KILLED on the way out; stop the temporary
-        # Prefect server, then leave at once: a unit still computing on a worker thread is abandoned
-        # (its outputs were never renamed into place) instead of being waited for.
+        # On the way out the MLflow runs were marked KILLED, a unit computing on the flow's worker thread
+        # stopped at its next step (flows.stop; the flow's exit waits for that thread, and the unit wrote
+        # nothing and recorded nothing) and the lock was released. Stop the temporary Prefect server and
+        # leave without running Prefect's exit hooks.
         from flows import server
 
         server.stop()

@@ -34,6 +34,7 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
+from flows import stop
 from flows.cache import cache_key, external_inputs, last_output, lookup, source_hash, store, store_last
 from tasks.artifacts import read_json
 from tasks.config import ConfigError, PipelineConfig, data_checks, load_config
@@ -205,11 +206,15 @@ def run_stage(
         unmapped(stage), labels, units, unmapped(view), unmapped(upstream), unmapped(context), return_state=False
     )
     # One tick per finished unit (shard, cell), in submission order.
-    with Bar(cfg.runtime.progress, len(futures), stage, unit="unit") as bar:
-        for fut in futures:
-            fut.wait()
-            bar.advance()
-    wait(futures)
+    try:
+        with Bar(cfg.runtime.progress, len(futures), stage, unit="unit") as bar:
+            for fut in futures:
+                fut.wait()
+                bar.advance()
+        wait(futures)
+    except BaseException:  # Ctrl-C, SIGTERM: the running unit stops at its next step instead of finishing
+        stop.request()
+        raise
     unit_results, all_cached = [], True
     for fut in futures:
         result, cached = _checked(fut.state)
@@ -299,6 +304,7 @@ def pipeline(
     p = Path(params_path)
     cfg = load_config(p if p.is_absolute() else root_path / p, overrides or [])
     paths = Paths((root_path / cfg.runtime.output_dir).resolve())
+    stop.clear()  # a stop requested in an earlier run of this process (flows.stop)
     with contextlib.nullcontext() if lock_wait is None else OutputLock(paths.base, "dsv run", lock_wait):
         _sweep(root_path)
         return _pipeline(cfg, params_path, root_path, paths, track, until or STAGE_NAMES[-1])
