@@ -155,7 +155,8 @@ def test_sigkill_leaves_nothing_running_and_the_next_run_closes_its_runs(tmp_pat
 def test_serve_stops_on_interrupt(tmp_path: Path, sig: signal.Signals, code: int) -> None:
     project = copy_project(tmp_path / "p", FAULT_PARAMS)
     log = open(project / "serve.log", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--interval", "3600"], cwd=project,
+    # Once a year: no run is due while the test runs (an interval schedule runs at once).
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--cron", "0 0 1 1 *"], cwd=project,
                             env=cli_env(project, None), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         assert wait_for(lambda: b"being served" in (project / "serve.log").read_bytes() or proc.poll() is not None,
