@@ -29,6 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tasks.lock import init_lock
+
 _PROC: subprocess.Popen[bytes] | None = None
 
 
@@ -56,7 +58,6 @@ def start(timeout: float = 90.0, scheduler: bool = False) -> str:
     Raises:
         RuntimeError: the server did not answer within ``timeout`` seconds (its exit code named).
     """
-    global _PROC
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
     import importlib.util
@@ -75,8 +76,17 @@ def start(timeout: float = 90.0, scheduler: bool = False) -> str:
         cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent), "--factory",
                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "error", "--lifespan", "on"]
-    log = Path(os.environ.get("PREFECT_HOME", ".")) / "server.log"
+    home = Path(os.environ.get("PREFECT_HOME", "."))
+    log = home / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    # The server creates (migrates) its SQLite database in PREFECT_HOME before it answers; two dsv processes
+    # of one project (in different output folders) must not do that at once.
+    with init_lock(home / "server-start.lock", "starting the temporary Prefect server", timeout + 30):
+        return _launch(cmd, env, port, log, timeout)
+
+
+def _launch(cmd: list[str], env: dict[str, str], port: int, log: Path, timeout: float) -> str:
+    global _PROC
     with open(log, "ab") as out:
         _PROC = subprocess.Popen(
             cmd, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True,
