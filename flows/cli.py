@@ -254,6 +254,7 @@ def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
 
     configure(root)
     from flows.pipeline import run_stage_direct
+    from tasks.config import ConfigError
     from tasks.paths import Paths
     from tasks.stages import STAGES
     from tasks.tracking import NullLog, Tracker
@@ -272,6 +273,8 @@ def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
                 log.tags({"cached": str(cached).lower(), **({"dsv.produced_by": out.produced_by}
                                                             if cached and out.produced_by else {})})
                 log.artifact(paths.resolved_params(args.name))
+    except ConfigError as exc:  # a data-dependent check (flows.pipeline._check_data): names the key
+        _fail(str(exc))
     except Exception as exc:
         if os.environ.get("DSV_TRACEBACK"):
             raise

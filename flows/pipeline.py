@@ -239,6 +239,8 @@ def run_stage_direct(stage: str, cfg: PipelineConfig, root: Path, paths: Paths, 
     _set_threads(cfg)
     view = cfg.restricted(spec.sections)
     params = _params(stage, view)
+    if stage != "prepare" and paths.data_meta.is_file():
+        _check_data(cfg, paths)  # as `dsv run` does right after prepare: before this stage trains anything
     ups = [last_output(root, u, paths) for u in spec.upstream]
     keyed = all(u is not None for u in ups)
     upstream = {rel: sha for u in ups if u is not None for rel, sha in u.files.items()}
@@ -268,6 +270,8 @@ def run_stage_direct(stage: str, cfg: PipelineConfig, root: Path, paths: Paths, 
     out = StageOutput.from_dict(result)
     restore_metrics(paths, out)
     store_last(root, out)
+    if stage == "prepare":
+        _check_data(cfg, paths)
     return out, cached
 
 

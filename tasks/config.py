@@ -608,6 +608,10 @@ def check_columns(data: DataConfig) -> list[str]:
     except (OSError, ValueError) as exc:
         return [f"prepare.data.root = {data.root!r}: {exc}"]
     out = []
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        out.append(f"prepare.data.root = {data.root!r}: column name(s) {dupes} appear more than once in its header; "
+                   "every column needs its own name")
     shown = names if len(names) <= 12 else [*names[:6], "...", *names[-6:]]
     listed = ", ".join(shown) + (f" ({len(names)} columns)" if len(names) > 12 else "")
     if data.label not in names:
