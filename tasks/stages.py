@@ -4,11 +4,12 @@ Used by the Prefect flow (cache keys), ``dsv stage`` (the DVC path) and the dvc.
 so the three can never disagree about a stage's inputs.
 
 A stage's *code closure* is its own module ``tasks/<stage>.py``, every ``tasks`` module it imports
-(transitively, except logging-only modules and what only they import), and every ``dsv`` module that the stage module imports,
-followed transitively through ``dsv``'s own imports; imports under ``if TYPE_CHECKING:`` never run and
-are not followed. The params loader (:mod:`tasks.config`) and this registry are outside every closure:
-a stage sees the loader's work only as the values of its params section, which are part of its cache key
-(and its DVC ``params``), so editing a message, a check or the dvc.yaml writer reruns nothing.
+(transitively, except logging-only modules and what only they import), and every ``dsv`` module that the
+stage module imports, followed transitively through ``dsv``'s own imports; imports under
+``if TYPE_CHECKING:`` never run and are not followed. The params loader (:mod:`tasks.config`) and this
+registry are outside every closure: a stage sees the loader's work only as the values of its params
+section, which are part of its cache key (and its DVC ``params``), so editing a message, a check or the
+dvc.yaml writer reruns nothing.
 ``dsv`` imports are followed from the stage module only: an edit to ``dsv/dm.py`` must not rerun ``extract``.
 """
 

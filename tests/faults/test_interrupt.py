@@ -87,42 +87,37 @@ def _check_stopped(project: Path, rc: int, code: int, seconds: float, stage: str
     assert tmp_leftovers(project) == []
 
 
-# Shards of a few seconds each: the signal lands inside the second one.
-SLOW_SHARDS = ("-S", "extract.solver.steps=1500", "-S", "extract.solver.log_every=10")
+# Shards of a few seconds (the signal lands inside the second one) and distill cells that would train for
+# minutes: only a stop inside the running unit ends the run within seconds.
+LONG_UNITS = ("-S", "extract.solver.steps=600", "-S", "extract.solver.log_every=10",
+              "-S", "distill.protocol.min_steps=50000")
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
-def test_interrupt_inside_an_extract_shard_stops_it_and_a_resume_recomputes_only_it(
+def test_interrupt_inside_a_unit_stops_it_and_a_resume_recomputes_only_it(
     tmp_path: Path, sig: signal.Signals, code: int
 ) -> None:
     project = copy_project(tmp_path / "p", FAULT_PARAMS)
     shards = project / "artifacts" / "extract" / "shards"
-    proc = _start(project, *SLOW_SHARDS)
+    # 1. Inside an extraction shard.
+    proc = _start(project, *LONG_UNITS)
     _wait_until_extracting(project, proc)  # shard 0 written (its record just after); shard 1 starts
-    time.sleep(1.0)
+    time.sleep(0.5)
     rc, seconds = _interrupt(proc, sig)
     _check_stopped(project, rc, code, seconds, "extract")
     # The running shard stopped where it was: no file (it did not run on to its end after the signal).
     assert sorted(p.name for p in shards.glob("*.safetensors")) == ["nshot_ipc2_shard0.safetensors"]
     first = (shards / "nshot_ipc2_shard0.safetensors").stat()
-    resumed = dsv(project, "stage", "extract", "--no-mlflow", *SLOW_SHARDS, env=cli_env(project, None))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = (shards / "nshot_ipc2_shard0.safetensors").stat()
-    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # the finished shard: cached
-    assert (shards / "nshot_ipc2_shard1.safetensors").is_file()  # the interrupted one: computed now
-
-
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
-def test_interrupt_inside_a_distill_cell_stops_it_within_seconds(
-    tmp_path: Path, sig: signal.Signals, code: int
-) -> None:
-    project = copy_project(tmp_path / "p", FAULT_PARAMS)
-    # Cells that would train for minutes: only a stop inside the cell ends the run within seconds.
-    proc = _start(project, *OVERRIDES, "-S", "distill.protocol.min_steps=50000")
+    # 2. The resume recomputes the interrupted shard (and those never started), not the finished one; then a
+    # second interrupt inside the first distill cell.
+    proc = _start(project, *LONG_UNITS)
     assert wait_for(lambda: b"stage coreset:" in (project / "dsv.log").read_bytes() or proc.poll() is not None,
                     300, every=0.05), "never reached distill"
     time.sleep(2.0)  # the first cell is training its students
     assert proc.poll() is None, (project / "dsv.log").read_text()[-3000:]
+    again = (shards / "nshot_ipc2_shard0.safetensors").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # the finished shard: cached
+    assert len(list(shards.glob("*.safetensors"))) == 4  # the interrupted one and the others: computed now
     rc, seconds = _interrupt(proc, sig)
     _check_stopped(project, rc, code, seconds, "distill")
     assert not (project / "artifacts" / "distill" / "cells").exists()  # the cell wrote no result...

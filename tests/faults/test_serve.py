@@ -36,8 +36,8 @@ def _flow_run_finished(project: Path) -> re.Match[str] | None:
 
 def test_serve_without_a_user_server_completes_a_scheduled_run(tmp_path: Path) -> None:
     project = copy_project(tmp_path / "p", FAULT_PARAMS)
-    # Runs are due at multiples of the interval: the first within 20 s.
-    proc = _serve(project, cli_env(project, None), "--interval", "20")
+    # Runs are due at multiples of the interval: the first within 10 s.
+    proc = _serve(project, cli_env(project, None), "--interval", "10")
     try:
         assert wait_for(lambda: _flow_run_finished(project) or proc.poll() is not None, 400, every=0.5), \
             _log(project)[-3000:]
