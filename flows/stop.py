@@ -5,9 +5,10 @@ but the mapped units (extract shards, distill cells) run on the flow's thread po
 waits for the unit that is computing. Threads cannot be killed, so the stop is cooperative, and the
 ``dsv`` library stays free of signals and global state: :func:`request` (called by the flow as soon as
 an interrupt reaches it while units run, :func:`flows.pipeline.run_stage`) registers a global forward
-pre-hook on torch modules that raises :class:`Stopped`. Every long loop of the library (training,
-DeepKKT extraction, the λ fit, generation, distribution matching) calls a module at every optimizer
-step, so the unit's thread leaves at its next step, through the same ``finally`` blocks as any error:
+pre-hook on torch modules that raises :class:`Stopped`. Every long loop of the library calls a module at
+every optimizer step (training, DeepKKT extraction, generation, distribution matching) or batch (the λ fit;
+tests/flows/test_stop.py runs each on a worker thread), so the unit's thread leaves at its next step,
+through the same ``finally`` blocks as any error:
 a unit writes its files only once it has finished, so nothing half-done is written, and a unit that
 did not finish has no cache record, so the next run recomputes exactly it. Queued units never start
 (the pool cancels them).
