@@ -208,11 +208,12 @@ class Tracker:
         self.root = Path(root)
         self.uri = tracking_uri(self.root)
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
         self.log_models = log_models
         lock = store_lock(self.uri, self.root)
-        # The first call creates a SQLite store's tables; two processes doing it at once break its migrations.
+        # The client opens the store at once, and the first one to open a SQLite store creates its tables: two
+        # processes doing that at once break its migrations.
         with init_lock(lock, f"creating the MLflow store {self.uri}") if lock else contextlib.nullcontext():
+            self.client = MlflowClient(tracking_uri=self.uri)
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 location = None
@@ -227,9 +228,9 @@ class Tracker:
                     self.experiment_id = exp.experiment_id
             else:
                 self.experiment_id = exp.experiment_id
-        # mlflow.pytorch.log_model files its LoggedModel under the fluent *active* experiment before it
-        # looks at the run's: without this, models land in experiment 0 ("Default", ./mlruns).
-        mlflow.set_experiment(experiment_id=self.experiment_id)
+            # mlflow.pytorch.log_model files its LoggedModel under the fluent *active* experiment before it
+            # looks at the run's: without this, models land in experiment 0 ("Default", ./mlruns).
+            mlflow.set_experiment(experiment_id=self.experiment_id)
         self.commit = git_commit(self.root)
 
     def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
