@@ -357,7 +357,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     ``module``) is unwrapped, and a ``module.`` prefix (DataParallel / DDP) is removed.
 
     Raises:
-        CheckpointError: missing file, unreadable content, or no tensors.
+        CheckpointError: missing file, unreadable content, no tensors, or a tensor with NaN or infinite values
+            (naming the file and the tensor).
     """
     p = Path(path)
     if not p.is_file():
@@ -387,7 +388,17 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {p}: no tensors in it")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
+    bad = non_finite_tensors(state)
+    if bad:
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        raise CheckpointError(f"checkpoint {p}: tensor {bad[0]!r} has NaN or infinite values{more}; the weights "
+                              "are unusable (a diverged training run?)")
     return state
+
+
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:

@@ -8,6 +8,12 @@ result (relative artifact paths with their SHA-256, metrics, plain values), read
 only and checked for shape. A hit is used only when every artifact it names is on disk with the
 recorded hash; otherwise the task runs again and overwrites the record.
 
+A record cannot lie about what it does not name as a file either (its metrics, timings, the producing
+run): it carries ``record_sha256``, a SHA-256 over its own canonical JSON and its place in the cache
+(stage and key), so a record edited by hand or by another tool, or copied under another key, no longer
+matches; it is then a miss, reported with a warning, and the stage is recomputed. (A writer who
+recomputes the digest is not stopped: there is no secret it could not read beside the records.)
+
 The key covers what Prefect's policy covered: the stage, the params sections it reads, the hashes of
 its upstream artifacts, its unit (mapped stages), the task wrapper's source and the stage's code closure
 (``tasks.stages.code_hash``), and for the stages that compute on a device the resolved device type (cpu or
@@ -20,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,8 +56,19 @@ def cache_dir(root: Path) -> Path:
     return ProjectPaths(root).cache
 
 
+RECORD_DIGEST = "record_sha256"
+
+
+def record_digest(path: Path, record: dict[str, Any]) -> str:
+    """SHA-256 binding ``record`` (without its digest) to its place in the cache (``<stage>/<key>``)."""
+    body = json.dumps({k: v for k, v in record.items() if k != RECORD_DIGEST}, sort_keys=True, allow_nan=True,
+                      separators=(",", ":"), default=str)
+    return hashlib.sha256(f"{path.parent.name}/{path.stem}\0{body}".encode()).hexdigest()
+
+
 def load_record(path: Path) -> dict[str, Any] | None:
-    """A cache record, or None when absent or malformed (a malformed record is a miss, not an error)."""
+    """A cache record (without its digest), or None when absent, malformed or not matching its digest (a
+    malformed or altered record is a miss, not an error; an altered one is reported on stderr)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
@@ -59,7 +77,23 @@ def load_record(path: Path) -> dict[str, Any] | None:
         return None
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in data["files"].items()):
         return None
+    digest = data.pop(RECORD_DIGEST, None)
+    if digest != record_digest(path, data):
+        why = "has no integrity digest" if digest is None else "does not match its integrity digest (edited?)"
+        _warn(f"cache record {path} {why}; not trusted, the stage is recomputed")
+        return None
     return data
+
+
+def _warn(message: str) -> None:
+    """A warning in the Prefect run's log when inside a flow or task run, else one line on stderr."""
+    try:
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+
+        get_run_logger().warning(message)
+    except (ImportError, MissingContextError):
+        print(f"dsv: warning: {message}", file=sys.stderr, flush=True)
 
 
 def lookup(root: Path, stage: str, key: str, paths: Paths) -> dict[str, Any] | None:
@@ -71,8 +105,12 @@ def lookup(root: Path, stage: str, key: str, paths: Paths) -> dict[str, Any] | N
 
 
 def store(root: Path, stage: str, key: str, result: dict[str, Any]) -> None:
-    """Write a record atomically (temp file + fsync + rename)."""
-    write_json(cache_dir(root) / stage / f"{key}.json", result)
+    """Write a record with its digest atomically (temp file + fsync + rename)."""
+    _write(cache_dir(root) / stage / f"{key}.json", result)
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    write_json(path, {**record, RECORD_DIGEST: record_digest(path, record)})
 
 
 def _tree_fingerprint(root: Path) -> str:
@@ -118,7 +156,7 @@ def external_inputs(cfg: Any, stage: str) -> dict[str, str]:
 def store_last(root: Path, out: StageOutput) -> None:
     """Record ``out`` as the stage's latest output (``.dsv/cache/<stage>/last.json``), written by ``dsv run``
     and ``dsv stage`` alike, so either path can name its upstream artifacts the way the other does."""
-    write_json(cache_dir(root) / out.stage / "last.json", out.to_dict())
+    _write(cache_dir(root) / out.stage / "last.json", out.to_dict())
 
 
 def last_output(root: Path, stage: str, paths: Paths) -> StageOutput | None:

@@ -125,14 +125,15 @@ def _describe_failure(exc: BaseException, root: Path) -> str:
     return line
 
 
-def _start_server() -> None:
-    """Our own temporary Prefect server (flows.server) unless PREFECT_API_URL points at one."""
+def _start_server(scheduler: bool = False) -> str:
+    """Our own temporary Prefect server (flows.server) unless PREFECT_API_URL points at one; the API URL."""
     from flows import server
 
     try:
-        server.start()
+        return server.start(scheduler=scheduler)
     except RuntimeError as exc:
         _fail(str(exc), EXIT_FAILED)
+    raise AssertionError("unreachable")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - returns PipelineConfig, imported lazily
@@ -252,6 +253,7 @@ def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
 
     configure(root)
     from flows.pipeline import run_stage_direct
+    from tasks.config import ConfigError
     from tasks.paths import Paths
     from tasks.stages import STAGES
     from tasks.tracking import NullLog, Tracker
@@ -270,6 +272,8 @@ def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
                 log.tags({"cached": str(cached).lower(), **({"dsv.produced_by": out.produced_by}
                                                             if cached and out.produced_by else {})})
                 log.artifact(paths.resolved_params(args.name))
+    except ConfigError as exc:  # a data-dependent check (flows.pipeline._check_data): names the key
+        _fail(str(exc))
     except Exception as exc:
         if os.environ.get("DSV_TRACEBACK"):
             raise
@@ -288,16 +292,17 @@ def _cmd_serve(args: argparse.Namespace, root: Path) -> int:
     from flows.environment import configure
 
     configure(root)
-    if not os.environ.get("PREFECT_API_URL"):
-        print("dsv: no PREFECT_API_URL: starting a temporary Prefect server for this process (schedules stop "
-              "with it). For a persistent one: prefect server start --host 127.0.0.1, then "
-              "export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr, flush=True)
-    _start_server()
+    own = not os.environ.get("PREFECT_API_URL")
+    url = _start_server(scheduler=True)
+    if own:
+        print(f"dsv: no PREFECT_API_URL: started a temporary Prefect server with its scheduler on {url} (it stops "
+              "with this process, and so do the schedules). For a persistent one: prefect server start --host "
+              "127.0.0.1, then export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr, flush=True)
     # Prefect's runner replaces our SIGTERM handler with its own graceful stop; note the signal on the way
     # so the exit code can tell SIGTERM (143) from Ctrl-C (130).
     from prefect.runner.runner import Runner
 
-    from flows.pipeline import pipeline
+    from flows.pipeline import FLOW_NAME, pipeline
     from flows.runners import with_runner
 
     if not getattr(Runner.handle_sigterm, "_dsv_wrapped", False):
@@ -311,12 +316,50 @@ def _cmd_serve(args: argparse.Namespace, root: Path) -> int:
         Runner.handle_sigterm = handle_sigterm  # type: ignore[method-assign]
     params = {"params_path": str(Path(args.params).resolve()), "overrides": list(args.overrides), "root": str(root)}
     kwargs = {"cron": args.cron} if args.cron else {"interval": args.interval}
+    problem: list[str] = []
+    threading.Thread(target=_watch_scheduler, args=(f"{FLOW_NAME}/{args.name}", url, problem), daemon=True,
+                     name="dsv-scheduler-check").start()
     with_runner(pipeline, cfg.runtime).serve(name=args.name, parameters=params, limit=args.limit, **kwargs)
-    # serve() runs until interrupted and swallows the interrupt itself: returning means Ctrl-C or SIGTERM.
+    # serve() runs until interrupted and swallows the interrupt itself: returning means Ctrl-C, SIGTERM or the
+    # scheduler check below.
+    if problem:
+        _fail(problem[0], EXIT_FAILED)
     term = _TERMINATED.is_set()
     print(f"dsv: {'terminated (SIGTERM)' if term else 'interrupted (Ctrl-C)'}; the schedule stopped",
           file=sys.stderr, flush=True)
     return 143 if term else 130
+
+
+SCHEDULER_WAIT = 30.0  # seconds a scheduler may take to put a new deployment's runs on the calendar
+
+
+def _watch_scheduler(deployment: str, url: str, problem: list[str]) -> None:
+    """Thread of ``dsv serve``: a server's scheduler service turns the served deployment's schedule into
+    scheduled flow runs within seconds (its loop for new deployments runs every 5 s); a server without one
+    (an ephemeral server, ``prefect server start --no-services``) never does, and serve would idle forever.
+    When no run of the deployment has been created ``SCHEDULER_WAIT`` seconds after serving started, record
+    the problem and interrupt the main thread, so that serve refuses instead of idling."""
+    import _thread
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    deadline = time.monotonic() + SCHEDULER_WAIT
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(deployment)
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                         limit=50)
+            if any(r.created is not None and r.created >= since for r in runs):
+                return
+    problem.append(f"the Prefect server at {url} scheduled no run of deployment {deployment!r} within "
+                   f"{SCHEDULER_WAIT:g} s: it runs no scheduler service (an ephemeral server or `prefect server "
+                   "start --no-services`); serve on a server started with `prefect server start --host 127.0.0.1`, "
+                   "or unset PREFECT_API_URL to let dsv start one")
+    _thread.interrupt_main()
 
 
 def _cmd_ui(args: argparse.Namespace, root: Path) -> int:
@@ -360,9 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _interrupt_code(exc)
         if code is None:
             raise
-        # The lock was released and the MLflow runs marked KILLED on the way out; stop the temporary
-        # Prefect server, then leave at once: a unit still computing on a worker thread is abandoned
-        # (its outputs were never renamed into place) instead of being waited for.
+        # On the way out the MLflow runs were marked KILLED, a unit computing on the flow's worker thread
+        # stopped at its next step (flows.stop; the flow's exit waits for that thread, and the unit wrote
+        # nothing and recorded nothing) and the lock was released. Stop the temporary Prefect server and
+        # leave without running Prefect's exit hooks.
         from flows import server
 
         server.stop()

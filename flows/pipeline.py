@@ -36,6 +36,7 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
+from flows import stop
 from flows.cache import cache_key, external_inputs, last_output, lookup, source_hash, store, store_last
 from tasks.artifacts import read_json
 from tasks.config import ConfigError, PipelineConfig, data_checks, load_config
@@ -211,11 +212,15 @@ def run_stage(
         unmapped(stage), labels, units, unmapped(view), unmapped(upstream), unmapped(context), return_state=False
     )
     # One tick per finished unit (shard, cell), in submission order.
-    with Bar(cfg.runtime.progress, len(futures), stage, unit="unit") as bar:
-        for fut in futures:
-            fut.wait()
-            bar.advance()
-    wait(futures)
+    try:
+        with Bar(cfg.runtime.progress, len(futures), stage, unit="unit") as bar:
+            for fut in futures:
+                fut.wait()
+                bar.advance()
+        wait(futures)
+    except BaseException:  # Ctrl-C, SIGTERM: the running unit stops at its next step instead of finishing
+        stop.request()
+        raise
     unit_results, all_cached = [], True
     for fut in futures:
         result, cached = _checked(fut.state)
@@ -240,6 +245,8 @@ def run_stage_direct(stage: str, cfg: PipelineConfig, root: Path, paths: Paths, 
     _set_threads(cfg)
     view = cfg.restricted(spec.sections)
     params = _params(stage, view)
+    if stage != "prepare" and paths.data_meta.is_file():
+        _check_data(cfg, paths)  # as `dsv run` does right after prepare: before this stage trains anything
     ups = [last_output(root, u, paths) for u in spec.upstream]
     keyed = all(u is not None for u in ups)
     upstream = {rel: sha for u in ups if u is not None for rel, sha in u.files.items()}
@@ -269,6 +276,8 @@ def run_stage_direct(stage: str, cfg: PipelineConfig, root: Path, paths: Paths, 
     out = StageOutput.from_dict(result)
     restore_metrics(paths, out)
     store_last(root, out)
+    if stage == "prepare":
+        _check_data(cfg, paths)
     return out, cached
 
 
@@ -305,6 +314,7 @@ def pipeline(
     p = Path(params_path)
     cfg = load_config(p if p.is_absolute() else root_path / p, overrides or [])
     paths = Paths((root_path / cfg.runtime.output_dir).resolve())
+    stop.clear()  # a stop requested in an earlier run of this process (flows.stop)
     with contextlib.nullcontext() if lock_wait is None else OutputLock(paths.base, "dsv run", lock_wait):
         _sweep(root_path)
         return _pipeline(cfg, params_path, root_path, paths, track, until or STAGE_NAMES[-1])

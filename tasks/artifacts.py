@@ -474,6 +474,11 @@ def load_model(weights: str | Path, spec: str | Path, device: str = "cpu") -> to
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{spec} does not describe a model ({exc}); rerun the pretrain stage") from exc
     state = load_tensors(weights)
+    from dsv.models import non_finite_tensors
+
+    bad = non_finite_tensors(state)
+    if bad:
+        raise ArtifactError(f"{weights}: tensor {bad[0]!r} has NaN or infinite values; rerun the stage that wrote it")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

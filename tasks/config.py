@@ -54,6 +54,7 @@ from dsv.models import ModelConfig
 from dsv.protocols import METHOD_NAMES, ProtocolConfig
 from dsv.train import FitConfig
 from tasks.plain import to_plain
+from tasks.ranges import ANY, GE0, GE1, GT0, SEED, UNIT, Range, out_of_range, register
 
 T = TypeVar("T")
 
@@ -478,6 +479,22 @@ class PipelineConfig:
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PipelineConfig))
 
+# The ranges of the sections' own numeric keys (those of the dsv config classes: tasks.ranges).
+for _cls, _ranges in {
+    PrepareConfig: {"val_per_class": GE0, "seed": SEED},
+    InitPoolConfig: {"size": GE1, "seed": SEED},
+    NormalizeConfig: {"mean": ANY, "std": GT0},  # mean: a feature's mean may be negative
+    PretrainConfig: {"seed": SEED},
+    JudgeConfig: {"seed": SEED},
+    ExtractStageConfig: {"ipcs": GE1, "shards": GE1, "seed": SEED},
+    CoresetConfig: {"seed": SEED, "per_class": GE1},
+    DistillConfig: {"ipcs": GE1, "seed": SEED, "full_epochs": GE1},
+    GenerateStageConfig: {"per_class": GE1, "noise_std": GT0, "pairs": Range(0, note="class indices"),
+                          "deltas": UNIT, "edits": GE0, "seed": SEED},
+    RuntimeConfig: {"threads": Range(0, note="0 = torch's default"), "workers": GE1},
+}.items():
+    register(_cls, _ranges)
+
 
 # ------------------------------------------------------------------------------------------- checks
 
@@ -611,6 +628,10 @@ def check_columns(data: DataConfig) -> list[str]:
     except (OSError, ValueError) as exc:
         return [f"prepare.data.root = {data.root!r}: {exc}"]
     out = []
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        out.append(f"prepare.data.root = {data.root!r}: column name(s) {dupes} appear more than once in its header; "
+                   "every column needs its own name")
     shown = names if len(names) <= 12 else [*names[:6], "...", *names[-6:]]
     listed = ", ".join(shown) + (f" ({len(names)} columns)" if len(names) > 12 else "")
     if data.label not in names:
@@ -913,6 +934,10 @@ def build(cls: type[T], raw: Any, prefix: str, errors: list[str], base: T | None
             continue
         if not _finite(values[name]):
             errors.append(f"{key} = {value!r}: must be a finite number (NaN and inf are not allowed)")
+            continue
+        problem = out_of_range(cls, name, values[name], optional=type(None) in typing.get_args(hint))
+        if problem:
+            errors.append(f"{key} {problem}")
     if len(errors) > n_errors:
         return None
     try:
@@ -952,3 +977,25 @@ def _suggest(key: str, cls: type) -> str | None:
 
 def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+
+def _numeric(hint: Any) -> bool:
+    """Whether a field's type hint holds numbers (int, float, or tuples of them; bool is not a number here)."""
+    if hint in (int, float):
+        return True
+    return any(_numeric(a) for a in typing.get_args(hint) if a is not Ellipsis)
+
+
+def numeric_keys(cls: type = PipelineConfig, prefix: str = "") -> list[tuple[str, type, str, Any]]:
+    """Every numeric key under ``cls``: (dotted key, its dataclass, field name, type hint), in field order
+    (``extract.by_init`` holds ``extract.solver``'s keys and is not listed again)."""
+    out: list[tuple[str, type, str, Any]] = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        hint = _hints(cls)[f.name]
+        key = _join(prefix, f.name)
+        sub = _dataclass_in(hint)
+        if sub is not None:
+            out.extend(numeric_keys(sub, key))
+        elif _numeric(hint):
+            out.append((key, cls, f.name, hint))
+    return out

@@ -11,6 +11,9 @@ the same process, is refused like any other.
 
 :func:`OutputLock.acquire` also removes the temp files a killed writer left behind in the folder
 (:func:`tasks.atomic.sweep_stale_temps`: only those whose writing process is gone).
+
+:func:`init_lock` is the other lock: a short blocking one around a first-run initialisation that
+processes in different output folders share (MLflow's store, the temporary Prefect server's database).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -130,3 +134,40 @@ class OutputLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def init_lock(path: Path, what: str, timeout: float = 600.0) -> Iterator[None]:
+    """Serialise a first-run initialisation across processes: a blocking ``fcntl.flock`` on ``path``.
+
+    Creating a store's schema (MLflow's SQLite tables, the temporary Prefect server's database) is not safe
+    when two processes do it at once (alembic: ``Online migration expected to match one row``); inside this
+    lock the first process creates it and the others find it made. Held only for the initialisation itself
+    (seconds), never for a run; the kernel releases it when its holder dies.
+
+    Args:
+        path: the lock file (created with its folder; its content is never read).
+        what: what is being initialised (for the timeout message).
+        timeout: seconds to wait for another process's initialisation.
+
+    Raises:
+        LockError: the lock was not free within ``timeout`` seconds.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockError(f"{what}: another process held {path} for more than {timeout:g} s") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

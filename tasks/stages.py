@@ -4,11 +4,12 @@ Used by the Prefect flow (cache keys), ``dsv stage`` (the DVC path) and the dvc.
 so the three can never disagree about a stage's inputs.
 
 A stage's *code closure* is its own module ``tasks/<stage>.py``, every ``tasks`` module it imports
-(transitively, except logging-only modules), and every ``dsv`` module that the stage module imports,
-followed transitively through ``dsv``'s own imports; imports under ``if TYPE_CHECKING:`` never run and
-are not followed. The params loader (:mod:`tasks.config`) and this registry are outside every closure:
-a stage sees the loader's work only as the values of its params section, which are part of its cache key
-(and its DVC ``params``), so editing a message, a check or the dvc.yaml writer reruns nothing.
+(transitively, except logging-only modules and what only they import), and every ``dsv`` module that the
+stage module imports, followed transitively through ``dsv``'s own imports; imports under
+``if TYPE_CHECKING:`` never run and are not followed. The params loader (:mod:`tasks.config`) and this
+registry are outside every closure: a stage sees the loader's work only as the values of its params
+section, which are part of its cache key (and its DVC ``params``), so editing a message, a check or the
+dvc.yaml writer reruns nothing.
 ``dsv`` imports are followed from the stage module only: an edit to ``dsv/dm.py`` must not rerun ``extract``.
 """
 
@@ -120,12 +121,12 @@ def _imports(path: Path) -> list[str]:
     return out
 
 
-def _closure(start: list[str], follow: tuple[str, ...]) -> dict[str, Path]:
+def _closure(start: list[str], follow: tuple[str, ...], skip: frozenset[str] = frozenset()) -> dict[str, Path]:
     seen: dict[str, Path] = {}
     todo = list(start)
     while todo:
         name = todo.pop()
-        if name in seen or name.split(".")[0] not in follow:
+        if name in seen or name in skip or name.split(".")[0] not in follow:
             continue
         path = _module_file(name)
         if path is None:  # e.g. "dsv.data.core.ImageDataset" is a class, not a module
@@ -143,9 +144,10 @@ def code_modules(stage: str) -> dict[str, Path]:
 @cache
 def _code_modules(stage: str) -> dict[str, Path]:
     spec = STAGES[stage]
-    own = _closure([spec.module], ("tasks",))
     keep = FIGURE_ARTIFACTS.get(stage, frozenset()) | {spec.module}
-    own = {k: v for k, v in own.items() if k not in LOGGING_ONLY or k in keep}
+    # A logging-only module is not followed: what only it imports (e.g. tasks.lock, through tasks.tracking)
+    # never changes an artifact either.
+    own = _closure([spec.module], ("tasks",), skip=LOGGING_ONLY - keep)
     dsv_roots = [m for m in _imports(own[spec.module]) if m.split(".")[0] == "dsv"]
     lib = _closure(dsv_roots, ("dsv",))
     return dict(sorted({**own, **lib}.items()))

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import yaml
 
 from tasks.atomic import pid_alive
+from tasks.lock import init_lock
 from tasks.paths import ProjectPaths
 from tasks.plain import flatten
 
@@ -47,6 +48,19 @@ _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 def tracking_uri(root: Path) -> str:
     """``MLFLOW_TRACKING_URI`` (as set by the user) or the project-local SQLite store."""
     return _USER_TRACKING_URI or f"sqlite:///{ProjectPaths(root).mlflow_db.resolve()}"
+
+
+def store_lock(uri: str, root: Path) -> Path | None:
+    """The lock file serialising the creation of a SQLite store (:func:`tasks.lock.init_lock`): under ``.dsv``
+    for the project's own store, beside the database for another one (shared by several projects); None for
+    a tracking server, which creates its store itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    project = ProjectPaths(root)
+    if db.resolve() == project.mlflow_db.resolve():
+        return project.state / "mlflow-store.lock"
+    return db.with_name(f".{db.name}.lock")
 
 
 def git_commit(root: Path) -> str:
@@ -194,25 +208,29 @@ class Tracker:
         self.root = Path(root)
         self.uri = tracking_uri(self.root)
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
         self.log_models = log_models
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = None
-            if self.uri.startswith("sqlite:"):
-                location = ProjectPaths(self.root).mlflow_artifacts.resolve().as_uri()
-            try:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-            except Exception:  # created concurrently by another process: read it back
-                exp = self.client.get_experiment_by_name(experiment)
-                if exp is None:
-                    raise
+        lock = store_lock(self.uri, self.root)
+        # The client opens the store at once, and the first one to open a SQLite store creates its tables: two
+        # processes doing that at once break its migrations.
+        with init_lock(lock, f"creating the MLflow store {self.uri}") if lock else contextlib.nullcontext():
+            self.client = MlflowClient(tracking_uri=self.uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = None
+                if self.uri.startswith("sqlite:"):
+                    location = ProjectPaths(self.root).mlflow_artifacts.resolve().as_uri()
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                except Exception:  # created concurrently by another process: read it back
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+                    self.experiment_id = exp.experiment_id
+            else:
                 self.experiment_id = exp.experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
-        # mlflow.pytorch.log_model files its LoggedModel under the fluent *active* experiment before it
-        # looks at the run's: without this, models land in experiment 0 ("Default", ./mlruns).
-        mlflow.set_experiment(experiment_id=self.experiment_id)
+            # mlflow.pytorch.log_model files its LoggedModel under the fluent *active* experiment before it
+            # looks at the run's: without this, models land in experiment 0 ("Default", ./mlruns).
+            mlflow.set_experiment(experiment_id=self.experiment_id)
         self.commit = git_commit(self.root)
 
     def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:

@@ -563,13 +563,16 @@ def read_tabular(path: Path, label: str, features: tuple[str, ...] | None = None
         max_per_class: keep at most this many rows per class (before the split).
 
     Raises:
-        ValueError: a missing column, a non-numeric or incomplete feature column (naming it), fewer than two
-            rows in a class.
+        ValueError: a missing or duplicated column, a non-numeric or incomplete feature column (naming it), an
+            empty label (naming its row), fewer than two rows in a class.
     """
     import pyarrow as pa
 
     table = _read_table(path)
     names = list(table.column_names)
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"tabular: {path} has duplicate column name(s) {dupes}; every column needs its own name")
     if label not in names:
         raise ValueError(f"tabular: label column {label!r} is not in {path}; its columns: {', '.join(names)}")
     cols = list(features) if features else [c for c in names if c != label]
@@ -591,10 +594,15 @@ def read_tabular(path: Path, label: str, features: tuple[str, ...] | None = None
             raise ValueError(f"tabular: feature column {name!r} of {path} has NaN or infinite values")
         arrays.append(values)
     x = torch.from_numpy(np.stack(arrays, axis=1).astype(np.float32))
-    lab = table.column(label)
-    if lab.null_count:
-        raise ValueError(f"tabular: label column {label!r} of {path} has {lab.null_count} missing value(s)")
-    raw = lab.to_pylist()
+    raw = table.column(label).to_pylist()
+    # A CSV reader gives an empty cell of a text column as "", not as a missing value.
+    empty = [i for i, v in enumerate(raw) if v is None or (isinstance(v, str) and not v.strip())]
+    if empty:
+        where = f"row {empty[0] + 1}" + (f" (line {empty[0] + 2} with the header)" if path.suffix.lower() == ".csv"
+                                         else "")
+        more = f" and {len(empty) - 1} more row(s)" if len(empty) > 1 else ""
+        raise ValueError(f"tabular: label column {label!r} of {path} is empty in {where}{more}; every row needs a "
+                         "label")
     distinct = sorted(set(raw), key=lambda v: (not isinstance(v, int | float), v if isinstance(v, int | float) else str(v)))
     index = {v: i for i, v in enumerate(distinct)}
     y = torch.tensor([index[v] for v in raw], dtype=torch.long)

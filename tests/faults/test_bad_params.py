@@ -45,6 +45,12 @@ CASES = [
     ("run", "extract.by_init.nois.steps=5", r"extract\.by_init has \['nois'\]; its keys are init kinds"),
     ("run", "extract.by_init.nshot.stpes=5", r"unknown key 'extract\.by_init\.nshot\.stpes' \(did you mean"),
     ("run", "extract.by_init.noise.kkt.eta=-1", r"extract\.by_init\.noise.*eta must be >= 0"),
+    ("run", "extract.solver.max_lam_ratio=-1", r"extract\.solver\.max_lam_ratio must be >= 1, got -1"),
+    ("run", "distill.dm.augment.scale=-1", r"distill\.dm\.augment\.scale must be >= 1, got -1"),
+    ("run", "coreset.lam.max_bytes=-1", r"coreset\.lam\.max_bytes must be >= 1, got -1"),
+    ("run", "distill.proxy.fit.momentum=-1", r"distill\.proxy\.fit\.momentum must be in \[0, 1\), got -1"),
+    ("run", "pretrain.fit.epochs=-1", r"pretrain\.fit\.epochs must be >= 0, got -1"),
+    ("run", "prepare.data.seed=-1", r"prepare\.data\.seed must be >= 0, got -1"),
 ]
 
 
@@ -74,6 +80,41 @@ def test_bad_param_is_one_line_and_writes_nothing(
 
     assert re.search(match, lines[0]), lines[0]
     assert _snapshot(project) == before  # nothing written: no artifacts, no .dsv, no mlflow.db, no lock
+
+
+def _minus_one(hint: object) -> str:
+    """-1 written as the key's type: a number, a list of numbers, or a list of pairs."""
+    text = str(hint)
+    if text.startswith("tuple[tuple"):
+        return "[[0, -1]]"
+    return "[-1]" if text.startswith("tuple") else "-1"
+
+
+def test_minus_one_is_refused_for_every_key_that_must_not_be_negative(project: Path) -> None:
+    """Walks every numeric key of the config (tasks.config.numeric_keys): -1 is refused at load with one line
+    naming the key, unless the key's documented range says it may be negative (the CLI turns that line into
+    ``dsv: error: ...`` and exit 2: the cases above)."""
+    from tasks.config import ConfigError, load_config, numeric_keys
+    from tasks.ranges import range_of
+
+    keys = numeric_keys()
+    assert len(keys) > 100
+    accepted, unnamed = [], []
+    for key, cls, name, hint in keys:
+        r = range_of(cls, name)
+        assert r is not None, key
+        if r.admits(-1):
+            assert "may be negative" in r.describe(), key
+            continue
+        try:
+            load_config("params.yaml", [f"{key}={_minus_one(hint)}"])
+        except ConfigError as exc:
+            if "\n" in str(exc) or not str(exc).startswith(f"params.yaml: {key} "):
+                unnamed.append(f"{key}: {str(exc)[:300]}")
+        else:
+            accepted.append(key)
+    assert not accepted, f"-1 accepted for {accepted}"
+    assert not unnamed, unnamed
 
 
 _BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(

@@ -19,7 +19,7 @@ from tasks.artifacts import (
     read_lambdas_parquet,
     save_tensors,
 )
-from tests.faults.conftest import tmp_leftovers
+from tests.faults.conftest import tmp_leftovers, wait_for
 
 
 def _truncate(p: Path) -> None:
@@ -73,6 +73,47 @@ def test_damaged_artifact_is_detected_and_rebuilt(
     assert states[task] == {"Completed"}, states  # cache record rejected by the hash check: the task ran
     assert hashlib.sha256(target.read_bytes()).hexdigest() == good  # rebuilt byte-identical
     assert tmp_leftovers(project) == []
+
+
+def _run_log(flow_run_id: object) -> list[str]:
+    """The messages a flow run (and its task runs) sent to the Prefect API so far (sent in batches)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
+@pytest.mark.slow
+def test_tampered_cache_record_metric_is_not_reported(completed_project: tuple[Path, dict]) -> None:
+    """A record's metrics are covered by its digest: 0.999 written into a record (its artifact hashes intact)
+    never reaches metrics/ or the summary; the stage is recomputed with a warning naming the record."""
+    import json
+
+    from flows.cache import load_record
+    from flows.pipeline import pipeline
+    from tests.integration.test_pipeline import task_states
+
+    project, _ = completed_project
+    truth = json.loads((project / "metrics/evaluate.json").read_text())["teacher_acc"]
+    assert truth != 0.999
+    records = sorted((project / ".dsv/cache/evaluate").glob("*.json"))
+    assert len(records) == 2  # the stage's record and its latest output (what `dsv stage` reads)
+    for rec in records:
+        data = json.loads(rec.read_text())
+        data["metrics"]["teacher_acc"] = 0.999
+        rec.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    state = pipeline(params_path="params.yaml", root=str(project), track=False, return_state=True)
+    assert state.is_completed(), state.message
+    assert wait_for(lambda: any("does not match its integrity digest" in m and str(records[0].parent) in m
+                                for m in _run_log(state.state_details.flow_run_id)), 30, every=0.5)
+    states = {name: s for name, s in task_states(state.state_details.flow_run_id)}
+    assert states["evaluate"] == "Completed", states  # recomputed, not restored
+    assert json.loads((project / "metrics/evaluate.json").read_text())["teacher_acc"] == truth
+    assert state.result()["stages"]["evaluate"]["cached"] is False
+    for rec in records:  # rewritten whole
+        data = load_record(rec)
+        assert data is not None and data["metrics"]["teacher_acc"] == truth
 
 
 def _shard(tmp: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tasks.lock import OutputLock
-from tests.faults.conftest import FAULT_PARAMS, cli_env, copy_project, dsv, wait_for
+from tests.faults.conftest import FAULT_PARAMS, cli_env, copy_project, dsv, tmp_leftovers, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +43,11 @@ def _statuses(project: Path) -> dict[str, int]:
         return dict(db.execute("select status, count(*) from runs group by status").fetchall())
 
 
-def _start(project: Path) -> subprocess.Popen[bytes]:
+def _start(project: Path, *overrides: str) -> subprocess.Popen[bytes]:
     env = cli_env(project, None)  # no PREFECT_API_URL: dsv starts (and must stop) its own server
     log = open(project / "dsv.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *OVERRIDES], cwd=project, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *(overrides or OVERRIDES)], cwd=project,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_until_extracting(project: Path, proc: subprocess.Popen[bytes]) -> None:
@@ -56,28 +56,73 @@ def _wait_until_extracting(project: Path, proc: subprocess.Popen[bytes]) -> None
     assert proc.poll() is None, (project / "dsv.log").read_text()[-3000:]
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
-def test_interrupt_stops_everything_within_seconds(tmp_path: Path, sig: signal.Signals, code: int) -> None:
-    project = copy_project(tmp_path / "p", FAULT_PARAMS)
-    proc = _start(project)
+def _interrupt(proc: subprocess.Popen[bytes], sig: signal.Signals) -> tuple[int, float]:
+    """Send ``sig`` to the process group (as a terminal does); (exit code, seconds until the exit)."""
     try:
-        _wait_until_extracting(project, proc)
         sent = time.monotonic()
         os.killpg(proc.pid, sig)
         rc = proc.wait(timeout=60)
-        seconds = time.monotonic() - sent
+        return rc, time.monotonic() - sent
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _check_stopped(project: Path, rc: int, code: int, seconds: float, stage: str) -> None:
+    """Exit code and time, the last line, no process left, no RUNNING run (the stage's and the pipeline's
+    KILLED), the lock released, finished work kept, no temp file."""
     log = (project / "dsv.log").read_text()
+    print(f"{stage}: exit code {rc} {seconds:.2f} s after the signal")  # shown with pytest -rP
     assert rc == code, log[-3000:]
-    assert seconds < 20, seconds
+    assert seconds < 10, f"exited {seconds:.1f} s after the signal"
     assert log.strip().splitlines()[-1].startswith("dsv: interrupted" if code == 130 else "dsv: terminated")
     assert wait_for(lambda: not _processes_of(project), 10), _processes_of(project)  # the server too
     status = _statuses(project)
-    assert "RUNNING" not in status and status.get("KILLED", 0) >= 2, status  # the pipeline run and its stage
+    assert "RUNNING" not in status, status
+    with sqlite3.connect(project / "mlflow.db") as db:
+        killed = {name for (name,) in db.execute("select name from runs where status = 'KILLED'")}
+    assert stage in killed and any(n.startswith("digits") for n in killed), killed  # the stage and the pipeline
     OutputLock(project, "test").acquire().release()  # the lock was released
     assert (project / "artifacts" / "pretrain" / "teacher.safetensors").is_file()  # finished work kept
+    assert tmp_leftovers(project) == []
+
+
+# Shards of a few seconds (the signal lands inside the second one) and distill cells that would train for
+# minutes: only a stop inside the running unit ends the run within seconds.
+LONG_UNITS = ("-S", "extract.solver.steps=600", "-S", "extract.solver.log_every=10",
+              "-S", "distill.protocol.min_steps=50000")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_interrupt_inside_a_unit_stops_it_and_a_resume_recomputes_only_it(
+    tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    project = copy_project(tmp_path / "p", FAULT_PARAMS)
+    shards = project / "artifacts" / "extract" / "shards"
+    # 1. Inside an extraction shard.
+    proc = _start(project, *LONG_UNITS)
+    _wait_until_extracting(project, proc)  # shard 0 written (its record just after); shard 1 starts
+    time.sleep(0.5)
+    rc, seconds = _interrupt(proc, sig)
+    _check_stopped(project, rc, code, seconds, "extract")
+    # The running shard stopped where it was: no file (it did not run on to its end after the signal).
+    assert sorted(p.name for p in shards.glob("*.safetensors")) == ["nshot_ipc2_shard0.safetensors"]
+    first = (shards / "nshot_ipc2_shard0.safetensors").stat()
+    # 2. The resume recomputes the interrupted shard (and those never started), not the finished one; then a
+    # second interrupt inside the first distill cell.
+    proc = _start(project, *LONG_UNITS)
+    assert wait_for(lambda: b"stage coreset:" in (project / "dsv.log").read_bytes() or proc.poll() is not None,
+                    300, every=0.05), "never reached distill"
+    time.sleep(2.0)  # the first cell is training its students
+    assert proc.poll() is None, (project / "dsv.log").read_text()[-3000:]
+    again = (shards / "nshot_ipc2_shard0.safetensors").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # the finished shard: cached
+    assert len(list(shards.glob("*.safetensors"))) == 4  # the interrupted one and the others: computed now
+    rc, seconds = _interrupt(proc, sig)
+    _check_stopped(project, rc, code, seconds, "distill")
+    assert not (project / "artifacts" / "distill" / "cells").exists()  # the cell wrote no result...
+    assert not (project / ".dsv" / "cache" / "distill").exists()  # ...and no record: a resume recomputes it
+    assert len(list((project / ".dsv" / "cache" / "extract").glob("*.json"))) == 6  # 4 shards, merge, last: kept
 
 
 def test_sigkill_leaves_nothing_running_and_the_next_run_closes_its_runs(tmp_path: Path) -> None:
@@ -105,7 +150,8 @@ def test_sigkill_leaves_nothing_running_and_the_next_run_closes_its_runs(tmp_pat
 def test_serve_stops_on_interrupt(tmp_path: Path, sig: signal.Signals, code: int) -> None:
     project = copy_project(tmp_path / "p", FAULT_PARAMS)
     log = open(project / "serve.log", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--interval", "3600"], cwd=project,
+    # Once a year: no run is due while the test runs (an interval schedule runs at once).
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--cron", "0 0 1 1 *"], cwd=project,
                             env=cli_env(project, None), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         assert wait_for(lambda: b"being served" in (project / "serve.log").read_bytes() or proc.poll() is not None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from flows.cache import cache_key, external_inputs, load_record, lookup, source_hash, store
 from tasks.atomic import file_sha256
 from tasks.paths import Paths
@@ -98,3 +100,25 @@ def test_compute_stages_key_on_the_resolved_device() -> None:
     a = cache_key("stage", "src", "pretrain", **_params("pretrain", on_cpu), upstream={})
     b = cache_key("stage", "src", "pretrain", **{**_params("pretrain", on_cpu), "device": "cuda"}, upstream={})
     assert a != b
+
+
+def test_a_record_edited_by_hand_or_moved_is_a_miss_with_a_warning(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    paths = Paths(tmp_path / "out")
+    store(tmp_path, "evaluate", "k1", {"files": {}, "metrics": {"teacher_acc": 0.5}})
+    assert lookup(tmp_path, "evaluate", "k1", paths) == {"files": {}, "metrics": {"teacher_acc": 0.5}}
+    record = tmp_path / ".dsv/cache/evaluate/k1.json"
+    data = json.loads(record.read_text())
+    assert set(data) == {"files", "metrics", "record_sha256"}
+    moved = record.with_name("k2.json")  # a record copied under another key does not match there
+    moved.write_text(record.read_text())
+    assert lookup(tmp_path, "evaluate", "k2", paths) is None
+    data["metrics"]["teacher_acc"] = 0.999
+    record.write_text(json.dumps(data))
+    assert lookup(tmp_path, "evaluate", "k1", paths) is None
+    del data["record_sha256"]
+    record.write_text(json.dumps(data))
+    assert lookup(tmp_path, "evaluate", "k1", paths) is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("dsv: warning: cache record ") for line in err), err
+    assert "k2.json does not match its integrity digest" in err[0] and "has no integrity digest" in err[2]

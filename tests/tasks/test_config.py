@@ -176,7 +176,7 @@ def test_bring_your_own_keys_are_checked(tmp_path) -> None:  # noqa: ANN001
         load_config(None, ["pretrain.checkpoint=nope.pt"])
     with pytest.raises(ConfigError, match="prepare.normalize.mean and std must be set together"):
         load_config(None, ["prepare.normalize.mean=[0.5]"])
-    with pytest.raises(ConfigError, match="prepare.normalize.std must be > 0"):
+    with pytest.raises(ConfigError, match="prepare.normalize.std must all be > 0"):
         load_config(None, ["prepare.normalize={mean: [0.5], std: [0.0]}"])
     with pytest.raises(ConfigError, match="did you mean 'torchvision:resnet18'"):
         load_config(None, ["pretrain.model.name=torchvision:resnet81"])
@@ -256,3 +256,16 @@ def test_device_auto_is_the_default_and_resolves_to_cpu_without_cuda() -> None:
         load_config(ROOT / "params.yaml", ["runtime.cuda_graphs=maybe"])
     with pytest.raises(ConfigError, match=r"distill\.protocol\.batched"):
         load_config(ROOT / "params.yaml", ["distill.protocol.batched=sometimes"])
+
+
+def test_every_numeric_key_has_a_documented_range() -> None:
+    from tasks.config import numeric_keys
+    from tasks.ranges import range_of
+
+    keys = numeric_keys()
+    assert len(keys) > 100
+    missing = [key for key, cls, name, _ in keys if range_of(cls, name) is None]
+    assert not missing, f"numeric keys without a range in tasks/ranges.py (or tasks/config.py): {missing}"
+    negative = [key for key, cls, name, _ in keys if range_of(cls, name).admits(-1)]  # type: ignore[union-attr]
+    assert negative == ["prepare.normalize.mean"], negative
+    assert "may be negative" in range_of(*keys[[k for k, *_ in keys].index(negative[0])][1:3]).describe()  # type: ignore[union-attr,misc]
