@@ -71,6 +71,7 @@ pretrain:
 extract:
   ipcs: [2]
   solver: {steps: 3, log_every: 1}
+  warmup: {steps: 3, log_every: 1}
 coreset:
   per_class: null
   lam: {batch_size: 150, steps: 5}
