@@ -49,7 +49,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # (dsv.extract.ExtractConfig); for ``kind = generate`` rows the ``gen.*`` keys set the GenerateConfig.
 VARIANTS: dict[str, str] = {
     "today": "",
-    "generator warm-up": "warmup.steps=200",
+    "generator warm-up": "warmup.steps=200,warmup.beta_repel=0",
     "warm-up + repel 0.05": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05",
     "warm-up + repel 0.5": "warmup.steps=200,warmup.beta_repel=0.5,kkt.beta_repel=0.5",
     "W+R 0.05 + own augmentation draws": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05,"
@@ -57,14 +57,17 @@ VARIANTS: dict[str, str] = {
     "W+R 0.05 + target mix 0.3": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05,target_mix=0.3",
     "W+R 0.05 + no flip": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05,"
                           "warmup.augment.ops=translate|cutout|noise,kkt.augment.ops=translate|crop|noise",
+    "warm-up + no flip (no repel)": "warmup.steps=200,warmup.beta_repel=0,"
+                                    "warmup.augment.ops=translate|cutout|noise,kkt.augment.ops=translate|crop|noise",
     "repel 0.5 (no warm-up)": "kkt.beta_repel=0.5",
 }
 GEN_VARIANTS: dict[str, str] = {
-    "generate (today's recipe)": "",
+    "generate (first release's recipe)": "gen.beta_repel=0",
     "generate + repel 0.05": "gen.beta_repel=0.05",
     "generate + repel 0.5": "gen.beta_repel=0.5",
     "generate + repel 0.05 + target mix 0.3": "gen.beta_repel=0.05,gen.target_mix=0.3",
     "generate + repel 0.05 + no flip": "gen.beta_repel=0.05,gen.augment.ops=translate|cutout|noise",
+    "generate + no flip (no repel)": "gen.beta_repel=0,gen.augment.ops=translate|cutout|noise",
 }
 
 
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
                 cfg, warm, gen = configure(spec, args.steps)
                 g = torch.Generator().manual_seed(args.seed)
                 t0 = time.perf_counter()
-                if name in GEN_VARIANTS or spec.startswith("gen."):
+                if name in GEN_VARIANTS or spec.startswith("gen."):  # a generated set, not DSVs
                     x0 = None
                     if init == "0shot":
                         x0, _ = init_candidates("0shot", ipc, c, shape, g, other_x=pool)
