@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from dsv.extract import ExtractConfig, extract, init_candidates  # noqa: E402
 from dsv.generate import GenerateConfig, generate_images, noise_start, sample  # noqa: E402
-from dsv.judge import judge_score, matched_real, nearest_distance  # noqa: E402
+from dsv.judge import judge_score, matched_real, nearest  # noqa: E402
 from dsv.models import ModelConfig  # noqa: E402
 from dsv.protocols import ProtocolConfig, train_students  # noqa: E402
 from tasks.artifacts import load_model, load_split, load_tensors, read_data_meta  # noqa: E402
@@ -144,19 +144,21 @@ def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
         specs = {k: v for k, v in specs.items() if any(s in k for s in args.variants)}
     rows: list[dict[str, Any]] = []
     payload = {"dataset": meta.name, "rows": rows}
-    real_nearest = float(nearest_distance(xt[:500], x).mean())
+    real_nearest = float(nearest(xt[:500], x)[0].mean())
 
     def score(kind: str, init: str, ipc: int, name: str, xs: torch.Tensor, ys: torch.Tensor, secs: float) -> None:
         res = train_students(xs, ys, xt, yt, None, protocol, shape, c, list(range(protocol.n_runs)), args.device)
         accs = [r.accuracy for r in res]
         ref = xt[matched_real(ys, yt, torch.Generator().manual_seed(ipc))]
         js = judge_score(judge, xs, ys, ref)
+        dist, idx = nearest(xs, x)
         m, sd = _mean_std(accs)
         row = {"dataset": meta.name, "ipc": ipc, "init": init, "kind": kind, "variant": name, "acc_mean": m,
                "acc_std": sd, "accs": accs, "judge_acc": js.acc, "frechet": js.frechet,
                "intra_class_cos": js.intra_class_cos, "real_intra_class_cos": js.real_intra_class_cos,
                "collapse": js.collapse,
-               "nearest_train": float(nearest_distance(xs, x).mean()), "real_nearest_train": real_nearest,
+               "nearest_train": float(dist.mean()), "real_nearest_train": real_nearest,
+               "knn_acc": float((y[idx] == ys).double().mean()),
                "n_train": int(ys.numel()), "seconds": secs}
         rows.append(row)
         save(payload)
@@ -200,12 +202,13 @@ def render(p: dict[str, Any]) -> str:
              "- Judge: the pipeline's judge stage. cos: within-class cosine of judge features (1 = copies), real: the "
              "same for as many real images; collapse: that cosine around the real class mean (real ≈ 0, copies 1). "
              "nearest: mean distance to the nearest training image (normalised pixels; real test images: `real "
-             "nearest`).", "",
-             "| IPC | init | kind | variant | acc (%) | judge acc (%) | cos | real cos | collapse | Fréchet | nearest "
-             "| real nearest | s |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "nearest`); 1-NN acc: the label of that nearest training image (a judge of another family).", "",
+             "| IPC | init | kind | variant | acc (%) | judge acc (%) | 1-NN acc (%) | cos | real cos | collapse | Fréchet "
+             "| nearest | real nearest | s |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in p["rows"]:
         lines.append(f"| {r['ipc']} | {r['init']} | {r['kind']} | {r['variant']} | {100 * r['acc_mean']:.2f} ± "
-                     f"{100 * r['acc_std']:.2f} | {100 * r['judge_acc']:.1f} | {r['intra_class_cos']:.3f} | "
+                     f"{100 * r['acc_std']:.2f} | {100 * r['judge_acc']:.1f} | "
+                     f"{'' if 'knn_acc' not in r else format(100 * r['knn_acc'], '.1f')} | {r['intra_class_cos']:.3f} | "
                      f"{r['real_intra_class_cos']:.3f} | {r['collapse']:.3f} | {r['frechet']:.1f} | "
                      f"{r['nearest_train']:.2f} | "
                      f"{r['real_nearest_train']:.2f} | {r['seconds']:.0f} |")

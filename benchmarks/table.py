@@ -87,6 +87,13 @@ def _run_seed(args: argparse.Namespace, seed: int, methods: list[str]) -> Path:
     return out
 
 
+def _resolved_student(out: Path) -> dict[str, Any] | None:
+    import yaml
+
+    f = out / "artifacts" / "distill" / "params.resolved.yaml"
+    return yaml.safe_load(f.read_text())["distill"]["protocol"]["model"] if f.exists() else None
+
+
 def collect(outs: dict[int, Path], ipcs: list[int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows over seeds, with paired deltas; and per-seed extraction metrics."""
     cells: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
@@ -128,6 +135,11 @@ def collect(outs: dict[int, Path], ipcs: list[int]) -> tuple[list[dict[str, Any]
     return rows, extract
 
 
+def _model(p: dict[str, Any]) -> str:
+    m = p.get("student_model") or {"name": "convnet", "depth": 3, "width": p["args"]["student_width"]}
+    return f"{m['name']} depth {m.get('depth')} width {m.get('width')}"
+
+
 def render(p: dict[str, Any]) -> str:
     ipcs = p["ipcs"]
     by = {(r["method"], r["ipc"]): r for r in p["rows"]}
@@ -137,7 +149,7 @@ def render(p: dict[str, Any]) -> str:
         f"# {p['dataset']}: test accuracy (%) of students trained on each set, protocol `{a['protocol']}`", "",
         f"- Command: `{p['command']}` at commit `{p['git_commit'][:7]}`; wall {p['wall_s']:.0f} s, load average "
         f"{p['loadavg_start']} → {p['loadavg_end']}.",
-        f"- Teacher: {100 * p['teacher_acc']:.2f}% test accuracy. Students: ConvNet-3 width {a['student_width']}, "
+        f"- Teacher: {100 * p['teacher_acc']:.2f}% test accuracy. Students: {_model(p)}, "
         f"{a['n_runs']} student seeds per set, max({a['epochs']} epochs, {a['min_steps']} steps).",
         f"- Seeds: {a['seeds']} pipeline seeds (extract.seed = distill.seed = s). Rows that depend on a seed (DSVs, "
         "random) have seeds × students runs; deterministic selections have one selection × students.",
@@ -207,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "ipcs": args.ipcs, "args": vars(args), "rows": rows, "extract": extract,
         "solver": (first / "artifacts" / "extract" / "params.resolved.yaml").read_text()
         if (first / "artifacts" / "extract" / "params.resolved.yaml").exists() else None,
+        "student_model": _resolved_student(first),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")

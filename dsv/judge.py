@@ -98,18 +98,24 @@ def intra_class_cosine(feats: Tensor, y: Tensor, center: Tensor | None = None) -
     return sum(per_class) / len(per_class) if per_class else float("nan")
 
 
-def nearest_distance(x: Tensor, pool: Tensor, chunk: int = 4096) -> Tensor:
-    """For each image of ``x`` (N, ...), the Euclidean distance to its nearest image in ``pool`` (M, ...), (N,).
+def nearest(x: Tensor, pool: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """For each image of ``x`` (N, ...), the Euclidean distance to its nearest image in ``pool`` (M, ...) and that
+    image's index, ((N,), (N,)).
 
-    A memorisation check: a synthetic image much closer to a training image than real test images are
-    (:func:`nearest_distance` of the test set against the training set) is a copy of it.
+    Two uses: a memorisation check (a synthetic image much closer to a training image than real test images are
+    is a copy of it) and a judge of another family than the teacher: the label of the nearest training image
+    in pixel space (1-NN) shares none of a ConvNet's blind spots, so images that only fool ConvNets score low.
     """
     a = x.flatten(1).double()
     best = torch.full((a.shape[0],), float("inf"), dtype=torch.float64)
+    where = torch.zeros(a.shape[0], dtype=torch.long)
     for i in range(0, pool.shape[0], chunk):
         b = pool[i : i + chunk].flatten(1).double()
-        best = torch.minimum(best, torch.cdist(a, b).min(dim=1).values)
-    return best
+        d, j = torch.cdist(a, b).min(dim=1)
+        closer = d < best
+        best = torch.where(closer, d, best)
+        where = torch.where(closer, j + i, where)
+    return best, where
 
 
 def judge_score(judge: nn.Module, x: Tensor, y: Tensor, reference: Tensor) -> JudgeScore:

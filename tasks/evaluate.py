@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dsv.judge import judge_score, matched_real, nearest_distance
+from dsv.judge import judge_score, matched_real, nearest
 from dsv.protocols import ResultRow, label_robust_score
 from tasks.artifacts import load_model, load_split, load_tensors, read_data_meta, read_json
 from tasks.atomic import write_json, write_text
@@ -135,11 +135,12 @@ def judge_markdown(judged: list[dict[str, Any]]) -> str:
              "cos: the mean within-class cosine of its judge features (1 = each class is copies of one image; `real`: the",
              "same for real images of those classes); collapse: that cosine around the real class mean (real images ≈ 0,",
              "copies 1: one mode per class); nearest: mean pixel distance (normalised units) to the nearest training",
-             "image (a copy of one has 0).",
-             "", "| set | IPC | images | judge acc (%) | judge conf | Fréchet | cos | real cos | collapse | nearest |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "image (a copy of one has 0); 1-NN acc: a judge of another family, the label of that nearest training image.",
+             "", "| set | IPC | images | judge acc (%) | 1-NN acc (%) | judge conf | Fréchet | cos | real cos | collapse "
+             "| nearest |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for j in sorted(judged, key=lambda j: (j["ipc"], j["frechet"])):
-        lines.append(f"| {j['method']} | {j['ipc']} | {j['n']} | {100 * j['judge_acc']:.1f} | {j['judge_conf']:.3f} | "
+        lines.append(f"| {j['method']} | {j['ipc']} | {j['n']} | {100 * j['judge_acc']:.1f} | {100 * j['knn_acc']:.1f} | "
+                     f"{j['judge_conf']:.3f} | "
                      f"{j['frechet']:.1f} | {j['intra_class_cos']:.3f} | {j['real_intra_class_cos']:.3f} | "
                      f"{j['collapse']:.3f} | {j['nearest_train']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -198,7 +199,7 @@ def judge_sets(paths: Paths, rows: list[dict[str, Any]], seed: int = 0) -> list[
         return []
     judge = load_model(paths.judge, paths.judge_spec)
     x_test, y_test = load_split(paths.test, meta)
-    x_train, _ = load_split(paths.train, meta)
+    x_train, y_train = load_split(paths.train, meta)
     mean, std = meta.stats()
     lo, hi = ((0.0 - mean) / std).view(1, -1, 1, 1), ((1.0 - mean) / std).view(1, -1, 1, 1)
     out: list[dict[str, Any]] = []
@@ -228,10 +229,13 @@ def judge_sets(paths: Paths, rows: list[dict[str, Any]], seed: int = 0) -> list[
         for name, method, x, y in sets:
             reference = x_test[matched_real(y, y_test, torch.Generator().manual_seed(seed + ipc))]
             s = judge_score(judge, x, y, reference)
+            dist, idx = nearest(x, x_train)
+            hard = y.argmax(1) if y.dim() == 2 else y
             out.append({"set": name, "method": method, "ipc": ipc, "n": s.n, "judge_acc": s.acc,
                         "judge_conf": s.conf, "frechet": s.frechet, "intra_class_cos": s.intra_class_cos,
                         "real_intra_class_cos": s.real_intra_class_cos, "collapse": s.collapse,
-                        "nearest_train": float(nearest_distance(x, x_train).mean())})
+                        "nearest_train": float(dist.mean()),
+                        "knn_acc": float((y_train[idx] == hard).double().mean())})
     return out
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from dsv.data.core import denormalize
 from dsv.generate import Generated, edit_images, interpolate, sample
-from dsv.judge import judge_score, matched_real
+from dsv.judge import judge_score, matched_real, nearest
 from dsv.train import predict_logits
 from tasks.artifacts import (
     PARAMS_HASH_KEY,
@@ -111,6 +111,10 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         s = judge_score(judge, xs, ys, x_test[reference]) if ok else None
         for k in ("acc", "conf", "frechet", "intra_class_cos", "collapse"):
             metrics[f"{name}_judge_{k}"] = getattr(s, k) if s is not None else float("nan")
+    x_train, y_train = load_split(paths.train, meta)
+    dist, idx = nearest(samples.x, x_train)
+    metrics["samples_knn_acc"] = float((y_train[idx] == samples.y).double().mean())  # a judge of another family
+    metrics["samples_nearest_train"] = float(dist.mean())
     metrics.update(_strip_metrics(judge, strips, pair_idx, deltas, pairs))
     if edits is not None:
         metrics["edits_teacher_flip_rate"] = float((edits.probs.argmax(1) == edit_to).float().mean())

@@ -169,13 +169,14 @@ def test_intra_class_cosine_is_one_for_copies_and_matches_a_hand_computation() -
     assert intra_class_cosine(f[:1], y[:1]) != intra_class_cosine(f[:1], y[:1])  # NaN: no class has two images
 
 
-def test_nearest_distance_finds_copies() -> None:
-    from dsv.judge import nearest_distance
+def test_nearest_finds_copies_and_their_index() -> None:
+    from dsv.judge import nearest
 
     pool = torch.randn(50, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    x = torch.cat([pool[[3, 7]], pool[[3]] + 0.5])
-    d = nearest_distance(x, pool, chunk=16)
+    x = torch.cat([pool[[3, 47]], pool[[20]] + 0.5])
+    d, idx = nearest(x, pool, chunk=16)  # chunks of 16: the nearest image is found across chunks
     assert d[:2].abs().max() < 1e-9 and abs(float(d[2]) - 0.5 * 4) < 1e-6
+    assert idx.tolist() == [3, 47, 20]
 
 
 def test_noise_starts_keep_their_std_at_the_coarsest_grid() -> None:
