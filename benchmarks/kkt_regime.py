@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--root", default="data", help="where the dataset files are (also the system paths)")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of an earlier run of the same command in the results file (default: start over)")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(1)
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     bounds = ((0.0 - mean) / std, (1.0 - mean) / std)
     depth = 2 if shape[-1] < 16 else 3
     stem = RESULTS / (args.name or f"kkt-regime-{args.dataset}")
-    out = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {"rows": []}
+    resume = args.resume and stem.with_suffix(".json").exists()
+    out = json.loads(stem.with_suffix(".json").read_text()) if resume else {"rows": []}
     done = {(r["setting"], r["ipc"], r["init"], r["variant"]) for r in out["rows"]}
     models: dict[tuple[str, str], torch.nn.Module] = {}
     teacher_info: dict[str, Any] = out.get("teachers", {})

@@ -48,12 +48,14 @@ from dsv.kkt import (
     weighted_grad_sum,
 )
 
-GENERATE_OPS = ("translate", "flip", "cutout", "noise")
+GENERATE_OPS = ("translate", "cutout", "noise")
 
 
 def generation_augment() -> AugmentConfig:
-    """The augmented views of generation: the paper's ImageNet-generation ops, chained (translate 0.125,
-    flip 0.5, cutout 0.15, noise 0.01; crop left out: at 28 px a 0.8 crop removes the garment's outline)."""
+    """The augmented views of generation: the paper's ImageNet-generation ops, chained (translate 0.125, cutout
+    0.15, noise 0.01), per image. Left out: crop (at 28 px a 0.8 crop removes the garment's outline) and the
+    paper's flip: an image optimised under random flips becomes mirror-symmetric (a sandal pointing both ways, a
+    digit and its mirror image), and classes have an orientation (benchmarks/results/diversity-*.md)."""
     return AugmentConfig(ops=GENERATE_OPS, one_per_call=False, per_sample=True)
 
 

@@ -251,10 +251,11 @@ class PretrainConfig:
 # datasets at every IPC; its best n-shot setting at IPC 1 (a converged teacher, the NNLS λ step, l2, one
 # spare candidate per DSV) is one override away (README, "The KKT regime"):
 #   -S pretrain.converge.scope=last -S 'extract.by_init={nshot: {lam_solver: nnls, spare: 1.0, kkt: {distance: l2}}}'
-# The teacher-only inits also repel within a class (dsv.kkt.repulsion), as their warm-up does: measured on
-# Fashion-MNIST and digits (benchmarks/results/diversity-*.md).
-DEFAULT_BY_INIT: dict[str, dict[str, Any]] = {"0shot": {"kkt": {"beta_repel": 0.05}},
-                                              "noise": {"kkt": {"beta_repel": 0.05}}}
+# The teacher-only inits repel within a class (dsv.kkt.repulsion), as their warm-up does, and are not flipped by
+# the augmented copy (an image optimised under flips becomes mirror-symmetric; classes have an orientation):
+# measured on Fashion-MNIST and digits (benchmarks/results/diversity-*.md).
+_TEACHER_ONLY_KKT = {"kkt": {"beta_repel": 0.05, "augment": {"ops": ["translate", "crop", "noise"]}}}
+DEFAULT_BY_INIT: dict[str, dict[str, Any]] = {"0shot": _TEACHER_ONLY_KKT, "noise": _TEACHER_ONLY_KKT}
 
 
 @dataclass(frozen=True)
