@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                         "precision_at_k": precision_at_k(sc, is_sv),
                         "auc": float(roc_auc_score(is_sv, sc)) if 0 < is_sv.sum() < len(y) else float("nan"),
                         "k": int(is_sv.sum()), "kkt_certificate": cert.relative, "lbfgs_iterations": conv.iterations,
-                        "lambda_residual_rel": lam.residual_rel[0], "train_acc": acc,
+                        "lambda_residual_l2": lam.residual_l2[0], "train_acc": acc,
                     })
                 print(f"{data:11s} {teacher_kind:6s} seed {seed}: certificate {cert.relative:.2e}, k={int(is_sv.sum())}, "
                       + ", ".join(f"{r['ranking']} P@k {r['precision_at_k']:.2f}" for r in rows[-4:]), flush=True)

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                      "entropy": res.trace[0]["entropy"], "dist_to_boundary": mean_distance(x0, boundary)})
         rows.append({"set": f"DSVs ({init})", "n": int(res.x.shape[0]), "entropy": float(res.entropy.mean()),
                      "dist_to_boundary": mean_distance(res.x, boundary),
-                     "acc_target": res.trace[-1]["acc_target"], "residual_rel_start": res.trace[0]["residual_rel"],
-                     "residual_rel_end": res.trace[-1]["residual_rel"], "wall_s": wall})
+                     "acc_target": res.trace[-1]["acc_target"], "residual_l2_start": res.trace[0]["residual_l2"],
+                     "residual_l2_end": res.trace[-1]["residual_l2"], "wall_s": wall})
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     command = "python benchmarks/toy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     OUT.mkdir(parents=True, exist_ok=True)
