@@ -147,7 +147,9 @@ def render(p: dict[str, Any]) -> str:
     a = p["args"]
     lines = [
         f"# {p['dataset']}: test accuracy (%) of students trained on each set, protocol `{a['protocol']}`", "",
-        f"- Command: `{p['command']}` at commit `{p['git_commit'][:7]}`; wall {p['wall_s']:.0f} s, load average "
+        f"- Command: `{p['command']}` at commit `{p['git_commit'][:7]}`"
+        + (f" (seeds {p['kept_seeds']} collected from an earlier run of the same command, at the commits of that run)"
+           if p.get("kept_seeds") else "") + f"; wall {p['wall_s']:.0f} s, load average "
         f"{p['loadavg_start']} → {p['loadavg_end']}.",
         f"- Teacher: {100 * p['teacher_acc']:.2f}% test accuracy. Students: {_model(p)}, "
         f"{a['n_runs']} student seeds per set, max({a['epochs']} epochs, {a['min_steps']} steps).",
@@ -195,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--min-steps", type=int, default=400)
     ap.add_argument("-S", "--set", dest="extra", action="append", default=[], help="more pipeline overrides")
+    ap.add_argument("--keep-seeds", type=int, nargs="*", default=[],
+                    help="seeds whose finished output is collected as it is, without a pipeline run (a run interrupted "
+                    "after these seeds finished, resumed on a later commit: their stage keys no longer match)")
     ap.add_argument("--render-only", action="store_true", help="re-render the .md from the .json; runs nothing")
     args = ap.parse_args(argv)
     stem = RESULTS / args.name
@@ -206,14 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     outs = {}
     for seed in range(args.seeds):
         methods = args.methods if seed == 0 else [m for m in args.methods if _seeded(m)]
-        if methods:
+        if seed in args.keep_seeds:
+            out = ROOT / "outputs" / "bench" / args.name / f"seed{seed}"
+            done = json.loads((out / "metrics" / "distill.json").read_text())
+            missing = [f"{m}_ipc{k}" for m in methods for k in args.ipcs if f"{m}_ipc{k}_acc_mean" not in done]
+            if missing:
+                raise SystemExit(f"bench: --keep-seeds {seed}: {out} lacks {', '.join(missing)}")
+            outs[seed] = out
+        elif methods:
             outs[seed] = _run_seed(args, seed, methods)
     rows, extract = collect(outs, args.ipcs)
     first = outs[0]
     payload = {
         "dataset": json.loads((first / "artifacts" / "prepare" / "meta.json").read_text())["name"],
         "command": "python benchmarks/table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_commit": _sh("git", "rev-parse", "HEAD"), "wall_s": time.perf_counter() - started,
+        "git_commit": _sh("git", "rev-parse", "HEAD"), "kept_seeds": args.keep_seeds, "wall_s": time.perf_counter() - started,
         "loadavg_start": load0, "loadavg_end": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "teacher_acc": json.loads((first / "metrics" / "pretrain.json").read_text())["test_acc"],
         "ipcs": args.ipcs, "args": vars(args), "rows": rows, "extract": extract,
