@@ -27,6 +27,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from dsv.augment import augment_groups
 from dsv.device import to_device
+from dsv.kernel import soft_cross_entropy
 from dsv.train import (
     FitConfig,
     FitResult,
@@ -37,7 +38,6 @@ from dsv.train import (
     _lr_at,
     _make_optimizer,
     _set_lr,
-    soft_cross_entropy,
 )
 
 

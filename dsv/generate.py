@@ -36,17 +36,17 @@ from torch import Tensor, nn
 
 from dsv.augment import AugmentConfig, augment
 from dsv.checks import at_least, one_of
-from dsv.kkt import (
+from dsv.kernel import (
     PARAM_SUBSETS,
-    capture_features,
-    norm_loss,
-    repulsion,
+    frozen,
     soft_cross_entropy,
     stationarity_distance,
     stationarity_params,
-    tv_loss,
+    target_classes,
+    uniform_lambda,
     weighted_grad_sum,
 )
+from dsv.kkt import capture_features, norm_loss, repulsion, tv_loss
 
 GENERATE_OPS = ("translate", "flip", "cutout", "noise")
 
@@ -136,12 +136,16 @@ class Generated:
 
 
 class _BNStats:
-    """Forward hooks on every BatchNorm layer collecting ‖μ_batch − μ_run‖ + ‖σ²_batch − σ²_run‖ (DeepInversion)."""
+    """Context: forward hooks on every BatchNorm layer (when ``on``) collecting ‖μ_batch − μ_run‖ + ‖σ²_batch −
+    σ²_run‖ (DeepInversion); false when it has none."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, on: bool) -> None:
         self.terms: list[Tensor] = []
         self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
-                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+                        if on and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+
+    def __enter__(self) -> _BNStats:
+        return self
 
     def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
         x = inputs[0]
@@ -158,7 +162,7 @@ class _BNStats:
     def __bool__(self) -> bool:
         return bool(self.handles)
 
-    def close(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
 
@@ -193,10 +197,6 @@ def _resize(z: Tensor, side: tuple[int, int]) -> Tensor:
     if tuple(z.shape[-2:]) == tuple(side):
         return z
     return F.interpolate(z, size=side, mode="bilinear", align_corners=False)
-
-
-def _hard(y: Tensor) -> Tensor:
-    return y.argmax(1) if y.dim() == 2 else y
 
 
 def generate_images(
@@ -234,17 +234,8 @@ def generate_images(
     dtype = next(teacher.parameters()).dtype
     g = torch.Generator().manual_seed(seed)
     y = y.to(device)
-    hard = _hard(y)
-    was_training = teacher.training
-    flags = [p.requires_grad for p in teacher.parameters()]
-    teacher.eval()
+    hard = target_classes(y)
     stat_on = cfg.beta_stat > 0
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    params = stationarity_params(teacher, cfg.param_subset, x0[:8].to(device, dtype)) if stat_on else []
-    for p in params:
-        p.requires_grad_(True)
-    bn = _BNStats(teacher) if cfg.beta_bn > 0 else None
     lo = hi = None
     if cfg.clamp_pixels and pixel_bounds is not None:
         lo = pixel_bounds[0].to(device, dtype).view(1, -1, 1, 1)
@@ -255,13 +246,14 @@ def generate_images(
     trace: list[dict[str, float]] = []
     u = torch.ones(x0.shape[0], device=device, dtype=dtype, requires_grad=True)
     scale = 1.0
-    try:
+    with frozen(teacher, grad=False), _BNStats(teacher, cfg.beta_bn > 0) as bn:
+        params = stationarity_params(teacher, cfg.param_subset, x0[:8].to(device, dtype)) if stat_on else []
+        for p in params:
+            p.requires_grad_(True)
         z = F.interpolate(x0.to(device, dtype), size=sides[0], mode="area") if sides[0] != full else x0.to(device, dtype)
         z = z.detach().clone()
         if stat_on:
-            from dsv.extract import best_uniform_lambda
-
-            scale = best_uniform_lambda(teacher, x0.to(device, dtype), y, cfg.param_subset)
+            scale = uniform_lambda(teacher, x0.to(device, dtype), y, cfg.param_subset)
         step = 0
         for level, (side, share) in enumerate(zip(sides, shares)):
             z = _resize(z, side).detach().requires_grad_(True)
@@ -291,7 +283,7 @@ def generate_images(
                     losses = soft_cross_entropy(teacher(x), y)
                     if bn:
                         bn.take(x)  # the un-augmented pass is not part of the BN prior
-                    s = weighted_grad_sum(teacher, params, losses, scale * u, create_graph=True)
+                    s = weighted_grad_sum(params, losses, scale * u, create_graph=True)
                     stat = stationarity_distance(params, s, "l1")
                     total = total + cfg.beta_stat * stat
                 last = level == len(sides) - 1 and i == share
@@ -337,12 +329,6 @@ def generate_images(
         with torch.no_grad():
             x = _resize(z.detach(), full)
             probs = F.softmax(teacher(x), dim=1)
-    finally:
-        if bn is not None:
-            bn.close()
-        teacher.train(was_training)
-        for p, f in zip(teacher.parameters(), flags):
-            p.requires_grad_(f)
     return Generated(x=x.cpu(), y=y.cpu(), probs=probs.cpu(), trace=trace)
 
 
@@ -375,6 +361,16 @@ def sample(
     return out
 
 
+def soft_targets(class_a: int, class_b: int, delta: float, num_classes: int) -> Tensor:
+    """y = (1 − δ)·onehot(a) + δ·onehot(b) (paper §5.4; δ = 0.6 in the paper). Shape (C,)."""
+    if not 0.0 <= delta <= 1.0:
+        raise ValueError(f"delta must be in [0, 1], got {delta}")
+    y = torch.zeros(num_classes)
+    y[class_a] += 1.0 - delta
+    y[class_b] += delta
+    return y
+
+
 def interpolate(
     teacher: nn.Module,
     pairs: list[tuple[int, int]],
@@ -392,8 +388,6 @@ def interpolate(
     Returns:
         (generated, pair index (K,), δ (K,)), strips in ``pairs`` order, δ ascending within a strip.
     """
-    from dsv.extract import soft_targets
-
     gen = torch.Generator().manual_seed(seed)
     starts = noise_start(len(pairs), in_shape, cfg, gen, noise_std)
     x0 = starts.repeat_interleave(len(deltas), dim=0)

@@ -300,7 +300,7 @@ def linear_probe(
         weight_decay: ω (> 0).
         max_iter: L-BFGS iterations.
     """
-    from dsv.train import soft_cross_entropy
+    from dsv.kernel import soft_cross_entropy
 
     if not weight_decay > 0:
         raise ValueError(f"weight_decay must be > 0, got {weight_decay}")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from dsv.augment import AugmentConfig, augment, dsa_config
 from dsv.checks import at_least, one_of, positive
 from dsv.device import to_device
+from dsv.kernel import frozen, soft_cross_entropy
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "step", "cosine")
@@ -89,13 +90,6 @@ class FitResult:
     steps: int = 0
     graphed: bool = False  # the steps were replayed from a CUDA graph
     graph_error: str | None = None  # why a requested CUDA graph was not used
-
-
-def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Per-sample cross-entropy for hard (N,) int or soft (N, C) probability targets. Returns (N,)."""
-    if target.dim() == 1:
-        return F.cross_entropy(logits, target, reduction="none")
-    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -314,13 +308,10 @@ class EvalResult:
 def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1024, embed: bool = False) -> Tensor:
     """Logits of ``model`` on ``x`` in eval mode, (N, C) float32 on the CPU; with ``embed`` its penultimate features
     (``model.embed``, the input of the final linear layer), (N, F)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     fn: Callable[[Tensor], Tensor] = model.embed if embed else model  # type: ignore[assignment]
-    with torch.no_grad():
+    with frozen(model), torch.no_grad():
         out = [fn(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, x.shape[0], batch_size)]
-    model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dsv.certificate import converge, kkt_certificates
-from dsv.kkt import PARAM_SUBSETS, stationarity_params
+from dsv.certificate import converge
+from dsv.kernel import PARAM_SUBSETS, kkt_certificates, stationarity_params
 from dsv.models import build_seeded, load_checkpoint
 from dsv.train import TrainEvent, evaluate, fit
 from tasks.artifacts import load_split, read_data_meta, save_model

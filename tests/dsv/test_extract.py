@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv.extract import (
-    ExtractConfig,
-    extract,
-    init_candidates,
-    soft_targets,
-)
+from dsv.extract import ExtractConfig, extract, init_candidates
+from dsv.generate import soft_targets
 from dsv.kkt import KKTConfig
 from dsv.models import ModelConfig, build_seeded
 from dsv.train import FitConfig, fit
@@ -156,8 +152,7 @@ def test_keep_per_class_ranks_positive_lambdas_by_support(teacher: torch.nn.Modu
 
 def test_nnls_lambda_solver_solves_the_nonnegative_least_squares_problem(teacher: torch.nn.Module) -> None:
     optimize = pytest.importorskip("scipy.optimize")
-    from dsv.kkt import stationarity_params
-    from dsv.lam import per_sample_grads
+    from dsv.kernel import per_sample_grads, stationarity_params
 
     x0, y0 = _cands(30)
     cfg = ExtractConfig(steps=0, lam_solver="nnls", lam_steps=5000, kkt=KKTConfig(param_subset="last", distance="l2"))

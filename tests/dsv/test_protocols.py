@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dsv.kernel import soft_cross_entropy
 from dsv.models import ModelConfig, build_seeded
 from dsv.protocols import (
     DD_MODEL,
@@ -19,7 +20,7 @@ from dsv.protocols import (
     student_steps,
     train_students,
 )
-from dsv.train import EvalResult, FitConfig, evaluate, fit, soft_cross_entropy
+from dsv.train import EvalResult, FitConfig, evaluate, fit
 
 
 def test_dd_protocol_recipe() -> None:

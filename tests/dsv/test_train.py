@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from dsv.data import normalize
 from dsv.data.registry import DataConfig, load_dataset
+from dsv.kernel import soft_cross_entropy
 from dsv.models import ModelConfig, build_seeded
-from dsv.train import FitConfig, TrainEvent, evaluate, fit, soft_cross_entropy
+from dsv.train import FitConfig, TrainEvent, evaluate, fit
 
 
 def _blobs() -> tuple[Tensor, Tensor]:
