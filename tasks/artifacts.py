@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from dsv.data.core import denormalize, normalize
 from tasks.atomic import atomic_path
 
 PARAMS_HASH_KEY = "dsv.params_hash"
@@ -424,9 +425,33 @@ class DataMeta:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def images(self) -> bool:
+        """Whether the inputs are (C, H, W) images (else (D,) feature vectors)."""
+        return len(self.input_shape) == 3
+
     def stats(self) -> tuple[Tensor, Tensor]:
         """(mean, std) as (C,) tensors."""
         return torch.tensor(self.mean, dtype=torch.float32), torch.tensor(self.std, dtype=torch.float32)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Pixel (or feature) units -> the models' normalised inputs, (x − mean) / std per channel or feature."""
+        return normalize(x, *self.stats())
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """The inverse of :meth:`normalize`."""
+        return denormalize(x, *self.stats())
+
+    def bounds(self, train_x: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The valid input range in normalised units, (lo, hi) per channel or feature: pixels in [0, 1]; a feature
+        between its smallest and largest value in ``train_x`` (the normalised training split, needed for
+        feature vectors), so synthesised inputs stay in the range of the real data."""
+        if self.images:
+            mean, std = self.stats()
+            return (0.0 - mean) / std, (1.0 - mean) / std
+        if train_x is None:
+            raise ValueError("the bounds of feature vectors come from the training split: pass train_x")
+        return train_x.min(dim=0).values, train_x.max(dim=0).values
 
 
 def read_data_meta(path: str | Path) -> DataMeta:
@@ -444,12 +469,8 @@ def read_data_meta(path: str | Path) -> DataMeta:
 
 def load_split(path: str | Path, meta: DataMeta) -> tuple[Tensor, Tensor]:
     """A prepared split as (x normalised (N, C, H, W) float32, y (N,) int64)."""
-    from dsv.data.core import normalize
-
     t = load_tensors(path, ("x", "y"))
-    mean, std = meta.stats()
-    x = normalize(t["x"], mean, std) if t["x"].dim() == 4 else (t["x"] - mean) / std
-    return x.contiguous(), t["y"].long()
+    return meta.normalize(t["x"]).contiguous(), t["y"].long()
 
 
 def save_model(weights: str | Path, spec: str | Path, model: torch.nn.Module, spec_data: dict[str, Any]) -> None:

@@ -14,18 +14,27 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from dsv.baselines import SELECTOR_INPUTS, select
+from dsv.baselines import SELECTOR_INPUTS, ProxyConfig, select
+from dsv.checks import at_least, choices, positive_ints
 from dsv.data.core import normalize, per_class_indices
-from dsv.dm import distribution_matching
-from dsv.protocols import DSV_METHODS, ProtocolConfig, linear_probe, student_fit_config, train_students
-from dsv.train import EvalResult, TrainEvent, evaluate, predict_logits
+from dsv.dm import DMConfig, distribution_matching
+from dsv.models import ModelConfig
+from dsv.protocols import (
+    DSV_METHODS,
+    METHOD_NAMES,
+    ProtocolConfig,
+    linear_probe,
+    student_fit_config,
+    train_students,
+)
+from dsv.train import EvalResult, FitConfig, TrainEvent, evaluate, predict_logits
 from tasks.artifacts import (
     DataMeta,
     load_model,
@@ -39,14 +48,12 @@ from tasks.artifacts import (
 )
 from tasks.atomic import write_json
 from tasks.figures import image_grid
-from tasks.output import StageOutput, device_of, finish, graphs_of, hash_files
+from tasks.output import StageConfig, StageOutput, device_of, finish, graphs_of, hash_files, model_errors
 from tasks.paths import Paths
 from tasks.plain import to_plain
 from tasks.progress import Bar
+from tasks.ranges import GE1, SEED, register
 from tasks.tracking import StageLog
-
-if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
 
 # Real images per class a DSV init sees: IPC for a random draw, none for 0-shot and noise, all for a selector.
 _DSV_SHOTS = {"nshot": "ipc", "0shot": "none", "noise": "none"}
@@ -54,7 +61,101 @@ _DSV_SHOTS = {"nshot": "ipc", "0shot": "none", "noise": "none"}
 PROBE_WEIGHT_DECAY = 5e-3
 
 
-def units(cfg: PipelineConfig) -> list[dict[str, Any]]:
+# The main job's comparison (15 minutes on a 2-core CPU); every method runs in benchmarks/table.py.
+HEADLINE_METHODS = ("dsv_herding", "herding", "dsv_nshot", "random", "kkt_herding", "dsv_0shot")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Stage ``distill``: build each method's training set and train students on it.
+
+    Attributes:
+        methods: method names (``dsv.protocols.METHOD_NAMES``); default: the main job's headline comparison
+            (``HEADLINE_METHODS``).
+        ipcs: images per class; DSV methods need the same IPC in ``extract.ipcs``.
+        seed: seeds the selection (random, proxies, DM init).
+        dm: distribution matching settings (its real pool is the whole training split).
+        proxy: proxy model of the forgetting/EL2N selectors.
+        full_epochs: epochs of the ``full`` method's students (the protocol's epoch budget is meant
+            for tiny sets; on the whole training split it would take days).
+        dm_real: real images DM may use: "shots" (default; `ipc` per class, the same budget as
+            dsv_nshot, synthetic images start from noise) or "full" (the whole training split, DM's
+            original setting, initialised from real images).
+        protocol: the students: architecture, trainer, label type and number of seeds
+            (``dsv.protocols.ProtocolConfig``).
+        cross_model: a second student architecture (e.g. ``{name: mlp, width: 256, depth: 2}`` or
+            ``{name: resnet18}``) trained with the same protocol and seeds on every set; its accuracy is
+            reported in extra columns (cross-architecture generalisation). None (default) skips it: it
+            doubles the students' cost.
+    """
+
+    methods: tuple[str, ...] = HEADLINE_METHODS
+    ipcs: tuple[int, ...] = (10,)
+    seed: int = 0
+    dm: DMConfig = field(default_factory=lambda: DMConfig(iterations=200, model=ModelConfig(name="convnet", width=64)))
+    proxy: ProxyConfig = field(default_factory=lambda: ProxyConfig(
+        model=ModelConfig(name="convnet", width=32),
+        fit=FitConfig(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, epochs=2, batch_size=256,
+                      augment="flip_crop"),
+        el2n_models=2, el2n_epochs=1))
+    full_epochs: int = 2
+    dm_real: str = "shots"
+    protocol: ProtocolConfig = field(default_factory=lambda: ProtocolConfig(
+        name="dd", epochs=300, min_steps=300, n_runs=2, model=ModelConfig(name="convnet", width=32)))
+    cross_model: ModelConfig | None = None
+
+    def __post_init__(self) -> None:
+        choices("methods", self.methods, METHOD_NAMES)
+        choices("dm_real", (self.dm_real,), ("shots", "full"))
+        positive_ints("ipcs", self.ipcs)
+        at_least(self, 1, "full_epochs")
+
+
+register(DistillConfig, {"ipcs": GE1, "seed": SEED, "full_epochs": GE1})
+
+
+class Config(StageConfig, Protocol):
+    @property
+    def distill(self) -> DistillConfig: ...
+
+
+def check(cfg: Any, data: dict[str, Any] | None = None) -> list[str]:
+    """Problems of the ``distill`` section in the whole config (the sets its methods need from extract, coreset
+    and the data), or with ``data`` (meta.json) in the prepared data; one message per problem."""
+    d, e, p = cfg.distill, cfg.extract, cfg.prepare
+    errors = []
+    if data is not None:
+        fewest = min(data["train_per_class"]) if data["train_per_class"] else 0
+        if fewest > 0 and [k for k in d.ipcs if k > fewest]:
+            errors.append(f"distill.ipcs {[k for k in d.ipcs if k > fewest]} exceed the {fewest} training images "
+                          "of the smallest class")
+        models = {"distill.protocol.model": d.protocol.model,
+                  **({"distill.dm.model": d.dm.model} if "dm" in d.methods else {}),
+                  **({"distill.proxy.model": d.proxy.model} if {"forgetting", "el2n"} & set(d.methods) else {}),
+                  **({"distill.cross_model": d.cross_model} if d.cross_model is not None else {})}
+        return errors + model_errors(models, data)
+    dsv_methods = [m for m in d.methods if m.startswith("dsv_")]
+    missing_init = [m for m in dsv_methods if m.removeprefix("dsv_") not in e.inits]
+    if missing_init:
+        errors.append(f"distill.methods lists {missing_init} but extract.inits = {list(e.inits)} "
+                      "does not produce them")
+    missing_ipc = [k for k in d.ipcs if k not in e.ipcs] if dsv_methods else []
+    if missing_ipc:
+        errors.append(f"distill.ipcs {missing_ipc} are not in extract.ipcs = {list(e.ipcs)} "
+                      "(the DSV methods need them extracted)")
+    k, ranked = cfg.coreset.per_class, [m for m in ("lambda_topk", "support_topk") if m in d.methods]
+    if k is not None and ranked and any(i > k for i in d.ipcs):
+        errors.append(f"distill.ipcs {list(d.ipcs)} exceed coreset.per_class = {k} "
+                      f"({', '.join(ranked)} pick from the images λ was fitted on)")
+    n = p.data.n_per_class
+    if n is not None and [k for k in d.ipcs if k > n - p.val_per_class]:
+        errors.append(f"distill.ipcs {[k for k in d.ipcs if k > n - p.val_per_class]} exceed the "
+                      f"{n - p.val_per_class} training images per class (prepare.data.n_per_class {n} - "
+                      f"prepare.val_per_class {p.val_per_class})")
+    return errors
+
+
+def units(cfg: Config) -> list[dict[str, Any]]:
     """One cell per (method, IPC); ``full`` once (IPC 0)."""
     d = cfg.distill
     out: list[dict[str, Any]] = []
@@ -70,7 +171,7 @@ def units(cfg: PipelineConfig) -> list[dict[str, Any]]:
 class _Inputs:
     """Lazily loaded inputs shared by the set builders of one cell."""
 
-    cfg: PipelineConfig
+    cfg: Config
     paths: Paths
     device: str
 
@@ -157,7 +258,7 @@ def build_set(method: str, ipc: int, inp: _Inputs) -> tuple[Tensor, Tensor, int]
     return x[idx], y[idx], shots
 
 
-def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: StageLog) -> dict[str, Any]:
+def run_unit(cfg: Config, paths: Paths, unit: dict[str, Any], log: StageLog) -> dict[str, Any]:
     """Build one cell's set and train its students.
 
     Returns:
@@ -248,7 +349,7 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
     }
 
 
-def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[dict[str, Any]]) -> StageOutput:
+def merge(cfg: Config, paths: Paths, log: StageLog, unit_results: list[dict[str, Any]]) -> StageOutput:
     """Collect the cells into ``runs.json`` (deterministic) and their wall times into the metrics."""
     started = time.perf_counter()
     cells = [read_json(paths.distill_cell(u["method"], u["ipc"])) for u in units(cfg)]
@@ -273,6 +374,6 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
                   device=device_of(cfg))
 
 
-def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
+def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
     """Every cell in order, then the merge (the path ``dsv stage distill`` and DVC take)."""
     return merge(cfg, paths, log, [run_unit(cfg, paths, u, log) for u in units(cfg)])

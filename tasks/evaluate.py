@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -32,12 +32,9 @@ from dsv.judge import judge_score, matched_real, nearest_distance
 from dsv.protocols import ResultRow, label_robust_score
 from tasks.artifacts import load_model, load_split, load_tensors, read_data_meta, read_json
 from tasks.atomic import write_json, write_text
-from tasks.output import StageOutput, finish
+from tasks.output import StageConfig, StageOutput, finish
 from tasks.paths import Paths
 from tasks.tracking import StageLog
-
-if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
 
 
 def rows_from_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -235,7 +232,7 @@ def judge_sets(paths: Paths, rows: list[dict[str, Any]], seed: int = 0) -> list[
     return out
 
 
-def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
+def run(cfg: StageConfig, paths: Paths, log: StageLog) -> StageOutput:
     """Build the table; see the module docstring."""
     started = time.perf_counter()
     teacher_acc = float(read_json(paths.metrics("pretrain"))["test_acc"])

@@ -20,13 +20,15 @@ Inputs that are not images (tabular data) are skipped: the stage writes an empty
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from dsv.checks import at_least, one_of, positive
 from dsv.data.core import denormalize
-from dsv.generate import Generated, edit_images, interpolate, sample
+from dsv.generate import GenerateConfig, Generated, edit_images, interpolate, sample
 from dsv.judge import judge_score, matched_real
 from dsv.train import predict_logits
 from tasks.artifacts import (
@@ -40,17 +42,73 @@ from tasks.artifacts import (
 )
 from tasks.atomic import write_json
 from tasks.figures import image_grid, image_matrix
-from tasks.output import StageOutput, device_of, finish
+from tasks.output import StageConfig, StageOutput, device_of, finish
 from tasks.paths import Paths
-from tasks.plain import params_hash
+from tasks.plain import params_hash, to_plain
 from tasks.progress import Bar
+from tasks.ranges import GE0, GE1, GT0, SEED, UNIT, Range, register
 from tasks.tracking import StageLog
 
-if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
+GENERATE_INITS = ("noise", "pool")
 
 
-def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
+@dataclass(frozen=True)
+class GenerateStageConfig:
+    """Stage ``generate``: the teacher used as a generator (paper §5.4), scored by the judge.
+
+    Attributes:
+        per_class: images generated per class (the ``samples`` grid).
+        init: what samples start from: "noise" (standard normal in normalised units, times ``noise_std``) or
+            "pool" (crops of the 0-shot pool, ``prepare.init_pool``).
+        noise_std: scale of the starting noise.
+        pairs: class pairs of the interpolation strips, e.g. [[0, 1], [5, 7]]; null = (0, 1), (2, 3), (4, 5)
+            (as many as the classes allow, at most three).
+        deltas: δ of each strip image: soft target (1 − δ)·y_a + δ·y_b.
+        edits: real test images edited, the first test image of classes 0, 1, ... (cycling), each pushed to the
+            next class (c + 1 mod C). 0 = no edits.
+        seed: seeds the noise, the augmentation draws and the judge's reference draws.
+        recipe: the optimisation (``dsv.generate.GenerateConfig``); edits use it at full resolution.
+    """
+
+    per_class: int = 4
+    init: str = "noise"
+    noise_std: float = 1.0
+    pairs: tuple[tuple[int, int], ...] | None = None
+    deltas: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    edits: int = 10
+    seed: int = 0
+    recipe: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def __post_init__(self) -> None:
+        one_of("init", self.init, GENERATE_INITS)
+        at_least(self, 1, "per_class")
+        at_least(self, 0, "edits")
+        positive(self, "noise_std")
+        bad = [d for d in self.deltas if not 0.0 <= d <= 1.0]
+        if bad or not self.deltas:
+            raise ValueError(f"deltas must be a non-empty list of values in [0, 1], got {list(self.deltas)}")
+        for a, b in self.pairs or ():
+            if a == b or min(a, b) < 0:
+                raise ValueError(f"pairs must hold two different class indices >= 0, got [{a}, {b}]")
+
+
+register(GenerateStageConfig, {"per_class": GE1, "noise_std": GT0, "pairs": Range(0, note="class indices"),
+                               "deltas": UNIT, "edits": GE0, "seed": SEED})
+
+
+class Config(StageConfig, Protocol):
+    @property
+    def generate(self) -> GenerateStageConfig: ...
+
+
+def check(cfg: Any, data: dict[str, Any] | None = None) -> list[str]:
+    """With ``data`` (meta.json): the interpolation pairs must name classes of the data."""
+    c = len(data["classes"]) if data is not None else 0
+    bad = [list(p) for p in cfg.generate.pairs or () if max(p) >= c] if data is not None else []
+    return [f"generate.pairs {bad} name classes beyond the {c} of the data (indices 0-{c - 1})"] if bad else []
+
+
+def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
     """Generate samples, strips and edits and score them; see the module docstring."""
     started = time.perf_counter()
     gcfg = cfg.generate
@@ -130,7 +188,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         pair=torch.cat([p[2] for p in parts]), source_index=torch.cat([p[4] for p in parts]),
         teacher_probs=torch.cat([p[1].probs for p in parts]),
         judge_probs=F.softmax(predict_logits(judge, x_all), dim=1), class_names=meta.classes,
-        metadata={PARAMS_HASH_KEY: params_hash(cfg.section_dict("generate")), "dsv.dataset": meta.name},
+        metadata={PARAMS_HASH_KEY: params_hash(to_plain(cfg.generate)), "dsv.dataset": meta.name},
     )
     save_tensors(paths.generated, {"x": x_all.contiguous(), "soft_target": soft.contiguous()})
     write_json(paths.generate_trace, trace)

@@ -15,25 +15,81 @@ before and after the optional convergence phase (``pretrain.converge``).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
-from dsv.certificate import converge
+from dsv.certificate import ConvergeConfig, converge
 from dsv.kernel import PARAM_SUBSETS, kkt_certificates, stationarity_params
-from dsv.models import build_seeded, load_checkpoint
-from dsv.train import TrainEvent, evaluate, fit
+from dsv.models import ModelConfig, build_seeded, load_checkpoint
+from dsv.train import FitConfig, TrainEvent, evaluate, fit
 from tasks.artifacts import load_split, read_data_meta, save_model
 from tasks.atomic import write_json
 from tasks.figures import curves
-from tasks.output import StageOutput, device_of, finish, graphs_of
+from tasks.output import StageConfig, StageOutput, device_of, finish, graphs_of, model_errors
 from tasks.paths import Paths
 from tasks.plain import to_plain
 from tasks.progress import Bar
+from tasks.ranges import SEED, register
 from tasks.tracking import StageLog
 
-if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Stage ``pretrain``: the teacher Φ(·; θ*).
+
+    Attributes:
+        model: teacher architecture (the project's models, ``torchvision:<name>`` or ``timm:<name>``); ConvNet-3
+            width 32 by default (width 64 costs 1.5-3.0x in the teacher-bound stages for +1.2 points of teacher
+            accuracy on Fashion-MNIST and +0.3 on digits: benchmarks/results/teacher-width.md).
+        checkpoint: a trained teacher's state dict (``.safetensors``, or a ``torch.save``'d state dict read
+            with ``weights_only=True``; never a pickled model): the stage loads and verifies it (input shape,
+            classes, test accuracy, KKT certificates) instead of training. Its content hash is part of the
+            cache key; the file is never written. ``fit.weight_decay`` is then the ω the certificates assume.
+        fit: teacher training (the paper's Adam, lr 1e-3, weight decay 5e-3; 5 epochs with a cosine schedule and no
+            augmentation, which underfits at this budget: benchmarks/results/teacher.md), and at least 500 steps
+            (5 epochs of scikit-learn's digits are 45 steps: a 12.5% teacher at width 32, 98.9% at 500 steps).
+        converge: optional convergence phase after training (``dsv.certificate.ConvergeConfig``):
+            full-batch L-BFGS on the final layer ("last") or every parameter ("all") until the teacher is
+            a KKT point of mean CE + (ω/2)‖θ‖², ω = ``fit.weight_decay``.
+        seed: seeds the initialisation and the batch order.
+    """
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="convnet", width=32, depth=3))
+    checkpoint: str | None = None
+    fit: FitConfig = field(
+        default_factory=lambda: FitConfig(
+            optimizer="adam", lr=1e-3, weight_decay=5e-3, epochs=5, min_steps=500, batch_size=128, schedule="cosine",
+            augment="none",
+        )
+    )
+    converge: ConvergeConfig = field(default_factory=ConvergeConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None and not self.checkpoint.strip():
+            raise ValueError("checkpoint must be a file path or null, got an empty string")
+
+
+register(PretrainConfig, {"seed": SEED})
+
+
+class Config(StageConfig, Protocol):
+    @property
+    def pretrain(self) -> PretrainConfig: ...
+
+
+def check(cfg: Any, data: dict[str, Any] | None = None) -> list[str]:
+    """Problems of the ``pretrain`` section: a checkpoint that is not there; a teacher that cannot take the
+    prepared inputs (``data``: meta.json)."""
+    if data is not None:
+        return model_errors({"pretrain.model": cfg.pretrain.model}, data, external=True)
+    ckpt = cfg.pretrain.checkpoint
+    if ckpt is not None and not Path(ckpt).is_file():
+        return [f"pretrain.checkpoint = {ckpt!r}: file not found (relative paths start at the project root)"]
+    return []
 
 
 def certificates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, omega: float) -> dict[str, float]:
@@ -44,7 +100,7 @@ def certificates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, omega
     return {("kkt_certificate" if s == "all" else f"kkt_certificate_{s}"): c.relative for s, c in certs.items()}
 
 
-def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
+def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
     """Train and evaluate the teacher; see the module docstring."""
     started = time.perf_counter()
     p = cfg.pretrain
@@ -113,7 +169,7 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
                   device=device)
 
 
-def _train(cfg: PipelineConfig, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, log: StageLog,
+def _train(cfg: Config, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, log: StageLog,
            curve: list[dict[str, float]]) -> float:
     """Train the teacher in place; returns the training wall time."""
     p = cfg.pretrain

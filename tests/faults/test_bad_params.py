@@ -38,13 +38,14 @@ CASES = [
     ("stage pretrain", "pretrain.fit.batch_size=0", r"pretrain\.fit\.batch_size must be >= 1"),
     ("stage coreset", "coreset.lam.steps=-1", r"coreset\.lam\.steps must be >= 1"),
     ("run", "pretrain.fit.lr=.nan", r"pretrain\.fit\.lr = nan: must be a finite number"),
-    ("run", "extract.solver.kkt.eta=.inf", r"extract\.solver\.kkt\.eta = inf: must be a finite number"),
+    ("run", "extract.solver.kkt.eta_stat=.inf", r"extract\.solver\.kkt\.eta_stat = inf: must be a finite number"),
     ("run", "extract.solver.max_lam_ratio=-.inf", r"extract\.solver\.max_lam_ratio = -inf: must be a finite"),
     ("run", "pretrain.converge.scope=everything", r"pretrain\.converge\.scope = 'everything' is not one of"),
     ("run", "extract.solver.lam_solver=lbfgs", r"extract\.solver\.lam_solver = 'lbfgs' is not one of adam, nnls"),
     ("run", "extract.by_init.nois.steps=5", r"extract\.by_init has \['nois'\]; its keys are init kinds"),
     ("run", "extract.by_init.nshot.stpes=5", r"unknown key 'extract\.by_init\.nshot\.stpes' \(did you mean"),
-    ("run", "extract.by_init.noise.kkt.eta=-1", r"extract\.by_init\.noise.*eta must be >= 0"),
+    ("run", "extract.by_init.noise.kkt.eta_stat=-1", r"extract\.by_init\.noise.*eta_stat must be >= 0"),
+    ("run", "extract.solver.kkt.eta=5", r"'extract\.solver\.kkt\.eta' is gone: the paper's η is split in two"),
     ("run", "extract.solver.max_lam_ratio=-1", r"extract\.solver\.max_lam_ratio must be >= 1, got -1"),
     ("run", "distill.dm.augment.scale=-1", r"distill\.dm\.augment\.scale must be >= 1, got -1"),
     ("run", "coreset.lam.max_bytes=-1", r"coreset\.lam\.max_bytes must be >= 1, got -1"),
@@ -91,13 +92,14 @@ def _minus_one(hint: object) -> str:
 
 
 def test_minus_one_is_refused_for_every_key_that_must_not_be_negative(project: Path) -> None:
-    """Walks every numeric key of the config (tasks.config.numeric_keys): -1 is refused at load with one line
+    """Walks every numeric key of the config (tasks.ranges.numeric_keys): -1 is refused at load with one line
     naming the key, unless the key's documented range says it may be negative (the CLI turns that line into
     ``dsv: error: ...`` and exit 2: the cases above)."""
-    from tasks.config import ConfigError, load_config, numeric_keys
+    from tasks.config import ConfigError, PipelineConfig, load_config
+    from tasks.ranges import numeric_keys
     from tasks.ranges import range_of
 
-    keys = numeric_keys()
+    keys = numeric_keys(PipelineConfig)
     assert len(keys) > 100
     accepted, unnamed = [], []
     for key, cls, name, hint in keys:

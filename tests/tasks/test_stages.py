@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.extract import ShardJob
+from dsv.extract import Shard
 from tasks.output import StageOutput, hash_files
 from tasks.paths import Paths
 from tasks.stages import STAGES, code_files, code_hash, dvc_yaml, verify
@@ -43,7 +43,8 @@ def test_code_hash_ignores_type_only_imports_and_follows_real_ones(tmp_path: Pat
 
     before = hashes()
     config = tmp_path / "tasks/config.py"
-    config.write_text(config.read_text().replace("file not found", "missing file"))  # a loader message
+    assert "not valid YAML" in config.read_text()
+    config.write_text(config.read_text().replace("not valid YAML", "no YAML"))  # a loader message
     assert hashes() == before
     extract = tmp_path / "tasks/extract.py"
     extract.write_text(extract.read_text() + "\n# an edit\n")
@@ -58,7 +59,7 @@ def test_code_closures_follow_dsv_imports_of_the_stage_only() -> None:
     # tasks.config imports every component's config, but extract does not call DM; it starts from the
     # baselines' picks (init herding, kcenter, kkt_herding)
     assert "dsv/dm.py" not in extract and "dsv/baselines.py" in extract
-    assert "dsv/lam.py" in extract  # the NNLS λ step and per-sample gradients
+    assert "dsv/kernel.py" in extract and "dsv/lam.py" not in extract  # NNLS and per-sample gradients: the kernel
     assert "tasks/tracking.py" not in extract  # logging-only modules never change artifacts
     distill = set(code_files("distill", ROOT))
     assert {"dsv/dm.py", "dsv/baselines.py", "dsv/protocols.py"} <= distill
@@ -104,7 +105,7 @@ def test_verify_detects_missing_and_changed_files(tmp_path: Path) -> None:
 def test_shards_partition_the_ipc() -> None:
     for ipc in (1, 5, 10, 11):
         for shards in range(1, ipc + 1):
-            jobs = [ShardJob("nshot", ipc, s, shards) for s in range(shards)]
+            jobs = [Shard("nshot", ipc, s, shards) for s in range(shards)]
             assert sum(j.per_class for j in jobs) == ipc
             assert all(j.per_class >= 1 for j in jobs)
-            assert [j.offset for j in jobs] == [sum(k.per_class for k in jobs[:i]) for i in range(shards)]
+            assert max(j.per_class for j in jobs) - min(j.per_class for j in jobs) <= 1
