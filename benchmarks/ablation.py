@@ -49,7 +49,7 @@ def variants(base: ExtractConfig) -> dict[str, ExtractConfig]:
         "default": base,
         "no L_stat": dataclasses.replace(base, lam_init=1e-12, lr_lam=1e-12),
         "no L_primal": dataclasses.replace(base, kkt=dataclasses.replace(kkt, beta_primal=0.0)),
-        "no augmentation (η=0)": dataclasses.replace(base, kkt=dataclasses.replace(kkt, eta=0.0)),
+        "no augmentation (η=0)": dataclasses.replace(base, kkt=dataclasses.replace(kkt, eta_stat=0.0, eta_primal=0.0)),
         "paper rules (drop, all params)": dataclasses.replace(
             base, dual="drop", kkt=dataclasses.replace(kkt, param_subset="all")),
         "paper rules + lr_lam 0.1": dataclasses.replace(

@@ -7,7 +7,7 @@ walk-through is ``examples/python_api.py`` (README, "Python API").
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from dsv.augment import AugmentConfig, augment, dsa_config
+from dsv.augment import AugmentConfig, augment, parse_augment
 from dsv.certificate import ConvergeConfig, converge
 from dsv.data.core import ImageDataset, denormalize, normalize
 from dsv.data.registry import DataConfig, load_dataset
@@ -57,7 +57,6 @@ __all__ = [
     "class_lambda_sums",
     "converge",
     "denormalize",
-    "dsa_config",
     "edit_images",
     "evaluate",
     "extract",
@@ -77,6 +76,7 @@ __all__ = [
     "load_dataset",
     "matched_real",
     "normalize",
+    "parse_augment",
     "pearson",
     "primal_loss",
     "read_checkpoint",

@@ -14,7 +14,8 @@ Inputs by family:
   own small proxy model(s) with :func:`dsv.train.fit`.
 * ``entropy``, ``least_confidence``, ``margin``: logits (N, C) of a trained model (e.g. the teacher).
 
-Use :func:`select` (or the :data:`SELECTORS` registry) to call any of them by name.
+Use :func:`select` (or the :data:`SELECTORS` registry) to call any of them by name; :func:`dsv.sets.build_set`
+builds the training set of any set-building method (these, DM, the top-k of a λ ranking).
 """
 
 from __future__ import annotations

@@ -25,15 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from dsv.augment import augment_groups
+from dsv.augment import augment_groups, parse_augment
 from dsv.device import to_device
 from dsv.kernel import soft_cross_entropy
 from dsv.train import (
+    KD,
     FitConfig,
     FitResult,
     StepRunner,
     TrainEvent,
-    _augment_cfg,
     _budget,
     _lr_at,
     _make_optimizer,
@@ -56,7 +56,7 @@ def fit_batched(
     cfg: FitConfig,
     seeds: Sequence[int],
     callback: Callable[[int, TrainEvent], None] | None = None,
-    teacher: nn.Module | None = None,
+    kd: KD | None = None,
     graphs: bool = False,
 ) -> list[FitResult]:
     """Train ``models`` in place on (x, y), student i as ``fit(models[i], x, y, cfg, seeds[i], ...)`` would.
@@ -69,7 +69,7 @@ def fit_batched(
             same step count).
         seeds: one per student: its batch order and augmentation draws.
         callback: receives (student index, :class:`TrainEvent`) at every report, as ``fit``'s callback.
-        teacher: the knowledge-distillation teacher (``soft`` protocol), as in ``fit``.
+        kd: knowledge distillation from a teacher (``soft`` protocol), as in ``fit``.
         graphs: on CUDA, replay the step from a CUDA graph (:class:`dsv.train.StepRunner`).
 
     Returns:
@@ -90,7 +90,7 @@ def fit_batched(
     x, y = x.to(device), y.to(device)
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
     bs, _, total, report_every = _budget(n, cfg)
-    aug = _augment_cfg(cfg.augment)
+    aug = parse_augment(cfg.augment)
     graphs = graphs and device.type == "cuda"
     params, _ = stack_module_state(list(models))  # leaves (S, ...), in named_parameters order
     trainable = {k: v for k, v in params.items() if dict(models[0].named_parameters())[k].requires_grad}
@@ -102,19 +102,19 @@ def fit_batched(
         return functional_call(base, p, (xb,))
 
     batched_forward = vmap(forward)
-    if teacher is not None:
-        teacher.eval()
+    if kd is not None:
+        kd.teacher.eval()
 
     def step(xb: Tensor, yb: Tensor) -> Tensor:  # xb (S·B, ...), yb (S·B,) or (S·B, C)
         logits = batched_forward({**trainable, **frozen}, xb.reshape(s, bs, *xb.shape[1:]))  # (S, B, K)
         flat = logits.reshape(s * bs, -1)
         losses = soft_cross_entropy(flat, yb).view(s, bs).mean(dim=1)
-        if teacher is not None:
+        if kd is not None:
             with torch.no_grad():
-                t_logits = teacher(xb)
-            t = cfg.kd_temperature
-            kd = F.kl_div(F.log_softmax(flat / t, dim=1), F.softmax(t_logits / t, dim=1), reduction="none")
-            losses = (1 - cfg.kd_alpha) * losses + cfg.kd_alpha * kd.sum(dim=1).view(s, bs).mean(dim=1) * (t * t)
+                t_logits = kd.teacher(xb)
+            t = kd.temperature
+            kl = F.kl_div(F.log_softmax(flat / t, dim=1), F.softmax(t_logits / t, dim=1), reduction="none")
+            losses = (1 - kd.alpha) * losses + kd.alpha * kl.sum(dim=1).view(s, bs).mean(dim=1) * (t * t)
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         opt.step()
@@ -131,7 +131,7 @@ def fit_batched(
         idx = perms[:, cursor : cursor + bs].reshape(-1)
         cursor += bs
         xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-        if aug is not None:
+        if aug.ops:
             xb = augment_groups(xb, aug, gens)
         lr = _lr_at(step_i, total, cfg)
         _set_lr(opt, lr)

@@ -21,20 +21,20 @@ them a (soft) target y = (1 − δ)·y_a + δ·y_b, under the recipe the authors
   jointly (λ = s·u, u ≥ 0, s = the best uniform multiplier), as in :func:`dsv.extract.extract`.
 
 :func:`generate_images` is the one optimiser; :func:`sample`, :func:`interpolate` and :func:`edit_images`
-are its three uses. Independent quality measures (a judge and a Fréchet distance) are in :mod:`dsv.judge`.
+are its three uses, and :func:`showcase` makes all three with one recipe. Independent quality measures (a judge and a Fréchet distance) are in :mod:`dsv.judge`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsv.augment import AugmentConfig, augment
+from dsv.augment import augment, parse_augment
 from dsv.checks import at_least, one_of
 from dsv.kernel import (
     PARAM_SUBSETS,
@@ -47,14 +47,6 @@ from dsv.kernel import (
     weighted_grad_sum,
 )
 from dsv.kkt import capture_features, norm_loss, repulsion, tv_loss
-
-GENERATE_OPS = ("translate", "flip", "cutout", "noise")
-
-
-def generation_augment() -> AugmentConfig:
-    """The augmented views of generation: the paper's ImageNet-generation ops, chained (translate 0.125,
-    flip 0.5, cutout 0.15, noise 0.01; crop left out: at 28 px a 0.8 crop removes the garment's outline)."""
-    return AugmentConfig(ops=GENERATE_OPS, one_per_call=False, per_sample=True)
 
 
 @dataclass(frozen=True)
@@ -71,7 +63,9 @@ class GenerateConfig:
             8 px digits a 4 px start cost 8 points of judge accuracy against none.
         lr: Adam learning rate of x (normalised input units).
         views: augmented copies of x scored per step (their losses averaged).
-        augment: the augmentation of the views (default :func:`generation_augment`).
+        augment: the augmentation of the views (:func:`dsv.augment.parse_augment`); "generate" chains the paper's
+            ImageNet-generation ops (translate 0.125, flip 0.5, cutout 0.15, noise 0.01) with per-image draws; crop
+            is left out (at 28 px a 0.8 crop removes the garment's outline).
         beta_tv: weight of the total-variation prior (mean absolute neighbour difference).
         beta_norm: weight of the squared-norm prior (mean squared value of x in normalised units).
         beta_bn: weight of the BatchNorm feature-statistics prior (0 or a teacher without BN: off).
@@ -79,8 +73,6 @@ class GenerateConfig:
         beta_repel: weight of the within-class repulsion of the teacher's features (:func:`dsv.kkt.repulsion`):
             the images of one class are pushed apart so they do not all become the class's one mode. 0 = off
             (the default 0.05 was chosen on Fashion-MNIST and digits, benchmarks/results/diversity-*.md).
-        target_mix: per-sample targets for :func:`sample`: each image's class c is optimised as
-            (1 − δ)·e_c + δ·e_{c'}, δ ~ U(0, ``target_mix``), c' a random other class. 0 = off.
         param_subset: θ of the stationarity term ("last", "free", "all": :func:`dsv.kkt.stationarity_params`).
         lr_lam: Adam learning rate of u (λ = s·u) when ``beta_stat`` > 0.
         clamp_pixels: keep x inside the valid pixel range after every step.
@@ -92,13 +84,12 @@ class GenerateConfig:
     min_side: int = 7
     lr: float = 0.1
     views: int = 1
-    augment: AugmentConfig = field(default_factory=generation_augment)
+    augment: str = "generate"
     beta_tv: float = 0.0
     beta_norm: float = 0.01
     beta_bn: float = 0.01
     beta_stat: float = 0.0
     beta_repel: float = 0.05
-    target_mix: float = 0.0
     param_subset: str = "last"
     lr_lam: float = 0.1
     clamp_pixels: bool = True
@@ -111,8 +102,7 @@ class GenerateConfig:
         for key in ("lr", "lr_lam"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        if not 0.0 <= self.target_mix < 0.5:
-            raise ValueError(f"target_mix must be in [0, 0.5), got {self.target_mix}")
+        parse_augment(self.augment)
         for key in ("beta_tv", "beta_norm", "beta_bn", "beta_stat", "beta_repel"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
@@ -343,16 +333,20 @@ def sample(
     x0: Tensor | None = None,
     noise_std: float = 1.0,
     callback: Callable[[dict[str, float]], None] | None = None,
+    target_mix: float = 0.0,
 ) -> Generated:
     """``per_class`` images of every class (class 0 first), from noise of std ``noise_std`` on the coarsest grid
-    (:func:`noise_start`) or from ``x0`` (e.g. natural-image crops)."""
+    (:func:`noise_start`) or from ``x0`` (e.g. natural-image crops). With ``target_mix`` > 0 each image's class c is
+    optimised as (1 − δ)·e_c + δ·e_{c'}, δ ~ U(0, ``target_mix``) (< 0.5), c' a random other class."""
+    if not 0.0 <= target_mix < 0.5:
+        raise ValueError(f"target_mix must be in [0, 0.5), got {target_mix}")
     y = torch.arange(num_classes).repeat_interleave(per_class)
     g = torch.Generator().manual_seed(seed)
     if x0 is None:
         x0 = noise_start(y.numel(), in_shape, cfg, g, noise_std)
     target = y
-    if cfg.target_mix > 0:
-        delta = torch.rand(y.numel(), generator=g) * cfg.target_mix
+    if target_mix > 0:
+        delta = torch.rand(y.numel(), generator=g) * target_mix
         other = (y + torch.randint(1, num_classes, (y.numel(),), generator=g)) % num_classes
         eye = torch.eye(num_classes)
         target = (1 - delta)[:, None] * eye[y] + delta[:, None] * eye[other]
@@ -411,3 +405,76 @@ def edit_images(
     teacher gives its target ``confidence`` (the smallest edit that convinces it; at most ``cfg.steps``)."""
     return generate_images(teacher, images, targets, replace(cfg, levels=0), seed, pixel_bounds,
                            stop_conf=confidence)
+
+
+@dataclass
+class Showcase:
+    """What :func:`showcase` makes.
+
+    Attributes:
+        samples: ``per_class`` images of every class, class 0 first.
+        strips: the interpolation strips, in pair order, δ ascending within a strip.
+        pair, delta: (K,) the strip and δ of each strip image.
+        edits: the edited images (None when there are none); ``edit_index`` (into the test split) and
+            ``edit_to`` (their targets, the next class) say which.
+    """
+
+    samples: Generated
+    strips: Generated
+    pair: Tensor
+    delta: Tensor
+    edits: Generated | None
+    edit_index: Tensor
+    edit_to: Tensor
+
+
+def class_pairs(pairs: Sequence[Sequence[int]] | None, num_classes: int) -> list[tuple[int, int]]:
+    """The strips' class pairs: ``pairs``, or when None (0, 1), (2, 3), (4, 5) (as many as the classes allow)."""
+    if pairs is not None:
+        return [(int(a), int(b)) for a, b in pairs]
+    return [(a, a + 1) for a in range(0, min(num_classes - 1, 6), 2)]
+
+
+def edit_choice(y_test: Tensor, n: int, num_classes: int) -> tuple[Tensor, Tensor]:
+    """The images to edit: the first test image of classes 0, 1, ... (cycling; the k-th image of a class on the k-th
+    lap), ``n`` in all (fewer when a class runs out), and each one's target, the next class (c + 1 mod C)."""
+    idx, to = [], []
+    per_class = [(y_test == k).nonzero(as_tuple=True)[0] for k in range(num_classes)]
+    for i in range(n):
+        k, lap = i % num_classes, i // num_classes
+        if lap < per_class[k].numel():
+            idx.append(int(per_class[k][lap]))
+            to.append((k + 1) % num_classes)
+    return torch.tensor(idx, dtype=torch.long), torch.tensor(to, dtype=torch.long)
+
+
+def showcase(
+    teacher: nn.Module,
+    num_classes: int,
+    in_shape: tuple[int, ...],
+    cfg: GenerateConfig,
+    test: tuple[Tensor, Tensor],
+    *,
+    per_class: int,
+    pairs: Sequence[Sequence[int]] | None,
+    deltas: Sequence[float],
+    edits: int,
+    seed: int = 0,
+    pixel_bounds: tuple[Tensor, Tensor] | None = None,
+    x0: Tensor | None = None,
+    noise_std: float = 1.0,
+    target_mix: float = 0.0,
+    callback: Callable[[dict[str, float]], None] | None = None,
+) -> Showcase:
+    """The teacher as a generator (paper §5.4), one recipe for all: ``per_class`` samples of every class (:func:`sample`
+    from noise, or from ``x0``; seed ``seed``), one interpolation strip per class pair (:func:`class_pairs`,
+    :func:`interpolate`; seed + 1) and ``edits`` real test images (``test`` = (x, y), :func:`edit_choice`) pushed to
+    the next class (:func:`edit_images`; seed + 2). ``callback`` receives the samples' trace rows."""
+    samples = sample(teacher, per_class, num_classes, in_shape, cfg, seed=seed, pixel_bounds=pixel_bounds, x0=x0,
+                     noise_std=noise_std, callback=callback, target_mix=target_mix)
+    strips, pair, delta = interpolate(teacher, class_pairs(pairs, num_classes), list(deltas), num_classes, in_shape,
+                                      cfg, seed=seed + 1, pixel_bounds=pixel_bounds, noise_std=noise_std)
+    index, to = edit_choice(test[1], edits, num_classes)
+    edited = edit_images(teacher, test[0][index], to, cfg, seed=seed + 2, pixel_bounds=pixel_bounds) if len(index) \
+        else None
+    return Showcase(samples, strips, pair, delta, edited, index, to)

@@ -31,12 +31,13 @@ from __future__ import annotations
 import copy
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from dsv.augment import AugmentConfig, augment
+from dsv.augment import augment, parse_augment
+from dsv.checks import one_of
 from dsv.kernel import (
     DISTANCES,
     PARAM_SUBSETS,
@@ -90,7 +91,8 @@ class KKTConfig:
             start without real images: without it the candidates of a class settle on one mode). 0 = off.
         eta_stat: η_s, weight of the stationarity term on the augmented candidates A(x). Paper: η = 5.
         eta_primal: η_p, weight of the primal term on A(x). Paper: η = 5.
-        augment: the augmentation A; paper: translate 0.125, crop 0.2, flip 0.5, noise (0.01 likely).
+        augment: the augmentation A (:func:`dsv.augment.parse_augment`); "kkt" is the paper's: one of translate
+            0.125, crop 0.2, flip 0.5, noise (0.01 likely) per step.
         impl: "fast" (norms as primitive ops, see module docstring), "reference" (the plain model) or
             "auto" (default: "fast" when θ is all parameters, "reference" for the last layer, where no
             second derivative goes through a norm and the fused kernels win: measured ConvNet-3 w64,
@@ -111,23 +113,20 @@ class KKTConfig:
     beta_repel: float = 0.0
     eta_stat: float = 5.0
     eta_primal: float = 5.0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: str = "kkt"
     impl: str = "auto"
     chunk_size: int = 0
     memory_budget_mb: float = 0.0
 
     def __post_init__(self) -> None:
-        for key, val, allowed in (
-            ("impl", self.impl, IMPLS),
-            ("distance", self.distance, DISTANCES),
-            ("primal", self.primal, PRIMALS),
-            ("param_subset", self.param_subset, PARAM_SUBSETS),
-        ):
-            if val not in allowed:
-                raise ValueError(f"{key} = {val!r} is not one of {', '.join(allowed)}")
-        for key in ("beta_stat", "beta_primal", "beta_tv", "beta_norm", "beta_repel", "eta_stat", "eta_primal", "chunk_size", "memory_budget_mb"):
+        for key, allowed in (("impl", IMPLS), ("distance", DISTANCES), ("primal", PRIMALS),
+                             ("param_subset", PARAM_SUBSETS)):
+            one_of(key, getattr(self, key), allowed)
+        for key in ("beta_stat", "beta_primal", "beta_tv", "beta_norm", "beta_repel", "eta_stat", "eta_primal",
+                    "chunk_size", "memory_budget_mb"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        parse_augment(self.augment)
 
 
 def stationarity_loss(

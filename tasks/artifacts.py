@@ -338,22 +338,6 @@ class LambdaTable:
     margin: Tensor | None = None
     support_rank: Tensor | None = None
 
-    def topk(self, k: int, num_classes: int, by: str = "lambda") -> Tensor:
-        """Training-set indices of the k top images of every class by "lambda" (highest λ, the paper's
-        core-set) or "support" (highest support score), class 0 first, (C·k,)."""
-        rank = self.rank if by == "lambda" else self.support_rank
-        if rank is None:
-            raise ValueError(f"lambdas.parquet has no {by} ranking (written by an older version: rerun coreset)")
-        out = []
-        for c in range(num_classes):
-            members = (self.label == c) & (rank < k)
-            rows = members.nonzero(as_tuple=True)[0]
-            if rows.numel() < k:
-                raise ValueError(f"class {c} has only {rows.numel()} ranked images, fewer than k={k}")
-            rows = rows[rank[rows].argsort()]
-            out.append(self.index[rows])
-        return torch.cat(out)
-
 
 def write_lambdas_parquet(
     path: str | Path, *, index: Tensor, label: Tensor, lam: Tensor, rank: Tensor, metadata: dict[str, str],

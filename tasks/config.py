@@ -57,6 +57,17 @@ MOVED: dict[str, str] = {
                               "augmented copy) and extract.solver.kkt.eta_primal (the primal term on it)",
     "runtime.task_runner": "runtime.workers > 1 (or runtime.dask_address) runs the mapped units on Dask worker "
                            "processes; threads are gone",
+    "*.augment": "an augmentation is one string: a preset (none, flip_crop, dsa, kkt, generate) or explicit ops "
+                 "such as 'translate|crop|flip|noise' (one per step) or 'translate+flip' (all); see dsv.augment",
+    "*.kd_temperature": "knowledge distillation belongs to the soft student protocol: distill.protocol.kd_temperature",
+    "*.kd_alpha": "knowledge distillation belongs to the soft student protocol: distill.protocol.kd_alpha",
+    "distill.dm_real": "DM's real pool is the few-shot one (ipc images per class, dsv_nshot's budget); the "
+                       "whole-split variant was never set anywhere and is gone",
+    "distill.protocol.eval_batch_size": "test sets are scored in batches of 1024 everywhere (memory only, no "
+                                        "effect on any result)",
+    "distill.dm.report_every": "the pipeline reports no DM progress (dsv.dm.distribution_matching's report_every)",
+    "generate.recipe.target_mix": "moved to generate.target_mix (only the samples read it)",
+    "extract.warmup.target_mix": "the warm-up never read it (it steers generate's samples: generate.target_mix)",
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from dsv.data.core import per_class_indices
-from dsv.lam import LambdaConfig, LambdaEvent, class_lambda_sums, fit_lambdas, pearson
+from dsv.lam import LambdaConfig, LambdaEvent, LambdaResult, class_lambda_sums, fit_lambdas, pearson
 from dsv.train import evaluate
 from tasks.artifacts import PARAMS_HASH_KEY, load_model, load_split, read_data_meta, write_lambdas_parquet
 from tasks.atomic import write_json
@@ -98,7 +98,6 @@ def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
         index = per_class_indices(y, cfg.coreset.per_class, meta.num_classes, g, at_most=True).sort().values
         x, y = x[index], y[index]
     trace: list[dict[str, float]] = []
-
     bar = Bar(cfg.runtime.progress, 0, "coreset λ", unit="batch")
 
     def on_batch(ev: LambdaEvent) -> None:
@@ -119,11 +118,20 @@ def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
     )
     write_json(paths.coreset_trace, trace)
 
-    x_test, y_test = load_split(paths.test, meta)
-    per_class_acc = torch.tensor(evaluate(teacher, x_test, y_test, meta.num_classes).per_class)
-    sums = class_lambda_sums(res.lam, y, meta.num_classes)
+    metrics = _metrics(res, y, evaluate(teacher, *load_split(paths.test, meta), meta.num_classes).per_class,
+                       meta.classes, log)
+    return finish("coreset", cfg, paths, [paths.lambdas_parquet, paths.coreset_trace], metrics, started,
+                  device=device)
+
+
+def _metrics(res: LambdaResult, y: torch.Tensor, teacher_acc: list[float], classes: tuple[str, ...], log: StageLog
+             ) -> dict[str, Any]:
+    """λ's summary and the paper's §5.1 correlation of per-class Σλ with the teacher's per-class accuracy (and
+    its figures)."""
+    per_class_acc = torch.tensor(teacher_acc)
+    sums = class_lambda_sums(res.lam, y, len(classes))
     rho = pearson(sums, per_class_acc)
-    support_sums = class_lambda_sums(res.support, y, meta.num_classes) if res.support is not None else None
+    support_sums = class_lambda_sums(res.support, y, len(classes)) if res.support is not None else None
     metrics = {
         "n": int(y.numel()),
         "lam_mean": float(res.lam.mean()),
@@ -135,9 +143,8 @@ def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
         "teacher_acc_per_class": [float(v) for v in per_class_acc],
     }
     log.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    log.figure(lam_histograms(res.lam, y, meta.classes), "coreset/lambda_hist.png")
-    log.figure(scatter_labeled(sums.tolist(), per_class_acc.tolist(), meta.classes, "Σλ of the class",
+    log.figure(lam_histograms(res.lam, y, classes), "coreset/lambda_hist.png")
+    log.figure(scatter_labeled(sums.tolist(), per_class_acc.tolist(), classes, "Σλ of the class",
                                "teacher test accuracy", f"per-class Σλ vs accuracy (ρ = {rho:.3f})"),
                "coreset/sum_lambda_vs_acc.png")
-    return finish("coreset", cfg, paths, [paths.lambdas_parquet, paths.coreset_trace], metrics, started,
-                  device=device)
+    return metrics

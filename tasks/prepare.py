@@ -150,47 +150,37 @@ def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
     save_tensors(paths.test, {"x": ds.test_x, "y": ds.test_y})
     mean, std = _normalization(p.normalize.mean, p.normalize.std, ds.mean, ds.std)
 
-    pool_source = "none (not an image dataset)"
-    pool_x = torch.zeros((0, *ds.input_shape))
-    if len(ds.input_shape) == 3:
-        pool_ds = load_dataset(DataConfig(name=p.init_pool.dataset, root=p.init_pool.root))
-        if pool_ds.train_x.dim() != 4:
-            raise ValueError(f"prepare.init_pool.dataset = {p.init_pool.dataset!r} is not an image dataset")
-        g = torch.Generator().manual_seed(p.init_pool.seed)
-        order = torch.randperm(pool_ds.train_x.shape[0], generator=g)
-        if p.init_pool.size is not None:
-            order = order[: p.init_pool.size]
-        pool_x = resize_images(pool_ds.train_x[order], tuple(ds.input_shape))  # type: ignore[arg-type]
-        pool_source = f"{p.init_pool.dataset}: {pool_ds.source}"
+    pool_x, pool_source = _init_pool(p.init_pool, tuple(ds.input_shape))
     save_tensors(paths.init_pool, {"x": pool_x})
-
-    meta = {
-        "name": ds.name,
-        "classes": list(ds.classes),
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-        "features": list(ds.features),
-        "input_shape": list(ds.input_shape),
-        "source": ds.source,
-        "init_pool_source": pool_source,
-        "train_per_class": class_counts(train.train_y, ds.num_classes),
-        "test_per_class": class_counts(ds.test_y, ds.num_classes),
-    }
+    meta = {"name": ds.name, "classes": list(ds.classes), "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std], "features": list(ds.features), "input_shape": list(ds.input_shape),
+            "source": ds.source, "init_pool_source": pool_source,
+            "train_per_class": class_counts(train.train_y, ds.num_classes),
+            "test_per_class": class_counts(ds.test_y, ds.num_classes)}
     write_json(paths.data_meta, meta)
     if len(ds.input_shape) == 3:
         log.figure(image_grid(train.train_x, train.train_y, ds.classes, f"{ds.name}: training images"),
                    "prepare/train_grid.png")
-    metrics = {
-        "n_train": int(train.train_y.numel()),
-        "n_val": int(val_y.numel()),
-        "n_test": int(ds.test_y.numel()),
-        "n_init_pool": int(pool_x.shape[0]),
-        "num_classes": ds.num_classes,
-        "min_train_per_class": min(meta["train_per_class"]),
-    }
+    metrics = {"n_train": int(train.train_y.numel()), "n_val": int(val_y.numel()), "n_test": int(ds.test_y.numel()),
+               "n_init_pool": int(pool_x.shape[0]), "num_classes": ds.num_classes,
+               "min_train_per_class": min(meta["train_per_class"])}
     log.metrics(metrics)
     files = [paths.train, paths.val, paths.test, paths.init_pool, paths.data_meta]
     return finish("prepare", cfg, paths, files, metrics, started)
+
+
+def _init_pool(pool: InitPoolConfig, shape: tuple[int, ...]) -> tuple[torch.Tensor, str]:
+    """The 0-shot pool (images of another dataset, seeded subset, resized to ``shape``) and where it came from;
+    empty for inputs that are not images."""
+    if len(shape) != 3:
+        return torch.zeros((0, *shape)), "none (not an image dataset)"
+    pool_ds = load_dataset(DataConfig(name=pool.dataset, root=pool.root))
+    if pool_ds.train_x.dim() != 4:
+        raise ValueError(f"prepare.init_pool.dataset = {pool.dataset!r} is not an image dataset")
+    order = torch.randperm(pool_ds.train_x.shape[0], generator=torch.Generator().manual_seed(pool.seed))
+    if pool.size is not None:
+        order = order[: pool.size]
+    return resize_images(pool_ds.train_x[order], shape), f"{pool.dataset}: {pool_ds.source}"  # type: ignore[arg-type]
 
 
 def _normalization(mean: tuple[float, ...] | None, std: tuple[float, ...] | None, data_mean: torch.Tensor,

@@ -120,25 +120,9 @@ def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
         model = model.to(device)
         fit_seconds = _train(cfg, model, x, y, log, curve)
 
-    certify = p.fit.weight_decay > 0
-    extra: dict[str, float] = {}
-    if p.converge.scope != "none":
-        if not certify:
-            raise ValueError("pretrain.converge needs pretrain.fit.weight_decay > 0 (the objective it converges)")
-        extra["test_acc_before_converge"] = evaluate(model, x_test, y_test, meta.num_classes).accuracy
-        extra.update({f"{k}_before_converge": v for k, v in certificates(model, x, y, p.fit.weight_decay).items()})
-        conv_started = time.perf_counter()
-        cbar = Bar(cfg.runtime.progress, p.converge.max_iter, f"pretrain converge ({p.converge.scope})", unit="it")
-
-        def on_iter(it: int, gn: float) -> None:
-            log.metric("converge_grad_norm", gn, step=it)
-            cbar.to(it, grad_norm=gn)
-
-        with cbar:
-            res = converge(model, x.to(device), y.to(device), p.fit.weight_decay, p.converge, callback=on_iter)
-        extra["converge_iterations"] = float(res.iterations)
-        extra["converge_seconds"] = round(time.perf_counter() - conv_started, 3)
-    if certify:
+    extra = _converge(cfg, model, x, y, evaluate(model, x_test, y_test, meta.num_classes).accuracy, log) \
+        if p.converge.scope != "none" else {}
+    if p.fit.weight_decay > 0:
         extra.update(certificates(model, x, y, p.fit.weight_decay))
     test = evaluate(model, x_test, y_test, meta.num_classes)
     val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None
@@ -147,18 +131,12 @@ def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
             "weight_decay": None if p.checkpoint else p.fit.weight_decay}
     save_model(paths.teacher, paths.teacher_spec, model.cpu(), spec)
     write_json(paths.pretrain_curve, curve)
-    metrics = {
-        "test_acc": test.accuracy,
-        "val_acc": val.accuracy if val is not None else float("nan"),
-        "train_seconds": round(fit_seconds, 3),
-        "n_train": int(y.numel()),
-        **extra,
-        **{f"test_acc_class_{c}": a for c, a in enumerate(test.per_class)},
-    }
-    chance = 1.0 / meta.num_classes
-    if p.checkpoint is not None and test.accuracy < 1.5 * chance:
-        print(f"warning: the checkpoint's test accuracy is {test.accuracy:.3f} (chance {chance:.3f}): check "
-              "prepare.normalize (the normalisation it was trained with) and the class order "
+    metrics = {"test_acc": test.accuracy, "val_acc": val.accuracy if val is not None else float("nan"),
+               "train_seconds": round(fit_seconds, 3), "n_train": int(y.numel()), **extra,
+               **{f"test_acc_class_{c}": a for c, a in enumerate(test.per_class)}}
+    if p.checkpoint is not None and test.accuracy < 1.5 / meta.num_classes:
+        print(f"warning: the checkpoint's test accuracy is {test.accuracy:.3f} (chance {1 / meta.num_classes:.3f}): "
+              "check prepare.normalize (the normalisation it was trained with) and the class order "
               f"({', '.join(meta.classes[:5])}{', ...' if meta.num_classes > 5 else ''})")
     log.metrics(metrics)
     if curve:
@@ -167,6 +145,28 @@ def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
     log.model(model.cpu(), "teacher", x_test[:2].numpy())
     return finish("pretrain", cfg, paths, [paths.teacher, paths.teacher_spec, paths.pretrain_curve], metrics, started,
                   device=device)
+
+
+def _converge(cfg: Config, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, test_acc: float,
+              log: StageLog) -> dict[str, float]:
+    """The convergence phase (``pretrain.converge``), in place; its metrics: the test accuracy and certificates
+    before it, its iterations and wall time."""
+    p = cfg.pretrain
+    if not p.fit.weight_decay > 0:
+        raise ValueError("pretrain.converge needs pretrain.fit.weight_decay > 0 (the objective it converges)")
+    extra = {"test_acc_before_converge": test_acc,
+             **{f"{k}_before_converge": v for k, v in certificates(model, x, y, p.fit.weight_decay).items()}}
+    started, device = time.perf_counter(), next(model.parameters()).device
+    bar = Bar(cfg.runtime.progress, p.converge.max_iter, f"pretrain converge ({p.converge.scope})", unit="it")
+
+    def on_iter(it: int, gn: float) -> None:
+        log.metric("converge_grad_norm", gn, step=it)
+        bar.to(it, grad_norm=gn)
+
+    with bar:
+        res = converge(model, x.to(device), y.to(device), p.fit.weight_decay, p.converge, callback=on_iter)
+    return {**extra, "converge_iterations": float(res.iterations),
+            "converge_seconds": round(time.perf_counter() - started, 3)}
 
 
 def _train(cfg: Config, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, log: StageLog,

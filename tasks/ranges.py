@@ -28,7 +28,6 @@ from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
-from dsv.augment import AugmentConfig
 from dsv.baselines import ProxyConfig
 from dsv.certificate import ConvergeConfig
 from dsv.data.registry import DataConfig
@@ -96,28 +95,24 @@ RANGES: dict[type, dict[str, Range]] = {
     ModelConfig: {"width": GE1, "depth": GE1},
     FitConfig: {"lr": GT0, "momentum": UNIT_OPEN_HIGH, "weight_decay": GE0,
                 "epochs": Range(0, note="0 only with steps > 0"), "steps": Range(0, note="0 = use epochs"),
-                "min_steps": GE0, "batch_size": GE1, "kd_temperature": GT0, "kd_alpha": UNIT},
+                "min_steps": GE0, "batch_size": GE1},
     ConvergeConfig: {"max_iter": GE1, "target": GT0, "history": GE1},
     KKTConfig: {"beta_stat": GE0, "beta_primal": GE0, "beta_tv": GE0, "beta_norm": GE0, "beta_repel": GE0,
                 "eta_stat": GE0, "eta_primal": GE0,
                 "chunk_size": Range(0, note="0 = from memory_budget_mb"),
                 "memory_budget_mb": Range(0, note="0 = unlimited")},
-    AugmentConfig: {"translate": GE0, "crop": UNIT_OPEN_HIGH, "crop_pad": GE0, "cutout": UNIT, "flip": UNIT,
-                    "noise": GE0, "scale": Range(1, note="sizes drawn in [1/scale, scale]; 1 = none"),
-                    "rotate": GE0, "brightness": GE0, "saturation": GE0, "contrast": GE0},
     ExtractConfig: {"steps": GE0, "lr_x": GT0, "lr_lam": GT0, "lam_init": GT0, "lam_every": GE1, "lam_steps": GE1,
                     "spare": GE0, "log_every": GE1, "repair_steps": Range(0, note="0 = no repair"),
                     "target_mix": Range(0, 0.5, high_open=True, note="< 0.5 keeps the class the argmax"),
                     "max_lam_ratio": Range(1, note="a multiple of λ's initial scale, which λ starts at")},
     LambdaConfig: {"batch_size": Range(2), "steps": GE1, "lr": GT0, "chunk": GE1, "max_bytes": GE1},
-    DMConfig: {"iterations": GE1, "lr_img": GT0, "momentum": UNIT_OPEN_HIGH, "batch_real": GE1, "report_every": GE1},
+    DMConfig: {"iterations": GE1, "lr_img": GT0, "momentum": UNIT_OPEN_HIGH, "batch_real": GE1},
     ProxyConfig: {"el2n_models": GE1, "el2n_epochs": GE1},
     ProtocolConfig: {"epochs": GE1, "min_steps": GE0, "n_runs": GE1, "kd_temperature": GT0, "kd_alpha": UNIT,
-                     "batch_size": GE1, "eval_batch_size": GE1},
+                     "batch_size": GE1},
     GenerateConfig: {"steps": GE0, "levels": GE0, "min_side": GE1, "lr": GT0, "views": GE1, "beta_tv": GE0,
-                     "beta_norm": GE0, "beta_bn": GE0, "beta_stat": GE0, "beta_repel": GE0,
-                     "target_mix": Range(0, 0.5, high_open=True, note="< 0.5 keeps the class the argmax"),
-                     "lr_lam": GT0, "log_every": GE1},
+                     "beta_norm": GE0, "beta_bn": GE0, "beta_stat": GE0, "beta_repel": GE0, "lr_lam": GT0,
+                     "log_every": GE1},
 }
 
 
@@ -247,9 +242,13 @@ def build(cls: type[T], raw: Any, prefix: str, errors: list[str], base: T | None
     hints = _hints(cls)
     n_errors = len(errors)
     moved = moved or {}
+
+    def gone(key: str) -> str | None:  # what replaced a key: by its dotted name, or "*.<name>" wherever it is
+        return moved.get(_join(prefix, key)) or moved.get(f"*.{key}")
+
     for key in raw:
-        if key not in fields and _join(prefix, str(key)) in moved:
-            errors.append(f"{_join(prefix, str(key))!r} is gone: {moved[_join(prefix, str(key))]}")
+        if key not in fields and gone(str(key)):
+            errors.append(f"{_join(prefix, str(key))!r} is gone: {gone(str(key))}")
         elif key not in fields:
             hint = _suggest(str(key), cls)
             extra = f" (did you mean {_join(prefix, hint)!r}?)" if hint else ""
@@ -266,6 +265,9 @@ def build(cls: type[T], raw: Any, prefix: str, errors: list[str], base: T | None
             continue
         value, hint, key = raw[name], hints[name], _join(prefix, name)
         sub = _dataclass_in(hint)
+        if sub is None and isinstance(value, Mapping) and gone(name):  # a section that became one value
+            errors.append(f"{key!r} is one value now: {gone(name)}")
+            continue
         if sub is not None and isinstance(value, Mapping):
             sub_base = current if dataclasses.is_dataclass(current) else None
             values[name] = build(sub, value, key, errors, sub_base, moved)

@@ -98,7 +98,7 @@ def test_cross_section_checks() -> None:
 
 
 def test_generate_and_judge_sections() -> None:
-    from tasks.generate import class_pairs
+    from dsv.generate import class_pairs
     from tasks.judge import judge_model
 
     cfg = load_config(None, [])
