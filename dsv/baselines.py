@@ -38,7 +38,7 @@ class ProxyConfig:
 
     Attributes:
         model: proxy architecture (DeepCore uses the evaluation network; the default is a ConvNet-3 of
-            width 64, about 6x cheaper than width 128 on this CPU).
+            width 64, much cheaper than width 128 on a CPU).
         fit: optimizer, batch size and augmentation of the proxy training. ``fit.epochs`` (or
             ``fit.steps``) is the forgetting run's length.
         el2n_models: number of independently initialised proxies whose EL2N scores are averaged

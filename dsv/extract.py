@@ -59,14 +59,14 @@ class ExtractConfig:
         steps: optimisation steps. Unreported in the paper.
         lr_x: learning rate of the candidates (normalised input units). Unreported; draft notes say 1e-3.
         lr_lam: learning rate of λ, relative to its scale s (see module docstring). Draft notes say 0.1
-            (absolute); relative 1.0 lets λ grow to the ~30x its initial scale that the measured runs
-            needed within 150 steps (at 0.1 the stationarity residual had barely moved).
+            (absolute); relative 1.0 lets λ grow far beyond its initial scale within the step budget, as the
+            stationarity term needs (at 0.1 its residual barely moves).
         optimizer: "adam" or "sgd" (momentum 0.9) for both x and λ. Unreported; Adam chosen.
         lam_init: initial λ for every candidate; None = the best uniform λ for the initial candidates.
         dual: how λ ≥ 0 is enforced. "drop" = the paper's Algorithm 1 (a candidate whose λ turns
             negative is discarded); "clamp" (λ projected to 0, candidate kept; the shipped default, a
-            deviation: on Fashion-MNIST IPC 10 the paper's rules kept 21/100 candidates and their
-            students scored 47.98% vs 71.98%, benchmarks/results/ablation-fashion_mnist.md) and "softplus" (λ = softplus(ρ), also a deviation).
+            deviation: the paper's rules drop most candidates, and students of the survivors score far lower,
+            benchmarks/results/ablation-fashion_mnist.md) and "softplus" (λ = softplus(ρ), also a deviation).
         lam_solver: "adam" (λ = s·u optimised jointly with x by ``optimizer``, with ``lr_lam``; the dual
             rule applies) or "nnls" (every ``lam_every`` steps λ is set to the exact solution of the
             non-negative least-squares problem min_{λ≥0} ‖θ* + Σ_i λ_i ∇_θ L_i‖² for the current

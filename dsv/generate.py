@@ -12,9 +12,9 @@ them a (soft) target y = (1 − δ)·y_a + δ·y_b, under the recipe the authors
   those transforms lower the loss;
 - **priors** on the un-augmented x: total variation and squared norm, both *means over pixels* (so one
   weight works for any image size; the paper's β2 = 40 and β3 = 1e-6 multiply sums over a 224² ImageNet
-  image and do not transfer). The defaults were measured on Fashion-MNIST and digits with an independent
-  judge (benchmarks/results/generate-*.md): TV is off (any weight cost judge accuracy on digits and none helped
-  on Fashion-MNIST), one augmented view per step (four were no better on Fashion-MNIST at 4× the cost);
+  image and do not transfer). The defaults were chosen with an independent judge on Fashion-MNIST and digits
+  (benchmarks/results/generate-*.md): TV is off (it cost judge accuracy on digits and helped nowhere), one
+  augmented view per step (more were no better, at proportionally more cost);
 - **feature statistics** (DeepInversion): for teachers with BatchNorm layers, the batch mean and variance
   of every BN layer's input are pulled to its running statistics (``beta_bn``; a no-op without BN);
 - **stationarity** (optional, ``beta_stat``): the DeepKKT term L_stat of :mod:`dsv.kkt` with λ fitted
@@ -57,10 +57,10 @@ class GenerateConfig:
         steps: optimisation steps in total, split equally over the ``levels + 1`` resolutions.
         levels: coarse-to-fine halvings: x starts at side/2^levels and is upsampled ×2 after each share of
             the steps (the authors' recipe: "downscaled the image two times first"). 0 = optimise at full
-            resolution from the start (what editing uses). Measured: on 28 px Fashion-MNIST, levels 0 gave
-            26% judge accuracy against 83% for 2 (benchmarks/results/generate-fashion_mnist.md).
+            resolution from the start (what editing uses), which leaves samples the judge recognises far less
+            often (benchmarks/results/generate-fashion_mnist.md).
         min_side: no level is coarser than this many pixels (a halving that would go below is skipped): on
-            8 px digits a 4 px start cost 8 points of judge accuracy against none.
+            8 px digits a 4 px start costs judge accuracy.
         lr: Adam learning rate of x (normalised input units).
         views: augmented copies of x scored per step (their losses averaged).
         augment: the augmentation of the views (:func:`dsv.augment.parse_augment`); "generate" chains the paper's

@@ -77,9 +77,9 @@ class KKTConfig:
         param_subset: parameters θ the stationarity condition is imposed on: "all" (the paper's Eq. 8),
             "last" (final linear layer only, found by structure; the paper inverts a model whose last
             layer was retrained) or "free" (all but the parameters a following instance/group norm
-            makes scale-invariant, for which no λ can satisfy stationarity: see dsv.certificate). Default "last", a measured deviation: on a Fashion-MNIST ConvNet teacher the
-            relative stationarity residual stayed at 0.998 after 200 steps with "all" (the term never
-            acts) and fell 0.997 -> 0.756 with "last" (benchmarks/results/ablation-fashion_mnist.md).
+            makes scale-invariant, for which no λ can satisfy stationarity: see dsv.certificate). Default "last", a
+            deviation: with "all" the relative stationarity residual of a ConvNet teacher stays where it started
+            (the term never acts), with "last" it falls (benchmarks/results/ablation-fashion_mnist.md).
         beta_stat: weight of L_stat (1 = the paper). 0 removes the stationarity term from the candidates'
             objective (the ablation "without L_stat"; λ is still fitted and reported).
         primal: "gated" (default, Eq. 7: zero loss for candidates already classified as their target)
@@ -95,8 +95,8 @@ class KKTConfig:
             0.125, crop 0.2, flip 0.5, noise (0.01 likely) per step.
         impl: "fast" (norms as primitive ops, see module docstring), "reference" (the plain model) or
             "auto" (default: "fast" when θ is all parameters, "reference" for the last layer, where no
-            second derivative goes through a norm and the fused kernels win: measured ConvNet-3 w64,
-            K=100, ratio to a training step 2.58 reference vs 3.74 fast). Same function, same gradients.
+            second derivative goes through a norm and the fused kernels win: benchmarks/results/perf.md). Same
+            function, same gradients.
         chunk_size: candidates per chunk of the memory-bounded exact path; 0 = decide from
             ``memory_budget_mb`` (all at once when that is 0 too).
         memory_budget_mb: peak memory allowed for the step's graph, in MiB; 0 = unlimited. Used only when

@@ -41,13 +41,12 @@ class LambdaConfig:
     Attributes:
         batch_size: samples per stationarity problem (stratified); the per-sample gradient matrix of one
             batch (batch_size × P floats) must fit in memory.
-        solver: "adam" (default, the first release: projected Adam on ``distance``; measured to drift
-            off a known exact solution with the l1 distance: relative residual 2e-5 -> 0.054 in 1000
-            steps) or "nnls" (min_{λ≥0} ‖θ* + Gᵀλ‖², a non-negative least-squares problem, solved by
-            accelerated projected gradient with step 1/‖GGᵀ‖ and adaptive restart; an exact solution is a
-            fixed point, so the solver cannot drift off it). The default stays "adam": on Fashion-MNIST
-            (benchmarks/results/fashion_mnist-paper-v2.md) NNLS moved the top-λ core-set from 40.85 to
-            45.05% at IPC 1 but from 73.21 to 67.00% at IPC 10, and no second dataset was measured.
+        solver: "adam" (default, the first release: projected Adam on ``distance``; with the l1 distance it
+            drifts off a known exact solution) or "nnls" (min_{λ≥0} ‖θ* + Gᵀλ‖², a non-negative least-squares
+            problem, solved by accelerated projected gradient with step 1/‖GGᵀ‖ and adaptive restart, then an
+            exact active-set finish; an exact solution is a fixed point, so the solver cannot drift off it). The
+            default stays "adam": on Fashion-MNIST NNLS helped the top-λ core-set at IPC 1 and hurt it at IPC 10
+            (benchmarks/results/fashion_mnist-paper-v2.md), and no second dataset was measured.
         steps: iterations of the solver per batch (NNLS stops earlier once converged).
         lr: Adam learning rate, relative to the λ scale (λ = s·u, u initialised to 1); "adam" only.
         distance: "l1" (paper default) or "l2" for the "adam" solver (also the distance of its reported

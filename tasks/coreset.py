@@ -38,8 +38,7 @@ class CoresetConfig:
         seed: seeds the stratified batching and the subset.
         per_class: fit λ on a seeded subset of at most this many training images per class (default 300; a
             class with fewer gives all of its images; None = the whole training split). Fitting cost grows
-            linearly with the images (≈50 s per 1000 images for the width-64 ConvNet on 2 CPU cores with
-            ``lam.param_subset: all``; 22 s for 3,000 images with the default width-32 teacher and subset).
+            linearly with the images (λ-fitting throughput: benchmarks/results/perf.md).
     """
 
     lam: LambdaConfig = field(default_factory=LambdaConfig)

@@ -42,15 +42,15 @@ class PretrainConfig:
 
     Attributes:
         model: teacher architecture (the project's models, ``torchvision:<name>`` or ``timm:<name>``); ConvNet-3
-            width 32 by default (width 64 costs 1.5-3.0x in the teacher-bound stages for +1.2 points of teacher
-            accuracy on Fashion-MNIST and +0.3 on digits: benchmarks/results/teacher-width.md).
+            width 32 by default (width 64 costs much more time in every teacher-bound stage for little teacher
+            accuracy: benchmarks/results/teacher-width.md).
         checkpoint: a trained teacher's state dict (``.safetensors``, or a ``torch.save``'d state dict read
             with ``weights_only=True``; never a pickled model): the stage loads and verifies it (input shape,
             classes, test accuracy, KKT certificates) instead of training. Its content hash is part of the
             cache key; the file is never written. ``fit.weight_decay`` is then the ω the certificates assume.
         fit: teacher training (the paper's Adam, lr 1e-3, weight decay 5e-3; 5 epochs with a cosine schedule and no
             augmentation, which underfits at this budget: benchmarks/results/teacher.md), and at least 500 steps
-            (5 epochs of scikit-learn's digits are 45 steps: a 12.5% teacher at width 32, 98.9% at 500 steps).
+            (5 epochs of scikit-learn's digits are a few dozen steps, far too few for a usable teacher).
         converge: optional convergence phase after training (``dsv.certificate.ConvergeConfig``):
             full-batch L-BFGS on the final layer ("last") or every parameter ("all") until the teacher is
             a KKT point of mean CE + (ω/2)‖θ‖², ω = ``fit.weight_decay``.
