@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     x_train, y_train = load_split(paths.train, meta)
     x_test, y_test = load_split(paths.test, meta)
     teacher = load_model(paths.teacher, paths.teacher_spec).eval()
-    mean, std = meta.stats()
-    bounds = ((0.0 - mean) / std, (1.0 - mean) / std)
+    bounds = meta.bounds()
     base = load_config(ROOT / args.params).extract.solver
     c, shape = meta.num_classes, meta.input_shape
     g = torch.Generator().manual_seed(0)
@@ -139,16 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                "solver_default": dataclasses.asdict(base), "protocol": dataclasses.asdict(protocol), "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     for kind, res in grids.items():
-        fig = image_grid(_pixels(res.x, mean, std), res.y, meta.classes, f"{meta.name} DSVs ({kind}, IPC {args.ipc})",
+        fig = image_grid(meta.denormalize(res.x).clamp(0, 1), res.y, meta.classes, f"{meta.name} DSVs ({kind}, IPC {args.ipc})",
                          per_class=min(args.ipc, 10))
         fig.savefig(RESULTS / f"{grid_prefix}-{kind}.png", dpi=90)
     stem.with_suffix(".md").write_text(render(payload, args, grid_prefix))
     print(stem.with_suffix(".md").read_text())
     return 0
-
-
-def _pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)).clamp(0, 1)
 
 
 def render(p: dict[str, Any], args: argparse.Namespace, grid_prefix: str) -> str:

@@ -132,10 +132,9 @@ def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
     xt, yt = load_split(paths.test, meta)
     teacher = load_model(paths.teacher, paths.teacher_spec, args.device)
     judge = load_model(paths.judge, paths.judge_spec, args.device)
-    mean, std = meta.stats()
-    bounds = ((0.0 - mean) / std, (1.0 - mean) / std)
+    bounds = meta.bounds()
     pool = load_tensors(paths.init_pool, ("x",))["x"]
-    pool = (pool - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    pool = meta.normalize(pool)
     protocol = ProtocolConfig(name="paper", epochs=args.epochs, min_steps=args.min_steps, n_runs=args.students,
                               model=ModelConfig(name="convnet", width=args.width, depth=args.depth))
     specs = {**VARIANTS, **GEN_VARIANTS, **dict(v.split("=", 1) for v in args.variant)}

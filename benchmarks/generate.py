@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = Paths(ROOT / out)
     meta = read_data_meta(paths.data_meta)
     mean, std = meta.stats()
-    bounds = ((0 - mean) / std, (1 - mean) / std)
+    bounds = meta.bounds()
     shape, c, k = tuple(meta.input_shape), meta.num_classes, args.per_class
     teacher, judge = load_model(paths.teacher, paths.teacher_spec), load_model(paths.judge, paths.judge_spec)
     x_test, y_test = load_split(paths.test, meta)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         p = load_dataset(DataConfig(name=pool)).train_x
         p = resize_images(p[torch.randperm(p.shape[0], generator=torch.Generator().manual_seed(0))[: y_set.numel()]], shape)
-        starts[f"0shot:{pool}"] = (p - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        starts[f"0shot:{pool}"] = meta.normalize(p)
     starts["nshot"] = x_train[per_class_indices(y_train, k, c, torch.Generator().manual_seed(0))]
 
     inits, grids, sets = [], {}, {}

@@ -17,7 +17,6 @@ per-student loop is faster, so :mod:`dsv.protocols` uses it only on CUDA unless 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,7 +25,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from dsv.augment import augment_groups, parse_augment
-from dsv.device import to_device
 from dsv.kernel import soft_cross_entropy
 from dsv.train import (
     KD,
@@ -35,9 +33,9 @@ from dsv.train import (
     StepRunner,
     TrainEvent,
     _budget,
-    _lr_at,
     _make_optimizer,
-    _set_lr,
+    batch_orders,
+    run_steps,
 )
 
 
@@ -120,40 +118,18 @@ def fit_batched(
         opt.step()
         return losses.detach()
 
-    runner = StepRunner(step, graphs)
+    order = batch_orders(n, bs, gens, device)
+
+    def draw() -> tuple[Tensor, Tensor]:
+        idx = next(order)
+        xb = x.index_select(0, idx)
+        return (augment_groups(xb, aug, gens) if aug.ops else xb), y.index_select(0, idx)
+
     results = [FitResult(model=m) for m in models]
-    running = torch.zeros(s, device=device)
-    count, step_i, cursor = 0, 0, 0
-    perms = to_device(torch.stack([torch.randperm(n, generator=g) for g in gens]), device)
-    while step_i < total:
-        if cursor + bs > n:
-            perms, cursor = to_device(torch.stack([torch.randperm(n, generator=g) for g in gens]), device), 0
-        idx = perms[:, cursor : cursor + bs].reshape(-1)
-        cursor += bs
-        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-        if aug.ops:
-            xb = augment_groups(xb, aug, gens)
-        lr = _lr_at(step_i, total, cfg)
-        _set_lr(opt, lr)
-        running += runner(xb, yb)
-        step_i += 1
-        count += 1
-        if step_i % report_every == 0 or step_i == total:
-            means = [v / count for v in running.tolist()]  # one host sync per reporting interval
-            for i, mean_loss in enumerate(means):
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step_i} of {total} "
-                                             f"(student {i} of {s})")
-                results[i].losses.append(mean_loss)
-                if callback is not None:
-                    callback(i, TrainEvent(step=step_i, total_steps=total, loss=mean_loss, lr=lr))
-            running.zero_()
-            count = 0
+    run_steps(draw, StepRunner(step, graphs), opt, cfg, total, report_every, results, callback)
     with torch.no_grad():
         for i, m in enumerate(models):
             for name, p in m.named_parameters():
                 p.copy_(params[name][i])
             m.eval()
-    for r in results:
-        r.steps, r.graphed, r.graph_error = step_i, runner.captured, runner.error
     return results

@@ -121,14 +121,16 @@ def _features(model: nn.Module, layer: nn.Linear, x: Tensor, batch_size: int) ->
 
 
 def _lbfgs(
-    params: Sequence[Tensor], objective: Callable[[], Tensor], cfg: ConvergeConfig, stop: Callable[[float], bool],
+    params: Sequence[Tensor], objective: Callable[[], Tensor], cfg: ConvergeConfig, omega: float, scope: str,
     callback: Callable[[int, float], None] | None, round_iters: int = 25,
 ) -> ConvergeResult:
     """Full-batch L-BFGS (strong-Wolfe line search) in rounds of ``round_iters`` iterations inside one
-    ``step`` call each (torch's L-BFGS is built for that: stepping it one iteration per call stalls),
-    checking ``stop`` on the gradient norm between rounds, up to ``cfg.max_iter`` iterations."""
-    res = ConvergeResult(scope="")
+    ``step`` call each (torch's L-BFGS is built for that: stepping it one iteration per call stalls), up to
+    ``cfg.max_iter`` iterations, stopping between rounds once the certificate of ``params`` is surely below
+    ``cfg.target``: mean|∇f|/ω / mean|θ| ≤ ‖∇f‖₁/(ω‖θ‖₁) ≤ √P‖∇f‖₂/(ω‖θ‖₁)."""
+    res = ConvergeResult(scope=scope)
     done = 0
+    root_p, theta_l1 = sum(p.numel() for p in params) ** 0.5, float(sum(p.detach().abs().sum() for p in params))
     while done < cfg.max_iter:
         n = min(round_iters, cfg.max_iter - done)
         opt = torch.optim.LBFGS(list(params), lr=1.0, max_iter=n, history_size=cfg.history,
@@ -150,7 +152,7 @@ def _lbfgs(
             callback(done, gn)
         if gn != gn or gn == float("inf"):
             raise FloatingPointError(f"converge: non-finite gradient norm after {done} L-BFGS iterations")
-        if stop(gn) or ran < n:  # converged, or L-BFGS found no further progress (floating-point floor)
+        if root_p * gn / (omega * max(theta_l1, 1e-30)) < cfg.target or ran < n:  # converged, or L-BFGS found no progress (floating-point floor)
             break
     return res
 
@@ -166,23 +168,16 @@ def _converge_last(
     b = (layer.bias.detach().double().clone() if layer.bias is not None
          else torch.zeros(w.shape[0], dtype=torch.float64, device=h.device)).requires_grad_(layer.bias is not None)
     ps = [w, b] if layer.bias is not None else [w]
-    theta_l1 = float(sum(p.detach().abs().sum() for p in ps))
 
     def objective() -> Tensor:
         logits = h @ w.t() + b
         return soft_cross_entropy(logits, yt).mean() + 0.5 * omega * sum((p * p).sum() for p in ps)
 
-    def stop(gn: float) -> bool:
-        # certificate of these parameters = mean|∇f|/ω / mean|θ| ≤ ‖∇f‖₁/(ω‖θ‖₁) ≤ √P‖∇f‖₂/(ω‖θ‖₁)
-        p_total = sum(p.numel() for p in ps)
-        return (p_total ** 0.5) * gn / (omega * max(theta_l1, 1e-30)) < cfg.target
-
-    res = _lbfgs(ps, objective, cfg, stop, callback)
+    res = _lbfgs(ps, objective, cfg, omega, "last", callback)
     with torch.no_grad():
         layer.weight.copy_(w.to(layer.weight.dtype))
         if layer.bias is not None:
             layer.bias.copy_(b.to(layer.bias.dtype))
-    res.scope = "last"
     return res
 
 
@@ -193,7 +188,6 @@ def _converge_all(
     ps = [p for p in model.parameters() if p.requires_grad]
     device = ps[0].device
     n = x.shape[0]
-    theta_l1 = float(sum(p.detach().abs().sum() for p in ps))
 
     def objective() -> Tensor:
         # Full-batch loss; the graph of one batch is freed before the next (gradients accumulate).
@@ -208,10 +202,4 @@ def _converge_all(
                 total = total + part
         return total + 0.5 * omega * sum((p * p).sum() for p in ps)
 
-    def stop(gn: float) -> bool:
-        p_total = sum(p.numel() for p in ps)
-        return (p_total ** 0.5) * gn / (omega * max(theta_l1, 1e-30)) < cfg.target
-
-    res = _lbfgs(ps, objective, cfg, stop, callback)
-    res.scope = "all"
-    return res
+    return _lbfgs(ps, objective, cfg, omega, "all", callback)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,39 +272,55 @@ def fit(
         opt.step()
         return loss.detach()
 
-    runner = StepRunner(step, graphs)
+    order = batch_orders(n, bs, [g], device)
+
+    def draw() -> tuple[Tensor, Tensor]:
+        idx = next(order)
+        return (augment(x[idx], aug, g) if aug.ops else x[idx]), y[idx]
+
     result = FitResult(model=model)
-    running = torch.zeros((), device=device)  # summed on the device: no host sync inside the interval
-    count, step_i = 0, 0
-    perm = to_device(torch.randperm(n, generator=g), device)
-    cursor = 0
-    while step_i < total:
-        if cursor + bs > n:
-            perm, cursor = to_device(torch.randperm(n, generator=g), device), 0
-        idx = perm[cursor : cursor + bs]
-        cursor += bs
-        xb, yb = x[idx], y[idx]
-        if aug.ops:
-            xb = augment(xb, aug, g)
-        lr = _lr_at(step_i, total, cfg)
-        _set_lr(opt, lr)
-        running += runner(xb, yb)
-        step_i += 1
-        count += 1
-        if step_i % report_every == 0 or step_i == total:
-            mean_loss = float(running) / count  # one host sync per reporting interval
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step_i} of {total}")
-            result.losses.append(mean_loss)
-            if callback is not None:
-                callback(TrainEvent(step=step_i, total_steps=total, loss=mean_loss, lr=lr))
-            running.zero_()
-            count = 0
-    result.steps = step_i
-    result.graphed = runner.captured
-    result.graph_error = runner.error
+    run_steps(draw, StepRunner(step, graphs), opt, cfg, total, report_every, [result],
+              None if callback is None else lambda _i, e: callback(e))
     model.eval()
     return result
+
+
+def batch_orders(n: int, batch: int, generators: list[torch.Generator], device: torch.device) -> Iterator[Tensor]:
+    """The index of every batch: full batches of each generator's permutations of range(n), on ``device``, a fresh
+    permutation (one per generator, drawn in order) whenever the current one has no full batch left; with S
+    generators a batch is S consecutive blocks, (S·batch,)."""
+    while True:
+        perms = to_device(torch.stack([torch.randperm(n, generator=g) for g in generators]), device)
+        for c in range(0, n - batch + 1, batch):
+            yield perms[:, c : c + batch].reshape(-1)
+
+
+def run_steps(draw: Callable[[], tuple[Tensor, Tensor]], runner: StepRunner, opt: torch.optim.Optimizer,
+              cfg: FitConfig, total: int, report_every: int, results: list[FitResult],
+              report: Callable[[int, TrainEvent], None] | None) -> None:
+    """The steps of a fit of one or more models (one result each): ``draw`` the next batch, set the learning rate,
+    step; every ``report_every`` steps (and at the end) each model's mean loss is checked, recorded and reported
+    (one host sync per interval: the losses are summed on the device)."""
+    running = torch.zeros(len(results), device=next(iter(opt.param_groups[0]["params"])).device)
+    count = 0
+    for step_i in range(1, total + 1):
+        xb, yb = draw()
+        lr = _lr_at(step_i - 1, total, cfg)
+        _set_lr(opt, lr)
+        running += runner(xb, yb)
+        count += 1
+        if step_i % report_every == 0 or step_i == total:
+            for i, mean_loss in enumerate([v / count for v in running.tolist()]):
+                if not math.isfinite(mean_loss):
+                    of = f" (student {i} of {len(results)})" if len(results) > 1 else ""
+                    raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step_i} of {total}{of}")
+                results[i].losses.append(mean_loss)
+                if report is not None:
+                    report(i, TrainEvent(step=step_i, total_steps=total, loss=mean_loss, lr=lr))
+            running.zero_()
+            count = 0
+    for r in results:
+        r.steps, r.graphed, r.graph_error = total, runner.captured, runner.error
 
 
 @dataclass(frozen=True)

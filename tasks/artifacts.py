@@ -88,7 +88,9 @@ def read_json(path: str | Path) -> Any:
 # ----------------------------------------------------------------------------------------- Parquet
 
 
-def _write_table(path: str | Path, table: pa.Table) -> Path:
+def _write_table(path: str | Path, table: pa.Table, metadata: dict[str, str]) -> Path:
+    """Atomically write ``table`` with file-level ``metadata`` (zstd)."""
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
     with atomic_path(path) as tmp:
         pq.write_table(table, str(tmp), compression="zstd")
     return Path(path)
@@ -231,8 +233,7 @@ def write_dsv_parquet(
             **_feature_columns(arr, feature_names),
         }
     )
-    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
-    return _write_table(path, table)
+    return _write_table(path, table, metadata)
 
 
 def write_generated_parquet(
@@ -274,8 +275,7 @@ def write_generated_parquet(
         "judge_probs": rows(judge_probs),
         **({"png": pa.array(png_bytes(arr), type=pa.binary())} if arr.shape[1] in (1, 3) else {}),
     })
-    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
-    return _write_table(path, table)
+    return _write_table(path, table, metadata)
 
 
 def _col(values: Tensor | None, like: Tensor) -> np.ndarray:
@@ -359,8 +359,7 @@ def write_lambdas_parquet(
     if features is not None:
         cols.update(_feature_columns(features.detach().cpu().numpy(), feature_names))
     table = pa.table(cols)
-    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
-    return _write_table(path, table)
+    return _write_table(path, table, metadata)
 
 
 def read_lambdas_parquet(path: str | Path) -> LambdaTable:
@@ -386,8 +385,7 @@ def read_lambdas_parquet(path: str | Path) -> LambdaTable:
 def write_records_parquet(path: str | Path, rows: list[dict[str, Any]], metadata: dict[str, str]) -> Path:
     """Atomically write a list of flat dicts (a trace) as a Parquet table."""
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
-    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
-    return _write_table(path, table)
+    return _write_table(path, table, metadata)
 
 
 # ------------------------------------------------------------------------------ data and models

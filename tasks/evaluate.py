@@ -196,8 +196,7 @@ def judge_sets(paths: Paths, rows: list[dict[str, Any]], seed: int = 0) -> list[
     judge = load_model(paths.judge, paths.judge_spec)
     x_test, y_test = load_split(paths.test, meta)
     x_train, _ = load_split(paths.train, meta)
-    mean, std = meta.stats()
-    lo, hi = ((0.0 - mean) / std).view(1, -1, 1, 1), ((1.0 - mean) / std).view(1, -1, 1, 1)
+    lo, hi = (b.view(1, -1, 1, 1) for b in meta.bounds())
     out: list[dict[str, Any]] = []
     for ipc in sorted({int(r["ipc"]) for r in rows}):
         g = torch.Generator().manual_seed(seed + ipc)
