@@ -26,10 +26,11 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def dump_yaml(data: Any, width: int = 100, flow: bool | None = None) -> str:
+def dump_yaml(data: Any, width: int = 4096, flow: bool | None = None) -> str:
     """Deterministic YAML 1.2 text of plain data, keys in their order, written by the library that reads params
-    (ruamel.yaml, as DVC; re-readable by ``tasks.config.parse_yaml``): collections of scalars in flow style
-    (``flow`` None; False = block style everywhere), lines of at most about ``width`` characters."""
+    (ruamel.yaml, as DVC; re-readable by ``tasks.config.parse_yaml``): collections of scalars in flow style, one per
+    line (``flow`` None; ruamel would wrap a long one between a key and its value), or block style everywhere
+    (``flow`` False, lines of at most about ``width`` characters)."""
     from ruamel.yaml import YAML
 
     writer = YAML(typ="safe", pure=True)
