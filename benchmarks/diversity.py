@@ -46,34 +46,39 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # Variants: "name": "key=value,..." over three groups: ``kkt.*`` (dsv.kkt.KKTConfig), ``warmup.*``
 # (dsv.generate.GenerateConfig of the generator warm-up; ``warmup.steps=0`` = none) and the rest
-# (dsv.extract.ExtractConfig); for ``kind = generate`` rows the ``gen.*`` keys set the GenerateConfig.
+# (dsv.extract.ExtractConfig); for ``kind = generate`` rows the ``gen.*`` keys set the GenerateConfig and ``mix``
+# the samples' target mix. An augmentation is a dsv.augment spec, with "/" for its "|" (one op per step).
+# The first release's generation views (with flip), spelled out: the measured rows name what they ran, whatever the
+# current presets say.
+_FLIP_WARM = "warmup.augment=translate+flip+cutout+noise"
 VARIANTS: dict[str, str] = {
     "today": "",
-    "generator warm-up": "warmup.steps=200,warmup.beta_repel=0",
-    "warm-up + repel 0.05": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05",
-    "warm-up + repel 0.5": "warmup.steps=200,warmup.beta_repel=0.5,kkt.beta_repel=0.5",
+    "generator warm-up": f"warmup.steps=200,warmup.beta_repel=0,{_FLIP_WARM}",
+    "warm-up + repel 0.05": f"warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05,{_FLIP_WARM}",
+    "warm-up + repel 0.5": f"warmup.steps=200,warmup.beta_repel=0.5,kkt.beta_repel=0.5,{_FLIP_WARM}",
     "W+R 0.05 + own augmentation draws": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05,"
-                                         "kkt.augment.op_per_sample=1",
-    "W+R 0.05 + target mix 0.3": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05,target_mix=0.3",
+                                         f"kkt.augment=each:translate/crop/flip/noise,{_FLIP_WARM}",
+    "W+R 0.05 + target mix 0.3": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05,target_mix=0.3,"
+                                 f"{_FLIP_WARM}",
     "W+R 0.05 + no flip": "warmup.steps=200,warmup.beta_repel=0.05,kkt.beta_repel=0.05,"
-                          "warmup.augment.ops=translate|cutout|noise,kkt.augment.ops=translate|crop|noise",
+                          "warmup.augment=translate+cutout+noise,kkt.augment=translate/crop/noise",
     "warm-up + no flip (no repel)": "warmup.steps=200,warmup.beta_repel=0,"
-                                    "warmup.augment.ops=translate|cutout|noise,kkt.augment.ops=translate|crop|noise",
+                                    "warmup.augment=translate+cutout+noise,kkt.augment=translate/crop/noise",
     "repel 0.5 (no warm-up)": "kkt.beta_repel=0.5",
 }
 GEN_VARIANTS: dict[str, str] = {
-    "generate (first release's recipe)": "gen.beta_repel=0",
-    "generate + repel 0.05": "gen.beta_repel=0.05",
-    "generate + repel 0.5": "gen.beta_repel=0.5",
-    "generate + repel 0.05 + target mix 0.3": "gen.beta_repel=0.05,gen.target_mix=0.3",
-    "generate + repel 0.05 + no flip": "gen.beta_repel=0.05,gen.augment.ops=translate|cutout|noise",
-    "generate + no flip (no repel)": "gen.beta_repel=0,gen.augment.ops=translate|cutout|noise",
+    "generate (first release's recipe)": "gen.beta_repel=0,gen.augment=translate+flip+cutout+noise",
+    "generate + repel 0.05": "gen.beta_repel=0.05,gen.augment=translate+flip+cutout+noise",
+    "generate + repel 0.5": "gen.beta_repel=0.5,gen.augment=translate+flip+cutout+noise",
+    "generate + repel 0.05 + target mix 0.3": "gen.beta_repel=0.05,mix=0.3,gen.augment=translate+flip+cutout+noise",
+    "generate + repel 0.05 + no flip": "gen.beta_repel=0.05,gen.augment=translate+cutout+noise",
+    "generate + no flip (no repel)": "gen.beta_repel=0,gen.augment=translate+cutout+noise",
 }
 
 
 def _value(raw: str) -> Any:
-    if "|" in raw:
-        return tuple(raw.split("|"))
+    if "/" in raw:  # an augmentation spec's "|"
+        return raw.replace("/", "|")
     for cast in (int, float):
         try:
             return cast(raw)
@@ -82,8 +87,8 @@ def _value(raw: str) -> Any:
     return raw
 
 
-def configure(spec: str, steps: int) -> tuple[ExtractConfig, GenerateConfig, GenerateConfig]:
-    """(extraction config, warm-up recipe, generation recipe) for a variant spec."""
+def configure(spec: str, steps: int) -> tuple[ExtractConfig, GenerateConfig, GenerateConfig, float]:
+    """(extraction config, warm-up recipe, generation recipe, the samples' target mix) for a variant spec."""
     groups: dict[str, dict[str, Any]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, _, raw = item.partition("=")
@@ -99,10 +104,11 @@ def configure(spec: str, steps: int) -> tuple[ExtractConfig, GenerateConfig, Gen
                 keys[f.name] = build(getattr(obj, f.name), sub)
         return dataclasses.replace(obj, **keys)
 
+    mix = float(groups.get("", {}).pop("mix", 0.0))
     cfg = build(ExtractConfig(steps=steps, log_every=steps), "")
     warm = build(dataclasses.replace(GenerateConfig(), steps=0), "warmup")
     gen = build(GenerateConfig(), "gen")
-    return cfg, warm, gen
+    return cfg, warm, gen, mix
 
 
 def _mean_std(v: list[float]) -> tuple[float, float]:
@@ -133,10 +139,9 @@ def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
     xt, yt = load_split(paths.test, meta)
     teacher = load_model(paths.teacher, paths.teacher_spec, args.device)
     judge = load_model(paths.judge, paths.judge_spec, args.device)
-    mean, std = meta.stats()
-    bounds = ((0.0 - mean) / std, (1.0 - mean) / std)
+    bounds = meta.bounds()
     pool = load_tensors(paths.init_pool, ("x",))["x"]
-    pool = (pool - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    pool = meta.normalize(pool)
     protocol = ProtocolConfig(name="paper", epochs=args.epochs, min_steps=args.min_steps, n_runs=args.students,
                               model=ModelConfig(name="convnet", width=args.width, depth=args.depth))
     specs = {**VARIANTS, **GEN_VARIANTS, **dict(v.split("=", 1) for v in args.variant)}
@@ -168,14 +173,14 @@ def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
     for ipc in args.ipcs:
         for init in args.inits:
             for name, spec in specs.items():
-                cfg, warm, gen = configure(spec, args.steps)
+                cfg, warm, gen, mix = configure(spec, args.steps)
                 g = torch.Generator().manual_seed(args.seed)
                 t0 = time.perf_counter()
                 if name in GEN_VARIANTS or spec.startswith("gen."):  # a generated set, not DSVs
                     x0 = None
                     if init == "0shot":
                         x0, _ = init_candidates("0shot", ipc, c, shape, g, other_x=pool)
-                    out = sample(teacher, ipc, c, shape, gen, seed=args.seed, pixel_bounds=bounds, x0=x0)
+                    out = sample(teacher, ipc, c, shape, gen, seed=args.seed, pixel_bounds=bounds, x0=x0, target_mix=mix)
                     score("generate", init, ipc, name, out.x, out.y, time.perf_counter() - t0)
                     continue
                 if init == "0shot":

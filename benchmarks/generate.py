@@ -40,7 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from dsv.augment import AugmentConfig  # noqa: E402
 from dsv.data.core import denormalize, per_class_indices  # noqa: E402
 from dsv.data.registry import DataConfig, load_dataset, resize_images  # noqa: E402
 from dsv.generate import GenerateConfig, sample  # noqa: E402
@@ -81,7 +80,7 @@ def ablations(recipe: GenerateConfig) -> dict[str, GenerateConfig]:
         "TV prior 0.3" if not recipe.beta_tv else "TV prior x3": replace(recipe, beta_tv=3 * recipe.beta_tv if recipe.beta_tv else 0.3),
         "no TV prior" if recipe.beta_tv else "TV prior 0.1": replace(recipe, beta_tv=0.0 if recipe.beta_tv else 0.1),
         "no norm prior": replace(recipe, beta_norm=0.0),
-        "no augmentation": replace(recipe, augment=AugmentConfig(ops=())),
+        "no augmentation": replace(recipe, augment="none"),
         "4 augmented views": replace(recipe, views=4),
         "half the steps": replace(recipe, steps=recipe.steps // 2),
         "twice the steps": replace(recipe, steps=2 * recipe.steps),
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = Paths(ROOT / out)
     meta = read_data_meta(paths.data_meta)
     mean, std = meta.stats()
-    bounds = ((0 - mean) / std, (1 - mean) / std)
+    bounds = meta.bounds()
     shape, c, k = tuple(meta.input_shape), meta.num_classes, args.per_class
     teacher, judge = load_model(paths.teacher, paths.teacher_spec), load_model(paths.judge, paths.judge_spec)
     x_test, y_test = load_split(paths.test, meta)
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         p = load_dataset(DataConfig(name=pool)).train_x
         p = resize_images(p[torch.randperm(p.shape[0], generator=torch.Generator().manual_seed(0))[: y_set.numel()]], shape)
-        starts[f"0shot:{pool}"] = (p - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        starts[f"0shot:{pool}"] = meta.normalize(p)
     starts["nshot"] = x_train[per_class_indices(y_train, k, c, torch.Generator().manual_seed(0))]
 
     inits, grids, sets = [], {}, {}
@@ -225,7 +224,7 @@ def render(p: dict[str, Any]) -> str:
         f"training split) {100 * p['judge']['test_acc']:.2f}%. {p['per_class']} images per class.",
         f"Default recipe: {r['steps']} steps, levels {r['levels']}, lr {r['lr']}, views {r['views']}, TV {r['beta_tv']}, "
         f"norm {r['beta_norm']}, BN {r['beta_bn']}, stationarity {r['beta_stat']}, augmentation "
-        f"{', '.join(r['augment']['ops']) or 'none'}.",
+        f"{r['augment']}.",
         "",
         "Fréchet: distance between the judge's penultimate features of the set and of as many real test images of the",
         "same classes (lower = closer to real; `real` is a second, disjoint real draw: the floor at this size).",

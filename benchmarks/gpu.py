@@ -291,9 +291,9 @@ def _kkt_micro(cfg: Any, x: Any, y: Any, shape: tuple[int, ...], classes: int, d
     import torch
 
     from dsv.extract import ExtractConfig
-    from dsv.kkt import kkt_objective, stationarity_params
+    from dsv.kernel import soft_cross_entropy, stationarity_params
+    from dsv.kkt import kkt_objective
     from dsv.models import build_seeded
-    from dsv.train import soft_cross_entropy
 
     n = x.shape[0]
     solver: ExtractConfig = cfg.extract.solver

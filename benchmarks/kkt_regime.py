@@ -35,11 +35,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dsv.certificate import ConvergeConfig, converge, kkt_certificate
+from dsv.certificate import ConvergeConfig, converge
 from dsv.data.core import normalize
 from dsv.data.registry import DataConfig, load_dataset
 from dsv.extract import ExtractConfig, extract, init_candidates
-from dsv.kkt import KKTConfig, stationarity_params
+from dsv.kernel import kkt_certificate, stationarity_params
+from dsv.kkt import KKTConfig
 from dsv.models import ModelConfig, build_seeded
 from dsv.protocols import ProtocolConfig, train_students
 from dsv.train import FitConfig, evaluate, fit

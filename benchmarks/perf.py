@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from dsv.kkt import KKTConfig, estimate_bytes_per_candidate, kkt_objective, stationarity_params
+from dsv.kernel import soft_cross_entropy, stationarity_params
+from dsv.kkt import KKTConfig, estimate_bytes_per_candidate, kkt_objective
 from dsv.models import ModelConfig, build_seeded
-from dsv.train import soft_cross_entropy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent

@@ -82,8 +82,7 @@ def _load(base: Path, device: str) -> dict[str, Any]:
     x, y = load_split(paths.train, meta)
     xt, yt = load_split(paths.test, meta)
     teacher = load_model(paths.teacher, paths.teacher_spec, device)
-    mean, std = meta.stats()
-    bounds = ((0.0 - mean) / std, (1.0 - mean) / std)
+    bounds = meta.bounds()
     return {"meta": meta, "x": x, "y": y, "xt": xt, "yt": yt, "teacher": teacher, "bounds": bounds,
             "features": predict_logits(teacher, x, batch_size=256, embed=True)}
 

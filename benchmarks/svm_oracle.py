@@ -26,7 +26,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.svm import SVC
 
-from dsv.certificate import ConvergeConfig, converge, kkt_certificate
+from dsv.certificate import ConvergeConfig, converge
+from dsv.kernel import kkt_certificate
 from dsv.lam import LambdaConfig, fit_lambdas
 from dsv.models import ModelConfig, build_seeded
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from dsv.data.registry import DataConfig, load_dataset
-from dsv.extract import ExtractConfig, entropy_of, extract, init_candidates
+from dsv.extract import ExtractConfig, extract, init_candidates
+from dsv.kernel import entropy
 from dsv.models import ModelConfig, build_seeded
 from dsv.train import FitConfig, evaluate, fit
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     lo, hi = ds.train_x.min(0).values - 0.5, ds.train_x.max(0).values + 0.5
     boundary = boundary_points(teacher, lo, hi)
     with torch.no_grad():
-        data_entropy = float(entropy_of(teacher(ds.train_x)).mean())
+        data_entropy = float(entropy(teacher(ds.train_x)).mean())
     rows = [{"set": "training data", "n": int(ds.train_x.shape[0]), "entropy": data_entropy,
              "dist_to_boundary": mean_distance(ds.train_x, boundary)}]
     results = {}

@@ -7,16 +7,25 @@ walk-through is ``examples/python_api.py`` (README, "Python API").
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from dsv.augment import AugmentConfig, augment, dsa_config
-from dsv.certificate import ConvergeConfig, converge, final_linear, kkt_certificate
+from dsv.augment import AugmentConfig, augment, parse_augment
+from dsv.certificate import ConvergeConfig, converge
 from dsv.data.core import ImageDataset, denormalize, normalize
 from dsv.data.registry import DataConfig, load_dataset
-from dsv.extract import DSVResult, ExtractConfig, extract, init_candidates, soft_targets
-from dsv.generate import GenerateConfig, Generated, edit_images, generate_images, interpolate, sample
+from dsv.extract import DSVResult, ExtractConfig, Shard, extract, extract_shard, init_candidates
+from dsv.generate import (
+    GenerateConfig,
+    Generated,
+    edit_images,
+    generate_images,
+    interpolate,
+    sample,
+    soft_targets,
+)
 from dsv.judge import JudgeScore, frechet_distance, judge_score, matched_real
+from dsv.kernel import frozen, kkt_certificate
 from dsv.kkt import KKTConfig, kkt_objective, primal_loss, stationarity_loss, stationarity_residual
 from dsv.lam import LambdaConfig, LambdaResult, class_lambda_sums, fit_lambdas, pearson
-from dsv.models import ModelConfig, build_model, build_seeded, load_checkpoint, read_checkpoint
+from dsv.models import ModelConfig, build_model, build_seeded, final_linear, load_checkpoint, read_checkpoint
 from dsv.train import EvalResult, FitConfig, FitResult, evaluate, fit
 
 try:
@@ -41,20 +50,22 @@ __all__ = [
     "LambdaConfig",
     "LambdaResult",
     "ModelConfig",
+    "Shard",
     "augment",
     "build_model",
     "build_seeded",
     "class_lambda_sums",
     "converge",
     "denormalize",
-    "dsa_config",
     "edit_images",
     "evaluate",
     "extract",
+    "extract_shard",
     "final_linear",
     "fit",
     "fit_lambdas",
     "frechet_distance",
+    "frozen",
     "generate_images",
     "init_candidates",
     "interpolate",
@@ -65,6 +76,7 @@ __all__ = [
     "load_dataset",
     "matched_real",
     "normalize",
+    "parse_augment",
     "pearson",
     "primal_loss",
     "read_checkpoint",

@@ -1,8 +1,17 @@
-"""Differentiable image augmentations with explicit random generators.
+"""Differentiable image augmentations with explicit random generators, named in one vocabulary.
 
-Two uses:
-* the DeepKKT manifold term (paper Algorithm 1): one random augmentation A(x) per step;
-* DSA-style augmentation when training students (the DD benchmark protocol).
+Every config that augments (``FitConfig``, ``KKTConfig``, ``GenerateConfig``, ``DMConfig``) has one key,
+``augment``, a string (:func:`parse_augment`):
+
+* a preset: ``none``; ``flip_crop`` (flip + 4-pixel-style crop-pad, chained: classifier training); ``dsa`` (one
+  of the DD benchmark's DSA ops per batch, drawn once for the whole batch: students, DM); ``kkt`` (one of
+  Algorithm 1's translate/crop/flip/noise per step, per-image parameters: the DeepKKT manifold term);
+  ``generate`` (translate, cutout and noise chained, per image: generation's augmented views; no flip: an image
+  optimised under random flips becomes mirror-symmetric, and classes have an orientation);
+* or explicit ops: op names joined by ``|`` (one op drawn per call) or ``+`` (every op, in order), each
+  optionally with its strength (``translate=0.2``, ``flip=1.0``, ``cutout=0.5``; color's three are fixed),
+  after an optional mode: ``batch:`` (one draw for the whole batch, DSA's Siamese mode) or ``each:`` (with
+  ``|``: every image draws its own op). E.g. ``each:translate|crop|flip|noise``, ``translate+cutout+noise``.
 
 Every op is differentiable w.r.t. the images (warps use ``F.affine_grid``/``F.grid_sample``)
 and draws its randomness only from the ``torch.Generator`` passed in, so a seed fixes the result.
@@ -10,6 +19,7 @@ and draws its randomness only from the ``torch.Generator`` passed in, so a seed 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,16 +85,55 @@ class AugmentConfig:
             raise ValueError(f"ops: unknown op(s) {unknown}; allowed: {', '.join(ALL_OPS)}")
         if self.op_per_sample and not (self.per_sample and self.one_per_call):
             raise ValueError("op_per_sample needs per_sample and one_per_call")
-        if not 0.0 <= self.flip <= 1.0:
-            raise ValueError(f"flip is a probability in [0, 1], got {self.flip}")
-        for name in ("translate", "crop", "crop_pad", "cutout", "noise"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, allowed, ok in (("flip", "in [0, 1]", 0 <= self.flip <= 1), ("crop", "in [0, 1)", 0 <= self.crop < 1),
+                                  ("cutout", "in [0, 1]", 0 <= self.cutout <= 1), ("scale", ">= 1", self.scale >= 1),
+                                  *((n, ">= 0", getattr(self, n) >= 0) for n in ("translate", "crop_pad", "noise",
+                                                                                  "rotate", "brightness",
+                                                                                  "saturation", "contrast"))):
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)}")
 
 
-def dsa_config() -> AugmentConfig:
-    """The DD benchmark's DSA parameters (BASELINES.md), one op sampled per batch."""
-    return AugmentConfig(ops=DSA_OPS, cutout=0.5, per_sample=False)
+# The presets of the vocabulary (module docstring), written in it.
+PRESETS: dict[str, str] = {
+    "none": "",
+    "flip_crop": "flip+crop_pad",
+    "dsa": "batch:color|crop_pad|cutout=0.5|flip|scale|rotate",
+    "kkt": "translate|crop|flip|noise",
+    "generate": "translate+cutout+noise",
+}
+
+
+@functools.cache
+def parse_augment(spec: str) -> AugmentConfig:
+    """The :class:`AugmentConfig` a spec of the vocabulary (module docstring) names; ValueError naming the problem."""
+    text = PRESETS.get(spec, spec).strip()
+    mode, _, body = text.rpartition(":")
+    if mode not in ("", "batch", "each"):
+        raise ValueError(f"augment = {spec!r}: the mode is 'batch:' or 'each:', got {mode!r}:; presets: "
+                         f"{', '.join(PRESETS)}")
+    if "|" in body and "+" in body:
+        raise ValueError(f"augment = {spec!r}: join the ops with '|' (one per call) or '+' (all), not both")
+    ops, strengths = [], {}
+    for part in filter(None, body.replace("+", "|").split("|")):
+        name, eq, value = part.strip().partition("=")
+        if name not in ALL_OPS:
+            raise ValueError(f"augment = {spec!r}: unknown op {name!r}; ops: {', '.join(ALL_OPS)}; presets: "
+                             f"{', '.join(PRESETS)}")
+        if eq and name == "color":
+            raise ValueError(f"augment = {spec!r}: color takes no strength (brightness, saturation, contrast)")
+        ops.append(name)
+        try:
+            strengths.update({name: float(value)} if eq else {})
+        except ValueError:
+            raise ValueError(f"augment = {spec!r}: the strength of {name} is a number, got {value!r}") from None
+    if mode == "each" and "+" in body:
+        raise ValueError(f"augment = {spec!r}: 'each:' draws one op per image, so its ops are joined by '|'")
+    try:
+        return AugmentConfig(ops=tuple(ops), one_per_call="|" in body, per_sample=mode != "batch",
+                             op_per_sample=mode == "each", **strengths)
+    except ValueError as exc:
+        raise ValueError(f"augment = {spec!r}: {exc}") from None
 
 
 def _ranges(op: str, cfg: AugmentConfig) -> tuple[tuple[float, float], ...]:
@@ -180,17 +229,18 @@ def apply_op(op: str, x: Tensor, cfg: AugmentConfig, g: torch.Generator) -> Tens
     return apply_drawn(op, x, to_device(draw_op(op, x.shape, cfg, g), x.device), cfg)
 
 
-def augment(x: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
+def augment(x: Tensor, cfg: AugmentConfig | str, generator: torch.Generator) -> Tensor:
     """Randomly augment a batch of images.
 
     Args:
         x: (B, C, H, W) images (any value range; ops are range-agnostic).
-        cfg: ops and strengths.
+        cfg: ops and strengths, or a spec of the vocabulary (:func:`parse_augment`).
         generator: CPU generator; the only source of randomness.
 
     Returns:
         (B, C, H, W) augmented images, differentiable w.r.t. ``x``.
     """
+    cfg = parse_augment(cfg) if isinstance(cfg, str) else cfg
     if x.dim() != 4 or not cfg.ops:
         return x  # tabular/toy inputs: augmentation does not apply
     if cfg.one_per_call and cfg.op_per_sample:

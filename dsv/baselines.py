@@ -14,13 +14,15 @@ Inputs by family:
   own small proxy model(s) with :func:`dsv.train.fit`.
 * ``entropy``, ``least_confidence``, ``margin``: logits (N, C) of a trained model (e.g. the teacher).
 
-Use :func:`select` (or the :data:`SELECTORS` registry) to call any of them by name.
+Use :func:`select` (or the :data:`SELECTORS` registry) to call any of them by name; :func:`dsv.sets.build_set`
+builds the training set of any set-building method (these, DM, the top-k of a λ ranking).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,7 @@ class ProxyConfig:
 
     Attributes:
         model: proxy architecture (DeepCore uses the evaluation network; the default is a ConvNet-3 of
-            width 64, about 6x cheaper than width 128 on this CPU).
+            width 64, much cheaper than width 128 on a CPU).
         fit: optimizer, batch size and augmentation of the proxy training. ``fit.epochs`` (or
             ``fit.steps``) is the forgetting run's length.
         el2n_models: number of independently initialised proxies whose EL2N scores are averaged
@@ -361,70 +363,43 @@ _INPUT_HELP = {
 }
 
 
-def _sel_random(*, y: Tensor, k: int, num_classes: int, generator: torch.Generator, **_: object) -> Tensor:
-    return random_select(y, k, num_classes, generator)
-
-
-def _sel_features(method: str) -> Selector:
-    fn = herding if method == "herding" else kcenter_greedy
-
-    def run(*, y: Tensor, k: int, num_classes: int, features: Tensor | None = None, **_: object) -> Tensor:
-        assert features is not None  # select() checked SELECTOR_INPUTS
-        return fn(features, y, k, num_classes)
+def _by_score(score: Callable[..., Tensor]) -> Selector:
+    """A selector that takes each class's ``k`` highest scores (ties in a seeded random order), checking the
+    class sizes before scoring (a proxy model's training is not wasted on a class that is too small)."""
+    def run(*, y: Tensor, k: int, num_classes: int, generator: torch.Generator, **inputs: Any) -> Tensor:
+        _class_members(y, k, num_classes)
+        return _top_scores(score(y=y, num_classes=num_classes, generator=generator, **inputs), y, k, num_classes,
+                           generator)
 
     return run
 
 
-def _sel_kkt_herding(*, y: Tensor, k: int, num_classes: int, features: Tensor | None = None,
-                     logits: Tensor | None = None, **_: object) -> Tensor:
-    assert features is not None and logits is not None
-    return kkt_herding(features, logits, y, k, num_classes)
-
-
-def _sel_dynamics(method: str) -> Selector:
-    fn = forgetting_scores if method == "forgetting" else el2n_scores
-
-    def run(
-        *,
-        y: Tensor,
-        k: int,
-        num_classes: int,
-        generator: torch.Generator,
-        x: Tensor | None = None,
-        proxy: ProxyConfig | None = None,
-        callback: Callable[[TrainEvent], None] | None = None,
-        **_: object,
-    ) -> Tensor:
-        assert x is not None
-        _class_members(y, k, num_classes)  # fail before training when a class is too small
-        score = fn(x, y, num_classes, proxy or ProxyConfig(), generator, callback)
-        return _top_scores(score, y, k, num_classes, generator)
-
-    return run
-
-
-def _sel_uncertainty(method: str) -> Selector:
-    def run(
-        *, y: Tensor, k: int, num_classes: int, generator: torch.Generator, logits: Tensor | None = None,
-        **_: object,
-    ) -> Tensor:
-        assert logits is not None
+def _uncertainty(kind: str) -> Callable[..., Tensor]:
+    def score(*, y: Tensor, logits: Tensor, **_: Any) -> Tensor:
         _check_rows("logits", logits, y.shape[0])
-        return _top_scores(uncertainty_scores(logits, method), y, k, num_classes, generator)
+        return uncertainty_scores(logits, kind)
 
-    return run
+    return score
 
 
+def _dynamics(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def score(*, y: Tensor, num_classes: int, generator: torch.Generator, x: Tensor, proxy: ProxyConfig | None = None,
+              callback: Callable[[TrainEvent], None] | None = None, **_: Any) -> Tensor:
+        return fn(x, y, num_classes, proxy or ProxyConfig(), generator, callback)
+
+    return score
+
+
+# Every selector by name, called with keywords: y, k, num_classes, generator and the inputs it needs (below).
 SELECTORS: dict[str, Selector] = {
-    "random": _sel_random,
-    "herding": _sel_features("herding"),
-    "kcenter": _sel_features("kcenter"),
-    "kkt_herding": _sel_kkt_herding,
-    "forgetting": _sel_dynamics("forgetting"),
-    "el2n": _sel_dynamics("el2n"),
-    "entropy": _sel_uncertainty("entropy"),
-    "least_confidence": _sel_uncertainty("least_confidence"),
-    "margin": _sel_uncertainty("margin"),
+    "random": lambda *, y, k, num_classes, generator, **_: random_select(y, k, num_classes, generator),
+    "herding": lambda *, y, k, num_classes, features, **_: herding(features, y, k, num_classes),
+    "kcenter": lambda *, y, k, num_classes, features, **_: kcenter_greedy(features, y, k, num_classes),
+    "kkt_herding": lambda *, y, k, num_classes, features, logits, **_: kkt_herding(features, logits, y, k,
+                                                                                    num_classes),
+    "forgetting": _by_score(_dynamics(forgetting_scores)),
+    "el2n": _by_score(_dynamics(el2n_scores)),
+    **{kind: _by_score(_uncertainty(kind)) for kind in UNCERTAINTIES},
 }
 # The inputs of select() beyond the labels that each selector needs: the one place that knows, so a caller can
 # compute only those (``tasks.distill`` does, lazily).

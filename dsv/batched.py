@@ -17,7 +17,6 @@ per-student loop is faster, so :mod:`dsv.protocols` uses it only on CUDA unless 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,19 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from dsv.augment import augment_groups
-from dsv.device import to_device
+from dsv.augment import augment_groups, parse_augment
+from dsv.kernel import soft_cross_entropy
 from dsv.train import (
+    KD,
     FitConfig,
     FitResult,
     StepRunner,
     TrainEvent,
-    _augment_cfg,
     _budget,
-    _lr_at,
     _make_optimizer,
-    _set_lr,
-    soft_cross_entropy,
+    batch_orders,
+    run_steps,
 )
 
 
@@ -56,7 +54,7 @@ def fit_batched(
     cfg: FitConfig,
     seeds: Sequence[int],
     callback: Callable[[int, TrainEvent], None] | None = None,
-    teacher: nn.Module | None = None,
+    kd: KD | None = None,
     graphs: bool = False,
 ) -> list[FitResult]:
     """Train ``models`` in place on (x, y), student i as ``fit(models[i], x, y, cfg, seeds[i], ...)`` would.
@@ -69,7 +67,7 @@ def fit_batched(
             same step count).
         seeds: one per student: its batch order and augmentation draws.
         callback: receives (student index, :class:`TrainEvent`) at every report, as ``fit``'s callback.
-        teacher: the knowledge-distillation teacher (``soft`` protocol), as in ``fit``.
+        kd: knowledge distillation from a teacher (``soft`` protocol), as in ``fit``.
         graphs: on CUDA, replay the step from a CUDA graph (:class:`dsv.train.StepRunner`).
 
     Returns:
@@ -90,7 +88,7 @@ def fit_batched(
     x, y = x.to(device), y.to(device)
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
     bs, _, total, report_every = _budget(n, cfg)
-    aug = _augment_cfg(cfg.augment)
+    aug = parse_augment(cfg.augment)
     graphs = graphs and device.type == "cuda"
     params, _ = stack_module_state(list(models))  # leaves (S, ...), in named_parameters order
     trainable = {k: v for k, v in params.items() if dict(models[0].named_parameters())[k].requires_grad}
@@ -102,58 +100,36 @@ def fit_batched(
         return functional_call(base, p, (xb,))
 
     batched_forward = vmap(forward)
-    if teacher is not None:
-        teacher.eval()
+    if kd is not None:
+        kd.teacher.eval()
 
     def step(xb: Tensor, yb: Tensor) -> Tensor:  # xb (S·B, ...), yb (S·B,) or (S·B, C)
         logits = batched_forward({**trainable, **frozen}, xb.reshape(s, bs, *xb.shape[1:]))  # (S, B, K)
         flat = logits.reshape(s * bs, -1)
         losses = soft_cross_entropy(flat, yb).view(s, bs).mean(dim=1)
-        if teacher is not None:
+        if kd is not None:
             with torch.no_grad():
-                t_logits = teacher(xb)
-            t = cfg.kd_temperature
-            kd = F.kl_div(F.log_softmax(flat / t, dim=1), F.softmax(t_logits / t, dim=1), reduction="none")
-            losses = (1 - cfg.kd_alpha) * losses + cfg.kd_alpha * kd.sum(dim=1).view(s, bs).mean(dim=1) * (t * t)
+                t_logits = kd.teacher(xb)
+            t = kd.temperature
+            kl = F.kl_div(F.log_softmax(flat / t, dim=1), F.softmax(t_logits / t, dim=1), reduction="none")
+            losses = (1 - kd.alpha) * losses + kd.alpha * kl.sum(dim=1).view(s, bs).mean(dim=1) * (t * t)
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         opt.step()
         return losses.detach()
 
-    runner = StepRunner(step, graphs)
+    order = batch_orders(n, bs, gens, device)
+
+    def draw() -> tuple[Tensor, Tensor]:
+        idx = next(order)
+        xb = x.index_select(0, idx)
+        return (augment_groups(xb, aug, gens) if aug.ops else xb), y.index_select(0, idx)
+
     results = [FitResult(model=m) for m in models]
-    running = torch.zeros(s, device=device)
-    count, step_i, cursor = 0, 0, 0
-    perms = to_device(torch.stack([torch.randperm(n, generator=g) for g in gens]), device)
-    while step_i < total:
-        if cursor + bs > n:
-            perms, cursor = to_device(torch.stack([torch.randperm(n, generator=g) for g in gens]), device), 0
-        idx = perms[:, cursor : cursor + bs].reshape(-1)
-        cursor += bs
-        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-        if aug is not None:
-            xb = augment_groups(xb, aug, gens)
-        lr = _lr_at(step_i, total, cfg)
-        _set_lr(opt, lr)
-        running += runner(xb, yb)
-        step_i += 1
-        count += 1
-        if step_i % report_every == 0 or step_i == total:
-            means = [v / count for v in running.tolist()]  # one host sync per reporting interval
-            for i, mean_loss in enumerate(means):
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step_i} of {total} "
-                                             f"(student {i} of {s})")
-                results[i].losses.append(mean_loss)
-                if callback is not None:
-                    callback(i, TrainEvent(step=step_i, total_steps=total, loss=mean_loss, lr=lr))
-            running.zero_()
-            count = 0
+    run_steps(draw, StepRunner(step, graphs), opt, cfg, total, report_every, results, callback)
     with torch.no_grad():
         for i, m in enumerate(models):
             for name, p in m.named_parameters():
                 p.copy_(params[name][i])
             m.eval()
-    for r in results:
-        r.steps, r.graphed, r.graph_error = step_i, runner.captured, runner.error
     return results

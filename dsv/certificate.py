@@ -1,4 +1,5 @@
-"""Is the teacher a KKT point? The certificate, a convergence phase that makes it one, and θ subsets.
+"""Is the teacher a KKT point? The certificate (computed by :func:`dsv.kernel.kkt_certificates`) and a
+convergence phase that makes it one.
 
 DeepKKT's stationarity condition θ* = −Σ_i λ_i ∇_θ L_i only means something when θ* is a stationary
 point of the training objective. For mean cross-entropy plus weight decay ω (coupled, as torch's
@@ -12,17 +13,18 @@ i.e. stationarity holds exactly with the uniform multiplier λ_i = 1/(nω) over 
     c = mean_p |θ*_p + (1/ω) ∂_p mean_i L_i|  /  mean_p |θ*_p|,
 
 0 at a KKT point, ≈ ‖∇ mean L‖/(ω‖θ‖) elsewhere: the identity divides whatever gradient training left
-behind by ω, so a teacher that is merely well trained (Adam, a few epochs) has c of order 10-100.
+behind by ω, so a teacher that is merely well trained (Adam, a few epochs) has c far above 1.
 
 :func:`converge` drives c down after training. Given frozen features, the final linear layer's problem
 is strongly convex (ω > 0), so full-batch L-BFGS in float64 solves it to near machine precision
 ("last"); on small training sets the same can be run on every parameter ("all", non-convex, slower).
 
 Scale invariance. An instance or group norm after a convolution (not a batch norm in eval mode, which
-uses fixed statistics) makes each sample's loss invariant to that convolution's weight scale and bias, so every ∇_θ L_i is orthogonal to those weights and no λ can
-rebuild them: with such a teacher the all-parameter residual has a floor (≥ 0.46 measured for the
-default ConvNet). :func:`scale_invariant_names` finds these parameters numerically (their scaling leaves
-the logits unchanged), for any architecture; the θ subset "free" excludes them.
+uses fixed statistics) makes each sample's loss invariant to that convolution's weight scale and bias, so
+every ∇_θ L_i is orthogonal to those weights and no λ can rebuild them: with such a teacher the
+all-parameter residual has a floor well above 0. :func:`dsv.kernel.scale_invariant_names` finds these
+parameters numerically (their scaling leaves the logits unchanged), for any architecture; the θ subset
+"free" excludes them.
 """
 
 from __future__ import annotations
@@ -32,157 +34,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from dsv.checks import at_least, one_of, positive
+from dsv.kernel import frozen, soft_cross_entropy
 from dsv.models import final_linear
-from dsv.train import soft_cross_entropy
 
 SCOPES = ("none", "last", "all")
-
-
-def scale_invariant_names(model: nn.Module, example: Tensor, rtol: float = 1e-2) -> list[str]:
-    """Names of parameters whose scaling (×1.5) leaves the logits on ``example`` unchanged.
-
-    Such parameters (a conv's weight and bias before an instance/group norm) get gradients orthogonal
-    to themselves, so stationarity over them cannot hold for any λ. The model is evaluated in eval mode
-    and never modified.
-
-    Args:
-        model: the classifier.
-        example: (B, ...) a few inputs (real or random) of the model's input shape.
-        rtol: largest relative logit change, max|Δ| / max|logits|, still counted as invariant (the norm's
-            eps makes the invariance approximate: ~1e-4 measured for a small ConvNet, against 0.2-0.4 for a
-            parameter the logits depend on).
-    """
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            base = model(example)
-            scale = base.abs().max().clamp_min(1e-12)
-            out = []
-            for name, p in model.named_parameters():
-                if p.abs().max() == 0:
-                    continue  # a zero tensor scales to itself: nothing to learn from the probe
-                moved = functional_call(model, {name: p * 1.5}, (example,))
-                if float((moved - base).abs().max() / scale) < rtol:
-                    out.append(name)
-            return out
-    finally:
-        model.train(was)
-
-
-@dataclass(frozen=True)
-class Certificate:
-    """KKT certificate of a teacher (see the module docstring).
-
-    Attributes:
-        relative: mean|θ* + (1/ω)∇ mean L| / mean|θ*| over the chosen parameters (0 = a KKT point).
-        grad_norm: l2 norm of the full-batch gradient of mean L + (ω/2)‖θ‖² over those parameters.
-        n: training samples used.
-        weight_decay: ω.
-        subset: the parameter subset.
-    """
-
-    relative: float
-    grad_norm: float
-    n: int
-    weight_decay: float
-    subset: str
-
-
-def full_batch_grad(
-    model: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor, batch_size: int | None = None
-) -> list[Tensor]:
-    """∇_θ of the mean cross-entropy over all of (x, y), accumulated over batches (model in eval mode).
-
-    ``batch_size`` None: 128 on the CPU (the activations stay in cache), 1024 on an accelerator (a pass over
-    Fashion-MNIST in 58 rounds of kernel launches instead of 461); (x, y) are moved to the device once.
-
-    Returns one tensor per parameter in ``params``, in the parameters' dtype.
-    """
-    device = params[0].device
-    if batch_size is None:
-        batch_size = 128 if device.type == "cpu" else 1024
-    x, y = x.to(device), y.to(device)
-    acc = [torch.zeros_like(p) for p in params]
-    n = x.shape[0]
-    was = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            for i in range(0, n, batch_size):
-                xb = x[i : i + batch_size].to(device=device, dtype=params[0].dtype)
-                loss = soft_cross_entropy(model(xb), y[i : i + batch_size].to(device)).sum() / n
-                for a, g in zip(acc, torch.autograd.grad(loss, params, allow_unused=True)):
-                    if g is not None:
-                        a.add_(g)
-    finally:
-        model.train(was)
-    return acc
-
-
-def kkt_certificate(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    weight_decay: float,
-    params: list[nn.Parameter],
-    subset: str = "all",
-    batch_size: int | None = None,
-) -> Certificate:
-    """The relative stationarity residual of θ* at uniform λ = 1/(nω) (see the module docstring).
-
-    Args:
-        model: the teacher (put in eval mode for the computation, restored after; never modified).
-        x: (n, ...) the teacher's whole training split, normalised as it was trained.
-        y: (n,) labels.
-        weight_decay: ω the teacher was trained with (> 0: without weight decay no finite λ exists).
-        params: the parameters θ to certify (see :func:`dsv.kkt.stationarity_params`).
-        subset: the subset's name, recorded in the result.
-        batch_size: samples per forward and backward (memory and speed only: 128 runs a CPU pass over
-            Fashion-MNIST ~1.6x faster than 1024, the activations staying in cache); None = 128 on the CPU,
-            1024 on an accelerator (:func:`full_batch_grad`).
-
-    Raises:
-        ValueError: when ``weight_decay`` is not > 0 or x is empty.
-    """
-    if not weight_decay > 0:
-        raise ValueError(f"the KKT certificate needs the teacher's weight decay > 0, got {weight_decay}")
-    if x.shape[0] == 0:
-        raise ValueError("the KKT certificate needs the training split; it is empty")
-    grads = full_batch_grad(model, params, x, y, batch_size)
-    num = sum(float((p.detach() + g / weight_decay).abs().sum()) for p, g in zip(params, grads))
-    den = sum(float(p.detach().abs().sum()) for p in params)
-    gnorm = sum(float((g + weight_decay * p.detach()).pow(2).sum()) for p, g in zip(params, grads)) ** 0.5
-    return Certificate(relative=num / max(den, 1e-30), grad_norm=gnorm, n=int(x.shape[0]),
-                       weight_decay=float(weight_decay), subset=subset)
-
-
-def kkt_certificates(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    weight_decay: float,
-    subsets: dict[str, list[nn.Parameter]],
-    batch_size: int | None = None,
-) -> dict[str, Certificate]:
-    """:func:`kkt_certificate` for several parameter subsets from one pass over the training split."""
-    if not weight_decay > 0:
-        raise ValueError(f"the KKT certificate needs the teacher's weight decay > 0, got {weight_decay}")
-    if x.shape[0] == 0:
-        raise ValueError("the KKT certificate needs the training split; it is empty")
-    params = list(model.parameters())
-    grads = {id(p): g for p, g in zip(params, full_batch_grad(model, params, x, y, batch_size))}
-    out = {}
-    for name, ps in subsets.items():
-        num = sum(float((p.detach() + grads[id(p)] / weight_decay).abs().sum()) for p in ps)
-        den = sum(float(p.detach().abs().sum()) for p in ps)
-        gn = sum(float((grads[id(p)] + weight_decay * p.detach()).pow(2).sum()) for p in ps) ** 0.5
-        out[name] = Certificate(relative=num / max(den, 1e-30), grad_norm=gn, n=int(x.shape[0]),
-                                weight_decay=float(weight_decay), subset=name)
-    return out
 
 
 @dataclass(frozen=True)
@@ -243,14 +100,10 @@ def converge(
         return ConvergeResult(scope="none")
     if not weight_decay > 0:
         raise ValueError(f"converge needs the teacher's weight decay > 0 (the objective's ω), got {weight_decay}")
-    was = model.training
-    model.eval()
-    try:
+    with frozen(model):
         if cfg.scope == "last":
             return _converge_last(model, x, y, weight_decay, cfg, batch_size, callback)
         return _converge_all(model, x, y, weight_decay, cfg, batch_size, callback)
-    finally:
-        model.train(was)
 
 
 def _features(model: nn.Module, layer: nn.Linear, x: Tensor, batch_size: int) -> Tensor:
@@ -268,14 +121,16 @@ def _features(model: nn.Module, layer: nn.Linear, x: Tensor, batch_size: int) ->
 
 
 def _lbfgs(
-    params: Sequence[Tensor], objective: Callable[[], Tensor], cfg: ConvergeConfig, stop: Callable[[float], bool],
+    params: Sequence[Tensor], objective: Callable[[], Tensor], cfg: ConvergeConfig, omega: float, scope: str,
     callback: Callable[[int, float], None] | None, round_iters: int = 25,
 ) -> ConvergeResult:
     """Full-batch L-BFGS (strong-Wolfe line search) in rounds of ``round_iters`` iterations inside one
-    ``step`` call each (torch's L-BFGS is built for that: stepping it one iteration per call stalls),
-    checking ``stop`` on the gradient norm between rounds, up to ``cfg.max_iter`` iterations."""
-    res = ConvergeResult(scope="")
+    ``step`` call each (torch's L-BFGS is built for that: stepping it one iteration per call stalls), up to
+    ``cfg.max_iter`` iterations, stopping between rounds once the certificate of ``params`` is surely below
+    ``cfg.target``: mean|∇f|/ω / mean|θ| ≤ ‖∇f‖₁/(ω‖θ‖₁) ≤ √P‖∇f‖₂/(ω‖θ‖₁)."""
+    res = ConvergeResult(scope=scope)
     done = 0
+    root_p, theta_l1 = sum(p.numel() for p in params) ** 0.5, float(sum(p.detach().abs().sum() for p in params))
     while done < cfg.max_iter:
         n = min(round_iters, cfg.max_iter - done)
         opt = torch.optim.LBFGS(list(params), lr=1.0, max_iter=n, history_size=cfg.history,
@@ -297,7 +152,7 @@ def _lbfgs(
             callback(done, gn)
         if gn != gn or gn == float("inf"):
             raise FloatingPointError(f"converge: non-finite gradient norm after {done} L-BFGS iterations")
-        if stop(gn) or ran < n:  # converged, or L-BFGS found no further progress (floating-point floor)
+        if root_p * gn / (omega * max(theta_l1, 1e-30)) < cfg.target or ran < n:  # converged, or L-BFGS found no progress (floating-point floor)
             break
     return res
 
@@ -313,23 +168,16 @@ def _converge_last(
     b = (layer.bias.detach().double().clone() if layer.bias is not None
          else torch.zeros(w.shape[0], dtype=torch.float64, device=h.device)).requires_grad_(layer.bias is not None)
     ps = [w, b] if layer.bias is not None else [w]
-    theta_l1 = float(sum(p.detach().abs().sum() for p in ps))
 
     def objective() -> Tensor:
         logits = h @ w.t() + b
         return soft_cross_entropy(logits, yt).mean() + 0.5 * omega * sum((p * p).sum() for p in ps)
 
-    def stop(gn: float) -> bool:
-        # certificate of these parameters = mean|∇f|/ω / mean|θ| ≤ ‖∇f‖₁/(ω‖θ‖₁) ≤ √P‖∇f‖₂/(ω‖θ‖₁)
-        p_total = sum(p.numel() for p in ps)
-        return (p_total ** 0.5) * gn / (omega * max(theta_l1, 1e-30)) < cfg.target
-
-    res = _lbfgs(ps, objective, cfg, stop, callback)
+    res = _lbfgs(ps, objective, cfg, omega, "last", callback)
     with torch.no_grad():
         layer.weight.copy_(w.to(layer.weight.dtype))
         if layer.bias is not None:
             layer.bias.copy_(b.to(layer.bias.dtype))
-    res.scope = "last"
     return res
 
 
@@ -340,7 +188,6 @@ def _converge_all(
     ps = [p for p in model.parameters() if p.requires_grad]
     device = ps[0].device
     n = x.shape[0]
-    theta_l1 = float(sum(p.detach().abs().sum() for p in ps))
 
     def objective() -> Tensor:
         # Full-batch loss; the graph of one batch is freed before the next (gradients accumulate).
@@ -355,10 +202,4 @@ def _converge_all(
                 total = total + part
         return total + 0.5 * omega * sum((p * p).sum() for p in ps)
 
-    def stop(gn: float) -> bool:
-        p_total = sum(p.numel() for p in ps)
-        return (p_total ** 0.5) * gn / (omega * max(theta_l1, 1e-30)) < cfg.target
-
-    res = _lbfgs(ps, objective, cfg, stop, callback)
-    res.scope = "all"
-    return res
+    return _lbfgs(ps, objective, cfg, omega, "all", callback)

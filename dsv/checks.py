@@ -32,3 +32,19 @@ def one_of(name: str, value: str, allowed: Sequence[str]) -> None:
         hint = difflib.get_close_matches(value, list(allowed), n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ValueError(f"{name} = {value!r} is not one of {', '.join(allowed)}{extra}")
+
+
+def choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+    """Every value is one of ``allowed``, and none twice."""
+    for v in values:
+        one_of(name, v, allowed)
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} has duplicates: {list(values)}")
+
+
+def positive_ints(name: str, values: Sequence[int]) -> None:
+    """Every value is >= 1, and none twice."""
+    if any(v < 1 for v in values):
+        raise ValueError(f"{name} must all be >= 1, got {list(values)}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} has duplicates: {list(values)}")

@@ -23,7 +23,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from dsv.augment import AugmentConfig, augment, augment_groups, dsa_config
+from dsv.augment import AugmentConfig, augment, augment_groups, parse_augment
 from dsv.checks import at_least, positive
 from dsv.device import to_device
 from dsv.models import ModelConfig, build_seeded
@@ -41,9 +41,8 @@ class DMConfig:
         momentum: SGD momentum on the images (DM: 0.5).
         batch_real: real images per class per iteration (DM: 256; capped at the pool size).
         model: the randomly initialised embedding network (DM: the DD benchmark ConvNet-3, width 128).
-        augment: DSA augmentation with parameters shared by the whole batch (``per_sample=False``), so the
-            same generator seed gives the same transform on real and synthetic images.
-        report_every: iterations between callback events.
+        augment: the augmentation (:func:`dsv.augment.parse_augment`), drawn once per batch ("dsa" or a "batch:"
+            spec), so the same generator seed gives the same transform on real and synthetic images.
     """
 
     iterations: int = 1000
@@ -51,8 +50,7 @@ class DMConfig:
     momentum: float = 0.5
     batch_real: int = 256
     model: ModelConfig = ModelConfig(name="convnet", width=128, depth=3, norm="instance", pool="avg")
-    augment: AugmentConfig = field(default_factory=dsa_config)
-    report_every: int = 100
+    augment: str = "dsa"
 
     def __post_init__(self) -> None:
         at_least(self, 1, "iterations")
@@ -60,12 +58,9 @@ class DMConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         at_least(self, 1, "batch_real")
-        if self.augment.per_sample:
-            raise ValueError(
-                "augment.per_sample must be False: real and synthetic batches of a class must share one "
-                "augmentation (DSA's Siamese mode)"
-            )
-        at_least(self, 1, "report_every")
+        if parse_augment(self.augment).per_sample:
+            raise ValueError(f"augment = {self.augment!r} draws per image: real and synthetic batches of a class "
+                             "must share one augmentation (DSA's Siamese mode: 'dsa' or a 'batch:' spec)")
 
 
 @dataclass(frozen=True)
@@ -104,6 +99,7 @@ def distribution_matching(
     cfg: DMConfig,
     seed: int,
     callback: Callable[[DMEvent], None] | None = None,
+    report_every: int = 100,
 ) -> DMResult:
     """Learn a synthetic set whose class-mean embeddings match the real ones under random networks.
 
@@ -114,7 +110,7 @@ def distribution_matching(
         y_init: (M,) int labels of the synthetic images; every class in it needs real images.
         cfg: iterations, learning rate, network and augmentation.
         seed: seeds the network initialisations, the real batches and the augmentations.
-        callback: receives a :class:`DMEvent` every ``cfg.report_every`` iterations and at the end.
+        callback: receives a :class:`DMEvent` every ``report_every`` iterations and at the end.
 
     Returns:
         :class:`DMResult` with the optimised images (on ``x_init``'s device) and the loss curve.
@@ -158,7 +154,7 @@ def distribution_matching(
         picks = list(to_device(torch.cat(picks), device).split([p.numel() for p in picks]))  # one copy
         # Same seed, per-batch parameters: identical transform on the real and synthetic images of c.
         real_batches, syn_batches = _augment_pairs(
-            [x_real[pick] for pick in picks], [x_syn[syn_idx[c]] for c in classes], aug_seeds, cfg.augment)
+            [x_real[pick] for pick in picks], [x_syn[syn_idx[c]] for c in classes], aug_seeds, parse_augment(cfg.augment))
         embed = cast(Callable[[Tensor], Tensor], net.embed)  # every dsv model has .embed
         with torch.no_grad():
             emb_real = embed(torch.cat(real_batches))  # (Σ_c B_c, D)
@@ -174,7 +170,7 @@ def distribution_matching(
         loss.backward()
         opt.step()
         losses.append(loss.detach())
-        if callback is not None and ((it + 1) % cfg.report_every == 0 or it + 1 == cfg.iterations):
+        if callback is not None and ((it + 1) % report_every == 0 or it + 1 == cfg.iterations):
             callback(DMEvent(iteration=it + 1, total=cfg.iterations, loss=float(loss.detach())))
     return DMResult(x=x_syn.detach(), y=y_init.clone(), losses=torch.stack(losses).cpu().tolist())
 

@@ -1,5 +1,9 @@
 """Deep Support Vector synthesis (paper §4, Algorithm 1). Generation and editing: :mod:`dsv.generate`.
 
+:func:`extract_shard` is the whole job of one shard: draw the candidates of an init kind (real images, a
+selector's picks, foreign images or noise), take the shard's slice, warm the teacher-only starts up with the
+generator recipe, and run :func:`extract`, the DeepKKT optimisation.
+
 Candidates x_i (with targets y_i) and multipliers λ_i are optimised jointly under the DeepKKT
 objective of :mod:`dsv.kkt` while the teacher stays frozen and in eval mode. λ is optimised in units
 of a per-run scale s (λ_i = s·u_i, u_i initialised to 1), where s is the best *uniform* multiplier for
@@ -19,19 +23,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsv.baselines import SELECTOR_INPUTS, SELECTORS, random_select
-from dsv.certificate import scale_invariant_names
 from dsv.checks import at_least, one_of, positive
-from dsv.kkt import KKTConfig, kkt_objective, soft_cross_entropy, stationarity_params, weighted_grad_sum
-from dsv.lam import margins, per_sample_grads, solve_nnls
+from dsv.generate import GenerateConfig, generate_images, noise_start
+from dsv.kernel import (
+    LAM_SOLVERS,
+    entropy,
+    frozen,
+    margins,
+    per_sample_grads,
+    scale_invariant_names,
+    soft_cross_entropy,
+    solve_nnls,
+    stationarity_params,
+    target_classes,
+    uniform_lambda,
+)
+from dsv.kkt import KKTConfig, KKTTerms, kkt_objective
+from dsv.train import OPTIMIZERS, predict_logits
 
 DUALS = ("drop", "clamp", "softplus")
-LAM_SOLVERS = ("adam", "nnls")
 KEEP_BY = ("support", "lambda")
 # Real images picked by a core-set selector of dsv.baselines that works on the teacher's features (and logits);
 # "random" is not among them: "nshot" is that draw.
 SELECTOR_INITS: tuple[str, ...] = ("herding", "kcenter", "kkt_herding")
 INITS: tuple[str, ...] = ("nshot", "0shot", "noise", *SELECTOR_INITS)
-OPTIMIZERS = ("adam", "sgd")
+# Inits that use no real image of the task: the generator warm-up applies to them.
+TEACHER_ONLY: tuple[str, ...] = ("0shot", "noise")
 
 
 @dataclass(frozen=True)
@@ -42,14 +59,14 @@ class ExtractConfig:
         steps: optimisation steps. Unreported in the paper.
         lr_x: learning rate of the candidates (normalised input units). Unreported; draft notes say 1e-3.
         lr_lam: learning rate of λ, relative to its scale s (see module docstring). Draft notes say 0.1
-            (absolute); relative 1.0 lets λ grow to the ~30x its initial scale that the measured runs
-            needed within 150 steps (at 0.1 the stationarity residual had barely moved).
+            (absolute); relative 1.0 lets λ grow far beyond its initial scale within the step budget, as the
+            stationarity term needs (at 0.1 its residual barely moves).
         optimizer: "adam" or "sgd" (momentum 0.9) for both x and λ. Unreported; Adam chosen.
         lam_init: initial λ for every candidate; None = the best uniform λ for the initial candidates.
         dual: how λ ≥ 0 is enforced. "drop" = the paper's Algorithm 1 (a candidate whose λ turns
             negative is discarded); "clamp" (λ projected to 0, candidate kept; the shipped default, a
-            deviation: on Fashion-MNIST IPC 10 the paper's rules kept 21/100 candidates and their
-            students scored 47.98% vs 71.98%, benchmarks/results/ablation-fashion_mnist.md) and "softplus" (λ = softplus(ρ), also a deviation).
+            deviation: the paper's rules drop most candidates, and students of the survivors score far lower,
+            benchmarks/results/ablation-fashion_mnist.md) and "softplus" (λ = softplus(ρ), also a deviation).
         lam_solver: "adam" (λ = s·u optimised jointly with x by ``optimizer``, with ``lr_lam``; the dual
             rule applies) or "nnls" (every ``lam_every`` steps λ is set to the exact solution of the
             non-negative least-squares problem min_{λ≥0} ‖θ* + Σ_i λ_i ∇_θ L_i‖² for the current
@@ -163,22 +180,6 @@ class DSVResult:
     dual: str
 
 
-def entropy_of(logits: Tensor) -> Tensor:
-    """Prediction entropy in nats of (K, C) logits, (K,)."""
-    logp = F.log_softmax(logits, dim=1)
-    return -(logp.exp() * logp).sum(dim=1)
-
-
-def soft_targets(class_a: int, class_b: int, delta: float, num_classes: int) -> Tensor:
-    """y = (1 − δ)·onehot(a) + δ·onehot(b) (paper §5.4; δ = 0.6 in the paper). Shape (C,)."""
-    if not 0.0 <= delta <= 1.0:
-        raise ValueError(f"delta must be in [0, 1], got {delta}")
-    y = torch.zeros(num_classes)
-    y[class_a] += 1.0 - delta
-    y[class_b] += delta
-    return y
-
-
 def init_candidates(
     kind: str,
     per_class: int,
@@ -241,47 +242,103 @@ def init_candidates(
     raise ValueError(f"init = {kind!r} is not one of {', '.join(INITS)}")
 
 
-def best_uniform_lambda(teacher: nn.Module, x: Tensor, y: Tensor, subset: str = "all") -> float:
-    """The scalar c minimising ‖θ* + c·Σ_i ∇_θ L_i‖² (closed form), floored at a tiny positive value.
+@dataclass(frozen=True)
+class Shard:
+    """One DeepKKT problem: a stratified slice of the candidates of init kind ``init`` at IPC ``ipc``, with about
+    ipc/shards candidates of every class (each shard is a complete problem and the shards' DSVs concatenate)."""
 
-    This is the λ every candidate would share if all had the same multiplier; it sets the scale of λ.
+    init: str
+    ipc: int
+    shard: int
+    shards: int
+
+    @property
+    def per_class(self) -> int:
+        """This shard's share of the IPC (the first ``ipc % shards`` shards take one more)."""
+        return self.ipc // self.shards + (1 if self.shard < self.ipc % self.shards else 0)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.init}_ipc{self.ipc}_shard{self.shard}"
+
+
+def shard_seed(base: int, *parts: int) -> int:
+    """A deterministic seed per (init, IPC, shard), independent of Python's hash randomisation."""
+    h = base
+    for p in parts:
+        h = (h * 1_000_003 + p) % (2**31 - 1)
+    return h
+
+
+def extract_shard(
+    teacher: nn.Module,
+    shard: Shard,
+    cfg: ExtractConfig,
+    num_classes: int,
+    in_shape: tuple[int, ...],
+    seed: int = 0,
+    *,
+    real: tuple[Tensor, Tensor] | None = None,
+    pool: Tensor | None = None,
+    bounds: tuple[Tensor, Tensor] | None = None,
+    warmup: GenerateConfig | None = None,
+    callback: Callable[[ExtractEvent], None] | None = None,
+) -> DSVResult:
+    """The DSVs of one shard: its candidates, warmed up (teacher-only inits) and optimised by :func:`extract`.
+
+    The candidates of one (init, IPC) are drawn at once (IPC·(1 + ``cfg.spare``) per class, seeded) and then
+    sliced, so the result does not depend on which process runs which shard. Real images are drawn as the
+    core-set selectors draw them (a generator seeded with ``seed``): "nshot" with ``seed`` = the random row's seed
+    starts from its images, and a selector init from that selector's picks. Teacher-only inits draw from
+    :func:`shard_seed` (seed, init, IPC) and, with ``warmup``, are first inverted with that generator recipe
+    (noise drawn at its coarsest grid, :func:`dsv.generate.noise_start`); images only.
+
+    Args:
+        teacher: the trained classifier (frozen).
+        shard: which problem.
+        cfg: the DeepKKT solver for this init kind.
+        num_classes, in_shape: C and one input's shape.
+        seed: the extraction seed.
+        real: (x, y) the normalised real training split, for "nshot" and the selector inits.
+        pool: (N, *in_shape) normalised images of another dataset, for "0shot".
+        bounds: per-channel (lo, hi) of the valid range in normalised space (see :func:`extract`).
+        warmup: the generator recipe of the teacher-only inits; None = DeepKKT from the raw starts.
+        callback: receives the DeepKKT progress.
+
+    Raises:
+        FloatingPointError: when the optimisation diverges; the message names the shard.
     """
-    params = stationarity_params(teacher, subset, x[:8])
-    losses = soft_cross_entropy(teacher(x), y)
-    g = weighted_grad_sum(teacher, params, losses, torch.ones_like(losses), create_graph=False)
-    num = -sum(float((p.detach() * gi).sum()) for p, gi in zip(params, g))
-    den = sum(float((gi * gi).sum()) for gi in g)
-    c = num / den if den > 0 else 0.0
-    if not math.isfinite(c) or c <= 0:
-        # Gradients point away from θ* on average: fall back to the weight-decay scale 1/K.
-        c = 1.0 / max(x.shape[0], 1)
-    return c
-
-
-class _FrozenTeacher:
-    """Context: teacher in eval mode with grads enabled on θ; restores both on exit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self.training = self.model.training
-        self.flags = [p.requires_grad for p in self.model.parameters()]
-        self.model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(True)
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.training)
-        for p, f in zip(self.model.parameters(), self.flags):
-            p.requires_grad_(f)
-
-
-def _optimizer(params: list[dict], name: str) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(params)
-    return torch.optim.SGD(params, momentum=0.9)
+    device = next(teacher.parameters()).device
+    real_x, real_y = real if real is not None else (None, None)
+    kinds = [Shard(shard.init, shard.ipc, s, shard.shards) for s in range(shard.shards)]
+    widths = [math.ceil(k.per_class * (1.0 + cfg.spare)) for k in kinds]
+    total = sum(widths)
+    kind = INITS.index(shard.init) if shard.init in INITS else -1  # init_candidates names an unknown kind
+    g = torch.Generator().manual_seed(shard_seed(seed, kind, shard.ipc) if shard.init in TEACHER_ONLY else seed)
+    features = logits = None
+    if shard.init in SELECTOR_INITS and real_x is not None:  # the teacher's view of the real images
+        needs = SELECTOR_INPUTS[shard.init]
+        features = predict_logits(teacher, real_x, batch_size=256, embed=True) if "features" in needs else None
+        logits = predict_logits(teacher, real_x) if "logits" in needs else None
+    warm = warmup if shard.init in TEACHER_ONLY and len(in_shape) == 3 else None
+    if shard.init == "noise" and warm is not None:
+        y0 = torch.arange(num_classes).repeat_interleave(total)
+        x0 = noise_start(y0.numel(), in_shape, warm, g)
+    else:
+        x0, y0 = init_candidates(shard.init, total, num_classes, in_shape, g, real_x, real_y, pool, features, logits)
+    start = sum(widths[: shard.shard])
+    keep = torch.cat([torch.arange(k * total + start, k * total + start + widths[shard.shard])
+                      for k in range(num_classes)])
+    x0, y0 = x0[keep], y0[keep]
+    run_seed = shard_seed(seed, kind, shard.ipc, shard.shard)
+    if warm is not None:
+        x0 = generate_images(teacher, x0.to(device), y0.to(device), warm, seed=run_seed, pixel_bounds=bounds).x
+    try:
+        return extract(teacher, x0.to(device), y0.to(device), cfg, seed=run_seed, callback=callback,
+                       pixel_bounds=bounds, keep_per_class=shard.per_class)
+    except FloatingPointError as exc:  # the step and the last finite loss are named; the user needs the problem too
+        raise FloatingPointError(f"extract shard {shard.shard + 1}/{shard.shards} (init {shard.init}, IPC "
+                                 f"{shard.ipc}, {shard.per_class} per class) diverged: {exc}") from exc
 
 
 def extract(
@@ -328,7 +385,7 @@ def extract(
     g = torch.Generator().manual_seed(seed)
     k = x0.shape[0]
     nnls = cfg.lam_solver == "nnls"
-    with _FrozenTeacher(teacher) as model:
+    with frozen(teacher, grad=True) as model:
         x = x0.detach().clone().to(device=device, dtype=next(teacher.parameters()).dtype).requires_grad_(True)
         params = stationarity_params(model, cfg.kkt.param_subset, x.detach()[:8])
         if cfg.kkt.param_subset == "all":
@@ -338,12 +395,12 @@ def extract(
             with torch.no_grad():
                 num_classes = int(model(x.detach()[:1]).shape[1])
             y = _mixed_targets(y0, cfg.target_mix, g, num_classes).to(device)
-        scale = cfg.lam_init if cfg.lam_init is not None else best_uniform_lambda(model, x.detach(), y, cfg.kkt.param_subset)
+        scale = cfg.lam_init if cfg.lam_init is not None else uniform_lambda(model, x.detach(), y, cfg.kkt.param_subset)
         # u parameterises λ = scale·u (drop/clamp/nnls) or λ = scale·softplus(u) (softplus).
         u0 = 1.0 if cfg.dual != "softplus" or nnls else math.log(math.e - 1.0)
         u = torch.full((k,), u0, device=device, dtype=x.dtype, requires_grad=True)
         groups = [{"params": [x], "lr": cfg.lr_x}] + ([] if nnls else [{"params": [u], "lr": cfg.lr_lam}])
-        opt = _optimizer(groups, cfg.optimizer)
+        opt = torch.optim.Adam(groups) if cfg.optimizer == "adam" else torch.optim.SGD(groups, momentum=0.9)
         alive = torch.ones(k, dtype=torch.bool, device=device)
         lo = hi = None
         if cfg.clamp_pixels and pixel_bounds is not None:
@@ -431,7 +488,7 @@ def extract(
                 y=y0[idx.cpu()].clone(),
                 lam=lam_all[idx].cpu(),
                 probs=F.softmax(logits, dim=1).cpu(),
-                entropy=entropy_of(logits).cpu(),
+                entropy=entropy(logits).cpu(),
                 support=support[idx].cpu(),
                 margin=margin_all[idx].cpu(),
                 source_index=idx.cpu(),
@@ -524,9 +581,7 @@ def _last_finite(loss: float) -> str:
     return f"last finite loss {loss:.6g}" if math.isfinite(loss) else "no finite loss was logged before it"
 
 
-def _trace_row(step: int, terms, y: Tensor, lam: Tensor) -> dict[str, float]:  # noqa: ANN001
-    from dsv.kkt import target_classes
-
+def _trace_row(step: int, terms: KKTTerms, y: Tensor, lam: Tensor) -> dict[str, float]:
     logits = terms.logits
     return {
         "step": float(step),
@@ -537,7 +592,7 @@ def _trace_row(step: int, terms, y: Tensor, lam: Tensor) -> dict[str, float]:  #
         "primal_aug": float(terms.primal_aug),
         "tv": float(terms.tv),
         "norm": float(terms.norm),
-        "entropy": float(entropy_of(logits).mean()),
+        "entropy": float(entropy(logits).mean()),
         "acc_target": float((logits.argmax(1) == target_classes(y)).float().mean()),
         "survivors": float(lam.numel()),
         "lam_mean": float(lam.detach().mean()),

@@ -7,56 +7,46 @@ them a (soft) target y = (1 − δ)·y_a + δ·y_b, under the recipe the authors
 - **coarse-to-fine**: x is parameterised at 1/2^``levels`` of the input side; after each equal share
   of the steps the parameter is upsampled ×2 (bilinear) and optimisation continues at the finer grid, so
   the coarse structure is fixed before any pixel-level detail can be;
-- **augmented views**: each step scores ``views`` randomly jittered (translate), flipped, cut-out and
+- **augmented views**: each step scores ``views`` randomly jittered (translate), cut-out and
   noised copies of x (all ops chained, per-sample draws), never x itself, so only patterns that survive
   those transforms lower the loss;
 - **priors** on the un-augmented x: total variation and squared norm, both *means over pixels* (so one
   weight works for any image size; the paper's β2 = 40 and β3 = 1e-6 multiply sums over a 224² ImageNet
-  image and do not transfer). The defaults were measured on Fashion-MNIST and digits with an independent
-  judge (benchmarks/results/generate-*.md): TV is off (any weight cost judge accuracy on digits and none helped
-  on Fashion-MNIST), one augmented view per step (four were no better on Fashion-MNIST at 4× the cost);
+  image and do not transfer). The defaults were chosen with an independent judge on Fashion-MNIST and digits
+  (benchmarks/results/generate-*.md): TV is off (it cost judge accuracy on digits and helped nowhere), one
+  augmented view per step (more were no better, at proportionally more cost);
 - **feature statistics** (DeepInversion): for teachers with BatchNorm layers, the batch mean and variance
   of every BN layer's input are pulled to its running statistics (``beta_bn``; a no-op without BN);
 - **stationarity** (optional, ``beta_stat``): the DeepKKT term L_stat of :mod:`dsv.kkt` with λ fitted
   jointly (λ = s·u, u ≥ 0, s = the best uniform multiplier), as in :func:`dsv.extract.extract`.
 
 :func:`generate_images` is the one optimiser; :func:`sample`, :func:`interpolate` and :func:`edit_images`
-are its three uses. Independent quality measures (a judge and a Fréchet distance) are in :mod:`dsv.judge`.
+are its three uses, and :func:`showcase` makes all three with one recipe. Independent quality measures (a judge and a Fréchet distance) are in :mod:`dsv.judge`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsv.augment import AugmentConfig, augment
+from dsv.augment import augment, parse_augment
 from dsv.checks import at_least, one_of
-from dsv.kkt import (
+from dsv.kernel import (
     PARAM_SUBSETS,
-    capture_features,
-    norm_loss,
-    repulsion,
+    frozen,
     soft_cross_entropy,
     stationarity_distance,
     stationarity_params,
-    tv_loss,
+    target_classes,
+    uniform_lambda,
     weighted_grad_sum,
 )
-
-GENERATE_OPS = ("translate", "cutout", "noise")
-
-
-def generation_augment() -> AugmentConfig:
-    """The augmented views of generation: the paper's ImageNet-generation ops, chained (translate 0.125, cutout
-    0.15, noise 0.01), per image. Left out: crop (at 28 px a 0.8 crop removes the garment's outline) and the
-    paper's flip: an image optimised under random flips becomes mirror-symmetric (a sandal pointing both ways, a
-    digit and its mirror image), and classes have an orientation (benchmarks/results/diversity-*.md)."""
-    return AugmentConfig(ops=GENERATE_OPS, one_per_call=False, per_sample=True)
+from dsv.kkt import capture_features, norm_loss, repulsion, tv_loss
 
 
 @dataclass(frozen=True)
@@ -67,13 +57,16 @@ class GenerateConfig:
         steps: optimisation steps in total, split equally over the ``levels + 1`` resolutions.
         levels: coarse-to-fine halvings: x starts at side/2^levels and is upsampled ×2 after each share of
             the steps (the authors' recipe: "downscaled the image two times first"). 0 = optimise at full
-            resolution from the start (what editing uses). Measured: on 28 px Fashion-MNIST, levels 0 gave
-            26% judge accuracy against 83% for 2 (benchmarks/results/generate-fashion_mnist.md).
+            resolution from the start (what editing uses), which leaves samples the judge recognises far less
+            often (benchmarks/results/generate-fashion_mnist.md).
         min_side: no level is coarser than this many pixels (a halving that would go below is skipped): on
-            8 px digits a 4 px start cost 8 points of judge accuracy against none.
+            8 px digits a 4 px start costs judge accuracy.
         lr: Adam learning rate of x (normalised input units).
         views: augmented copies of x scored per step (their losses averaged).
-        augment: the augmentation of the views (default :func:`generation_augment`).
+        augment: the augmentation of the views (:func:`dsv.augment.parse_augment`); "generate" chains the paper's
+            ImageNet-generation ops (translate 0.125, cutout 0.15, noise 0.01) with per-image draws. Left out:
+            crop (at 28 px a 0.8 crop removes the garment's outline) and the paper's flip (an image optimised under
+            random flips becomes mirror-symmetric, a sandal pointing both ways; classes have an orientation).
         beta_tv: weight of the total-variation prior (mean absolute neighbour difference).
         beta_norm: weight of the squared-norm prior (mean squared value of x in normalised units).
         beta_bn: weight of the BatchNorm feature-statistics prior (0 or a teacher without BN: off).
@@ -81,8 +74,6 @@ class GenerateConfig:
         beta_repel: weight of the within-class repulsion of the teacher's features (:func:`dsv.kkt.repulsion`):
             the images of one class are pushed apart so they do not all become the class's one mode. 0 = off
             (the default 0.05 was chosen on Fashion-MNIST and digits, benchmarks/results/diversity-*.md).
-        target_mix: per-sample targets for :func:`sample`: each image's class c is optimised as
-            (1 − δ)·e_c + δ·e_{c'}, δ ~ U(0, ``target_mix``), c' a random other class. 0 = off.
         param_subset: θ of the stationarity term ("last", "free", "all": :func:`dsv.kkt.stationarity_params`).
         lr_lam: Adam learning rate of u (λ = s·u) when ``beta_stat`` > 0.
         clamp_pixels: keep x inside the valid pixel range after every step.
@@ -94,13 +85,12 @@ class GenerateConfig:
     min_side: int = 7
     lr: float = 0.1
     views: int = 1
-    augment: AugmentConfig = field(default_factory=generation_augment)
+    augment: str = "generate"
     beta_tv: float = 0.0
     beta_norm: float = 0.01
     beta_bn: float = 0.01
     beta_stat: float = 0.0
     beta_repel: float = 0.05
-    target_mix: float = 0.0
     param_subset: str = "last"
     lr_lam: float = 0.1
     clamp_pixels: bool = True
@@ -113,8 +103,7 @@ class GenerateConfig:
         for key in ("lr", "lr_lam"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        if not 0.0 <= self.target_mix < 0.5:
-            raise ValueError(f"target_mix must be in [0, 0.5), got {self.target_mix}")
+        parse_augment(self.augment)
         for key in ("beta_tv", "beta_norm", "beta_bn", "beta_stat", "beta_repel"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
@@ -138,12 +127,16 @@ class Generated:
 
 
 class _BNStats:
-    """Forward hooks on every BatchNorm layer collecting ‖μ_batch − μ_run‖ + ‖σ²_batch − σ²_run‖ (DeepInversion)."""
+    """Context: forward hooks on every BatchNorm layer (when ``on``) collecting ‖μ_batch − μ_run‖ + ‖σ²_batch −
+    σ²_run‖ (DeepInversion); false when it has none."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, on: bool) -> None:
         self.terms: list[Tensor] = []
         self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
-                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+                        if on and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+
+    def __enter__(self) -> _BNStats:
+        return self
 
     def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
         x = inputs[0]
@@ -160,7 +153,7 @@ class _BNStats:
     def __bool__(self) -> bool:
         return bool(self.handles)
 
-    def close(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
 
@@ -195,10 +188,6 @@ def _resize(z: Tensor, side: tuple[int, int]) -> Tensor:
     if tuple(z.shape[-2:]) == tuple(side):
         return z
     return F.interpolate(z, size=side, mode="bilinear", align_corners=False)
-
-
-def _hard(y: Tensor) -> Tensor:
-    return y.argmax(1) if y.dim() == 2 else y
 
 
 def generate_images(
@@ -236,17 +225,8 @@ def generate_images(
     dtype = next(teacher.parameters()).dtype
     g = torch.Generator().manual_seed(seed)
     y = y.to(device)
-    hard = _hard(y)
-    was_training = teacher.training
-    flags = [p.requires_grad for p in teacher.parameters()]
-    teacher.eval()
+    hard = target_classes(y)
     stat_on = cfg.beta_stat > 0
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    params = stationarity_params(teacher, cfg.param_subset, x0[:8].to(device, dtype)) if stat_on else []
-    for p in params:
-        p.requires_grad_(True)
-    bn = _BNStats(teacher) if cfg.beta_bn > 0 else None
     lo = hi = None
     if cfg.clamp_pixels and pixel_bounds is not None:
         lo = pixel_bounds[0].to(device, dtype).view(1, -1, 1, 1)
@@ -257,13 +237,14 @@ def generate_images(
     trace: list[dict[str, float]] = []
     u = torch.ones(x0.shape[0], device=device, dtype=dtype, requires_grad=True)
     scale = 1.0
-    try:
+    with frozen(teacher, grad=False), _BNStats(teacher, cfg.beta_bn > 0) as bn:
+        params = stationarity_params(teacher, cfg.param_subset, x0[:8].to(device, dtype)) if stat_on else []
+        for p in params:
+            p.requires_grad_(True)
         z = F.interpolate(x0.to(device, dtype), size=sides[0], mode="area") if sides[0] != full else x0.to(device, dtype)
         z = z.detach().clone()
         if stat_on:
-            from dsv.extract import best_uniform_lambda
-
-            scale = best_uniform_lambda(teacher, x0.to(device, dtype), y, cfg.param_subset)
+            scale = uniform_lambda(teacher, x0.to(device, dtype), y, cfg.param_subset)
         step = 0
         for level, (side, share) in enumerate(zip(sides, shares)):
             z = _resize(z, side).detach().requires_grad_(True)
@@ -293,7 +274,7 @@ def generate_images(
                     losses = soft_cross_entropy(teacher(x), y)
                     if bn:
                         bn.take(x)  # the un-augmented pass is not part of the BN prior
-                    s = weighted_grad_sum(teacher, params, losses, scale * u, create_graph=True)
+                    s = weighted_grad_sum(params, losses, scale * u, create_graph=True)
                     stat = stationarity_distance(params, s, "l1")
                     total = total + cfg.beta_stat * stat
                 last = level == len(sides) - 1 and i == share
@@ -339,12 +320,6 @@ def generate_images(
         with torch.no_grad():
             x = _resize(z.detach(), full)
             probs = F.softmax(teacher(x), dim=1)
-    finally:
-        if bn is not None:
-            bn.close()
-        teacher.train(was_training)
-        for p, f in zip(teacher.parameters(), flags):
-            p.requires_grad_(f)
     return Generated(x=x.cpu(), y=y.cpu(), probs=probs.cpu(), trace=trace)
 
 
@@ -359,22 +334,36 @@ def sample(
     x0: Tensor | None = None,
     noise_std: float = 1.0,
     callback: Callable[[dict[str, float]], None] | None = None,
+    target_mix: float = 0.0,
 ) -> Generated:
     """``per_class`` images of every class (class 0 first), from noise of std ``noise_std`` on the coarsest grid
-    (:func:`noise_start`) or from ``x0`` (e.g. natural-image crops)."""
+    (:func:`noise_start`) or from ``x0`` (e.g. natural-image crops). With ``target_mix`` > 0 each image's class c is
+    optimised as (1 − δ)·e_c + δ·e_{c'}, δ ~ U(0, ``target_mix``) (< 0.5), c' a random other class."""
+    if not 0.0 <= target_mix < 0.5:
+        raise ValueError(f"target_mix must be in [0, 0.5), got {target_mix}")
     y = torch.arange(num_classes).repeat_interleave(per_class)
     g = torch.Generator().manual_seed(seed)
     if x0 is None:
         x0 = noise_start(y.numel(), in_shape, cfg, g, noise_std)
     target = y
-    if cfg.target_mix > 0:
-        delta = torch.rand(y.numel(), generator=g) * cfg.target_mix
+    if target_mix > 0:
+        delta = torch.rand(y.numel(), generator=g) * target_mix
         other = (y + torch.randint(1, num_classes, (y.numel(),), generator=g)) % num_classes
         eye = torch.eye(num_classes)
         target = (1 - delta)[:, None] * eye[y] + delta[:, None] * eye[other]
     out = generate_images(teacher, x0, target, cfg, seed, pixel_bounds, callback)
     out.y = y  # the class each image is of (the mixed targets only steered the optimisation)
     return out
+
+
+def soft_targets(class_a: int, class_b: int, delta: float, num_classes: int) -> Tensor:
+    """y = (1 − δ)·onehot(a) + δ·onehot(b) (paper §5.4; δ = 0.6 in the paper). Shape (C,)."""
+    if not 0.0 <= delta <= 1.0:
+        raise ValueError(f"delta must be in [0, 1], got {delta}")
+    y = torch.zeros(num_classes)
+    y[class_a] += 1.0 - delta
+    y[class_b] += delta
+    return y
 
 
 def interpolate(
@@ -394,8 +383,6 @@ def interpolate(
     Returns:
         (generated, pair index (K,), δ (K,)), strips in ``pairs`` order, δ ascending within a strip.
     """
-    from dsv.extract import soft_targets
-
     gen = torch.Generator().manual_seed(seed)
     starts = noise_start(len(pairs), in_shape, cfg, gen, noise_std)
     x0 = starts.repeat_interleave(len(deltas), dim=0)
@@ -419,3 +406,76 @@ def edit_images(
     teacher gives its target ``confidence`` (the smallest edit that convinces it; at most ``cfg.steps``)."""
     return generate_images(teacher, images, targets, replace(cfg, levels=0), seed, pixel_bounds,
                            stop_conf=confidence)
+
+
+@dataclass
+class Showcase:
+    """What :func:`showcase` makes.
+
+    Attributes:
+        samples: ``per_class`` images of every class, class 0 first.
+        strips: the interpolation strips, in pair order, δ ascending within a strip.
+        pair, delta: (K,) the strip and δ of each strip image.
+        edits: the edited images (None when there are none); ``edit_index`` (into the test split) and
+            ``edit_to`` (their targets, the next class) say which.
+    """
+
+    samples: Generated
+    strips: Generated
+    pair: Tensor
+    delta: Tensor
+    edits: Generated | None
+    edit_index: Tensor
+    edit_to: Tensor
+
+
+def class_pairs(pairs: Sequence[Sequence[int]] | None, num_classes: int) -> list[tuple[int, int]]:
+    """The strips' class pairs: ``pairs``, or when None (0, 1), (2, 3), (4, 5) (as many as the classes allow)."""
+    if pairs is not None:
+        return [(int(a), int(b)) for a, b in pairs]
+    return [(a, a + 1) for a in range(0, min(num_classes - 1, 6), 2)]
+
+
+def edit_choice(y_test: Tensor, n: int, num_classes: int) -> tuple[Tensor, Tensor]:
+    """The images to edit: the first test image of classes 0, 1, ... (cycling; the k-th image of a class on the k-th
+    lap), ``n`` in all (fewer when a class runs out), and each one's target, the next class (c + 1 mod C)."""
+    idx, to = [], []
+    per_class = [(y_test == k).nonzero(as_tuple=True)[0] for k in range(num_classes)]
+    for i in range(n):
+        k, lap = i % num_classes, i // num_classes
+        if lap < per_class[k].numel():
+            idx.append(int(per_class[k][lap]))
+            to.append((k + 1) % num_classes)
+    return torch.tensor(idx, dtype=torch.long), torch.tensor(to, dtype=torch.long)
+
+
+def showcase(
+    teacher: nn.Module,
+    num_classes: int,
+    in_shape: tuple[int, ...],
+    cfg: GenerateConfig,
+    test: tuple[Tensor, Tensor],
+    *,
+    per_class: int,
+    pairs: Sequence[Sequence[int]] | None,
+    deltas: Sequence[float],
+    edits: int,
+    seed: int = 0,
+    pixel_bounds: tuple[Tensor, Tensor] | None = None,
+    x0: Tensor | None = None,
+    noise_std: float = 1.0,
+    target_mix: float = 0.0,
+    callback: Callable[[dict[str, float]], None] | None = None,
+) -> Showcase:
+    """The teacher as a generator (paper §5.4), one recipe for all: ``per_class`` samples of every class (:func:`sample`
+    from noise, or from ``x0``; seed ``seed``), one interpolation strip per class pair (:func:`class_pairs`,
+    :func:`interpolate`; seed + 1) and ``edits`` real test images (``test`` = (x, y), :func:`edit_choice`) pushed to
+    the next class (:func:`edit_images`; seed + 2). ``callback`` receives the samples' trace rows."""
+    samples = sample(teacher, per_class, num_classes, in_shape, cfg, seed=seed, pixel_bounds=pixel_bounds, x0=x0,
+                     noise_std=noise_std, callback=callback, target_mix=target_mix)
+    strips, pair, delta = interpolate(teacher, class_pairs(pairs, num_classes), list(deltas), num_classes, in_shape,
+                                      cfg, seed=seed + 1, pixel_bounds=pixel_bounds, noise_std=noise_std)
+    index, to = edit_choice(test[1], edits, num_classes)
+    edited = edit_images(teacher, test[0][index], to, cfg, seed=seed + 2, pixel_bounds=pixel_bounds) if len(index) \
+        else None
+    return Showcase(samples, strips, pair, delta, edited, index, to)

@@ -31,19 +31,27 @@ from __future__ import annotations
 import copy
 import math
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from dsv.augment import AugmentConfig, augment
-from dsv.certificate import final_linear, scale_invariant_names
-from dsv.train import soft_cross_entropy
+from dsv.augment import augment, parse_augment
+from dsv.checks import one_of
+from dsv.kernel import (
+    DISTANCES,
+    PARAM_SUBSETS,
+    frozen,
+    relative_residual,
+    soft_cross_entropy,
+    stationarity_distance,
+    stationarity_params,
+    target_classes,
+    weighted_grad_sum,
+)
+from dsv.models import final_linear
 
-DISTANCES = ("l1", "l2")
 PRIMALS = ("gated", "ungated")
-PARAM_SUBSETS = ("all", "last", "free")
 IMPLS = ("auto", "fast", "reference")
 # Peak bytes of a one-shot DeepKKT step per candidate ≈ this factor × the float bytes of one candidate's
 # forward activations (the double-backward graph keeps several copies of every activation). Calibrated
@@ -69,9 +77,9 @@ class KKTConfig:
         param_subset: parameters θ the stationarity condition is imposed on: "all" (the paper's Eq. 8),
             "last" (final linear layer only, found by structure; the paper inverts a model whose last
             layer was retrained) or "free" (all but the parameters a following instance/group norm
-            makes scale-invariant, for which no λ can satisfy stationarity: see dsv.certificate). Default "last", a measured deviation: on a Fashion-MNIST ConvNet teacher the
-            relative stationarity residual stayed at 0.998 after 200 steps with "all" (the term never
-            acts) and fell 0.997 -> 0.756 with "last" (benchmarks/results/ablation-fashion_mnist.md).
+            makes scale-invariant, for which no λ can satisfy stationarity: see dsv.certificate). Default "last", a
+            deviation: with "all" the relative stationarity residual of a ConvNet teacher stays where it started
+            (the term never acts), with "last" it falls (benchmarks/results/ablation-fashion_mnist.md).
         beta_stat: weight of L_stat (1 = the paper). 0 removes the stationarity term from the candidates'
             objective (the ablation "without L_stat"; λ is still fitted and reported).
         primal: "gated" (default, Eq. 7: zero loss for candidates already classified as their target)
@@ -83,11 +91,12 @@ class KKTConfig:
             start without real images: without it the candidates of a class settle on one mode). 0 = off.
         eta_stat: η_s, weight of the stationarity term on the augmented candidates A(x). Paper: η = 5.
         eta_primal: η_p, weight of the primal term on A(x). Paper: η = 5.
-        augment: the augmentation A; paper: translate 0.125, crop 0.2, flip 0.5, noise (0.01 likely).
+        augment: the augmentation A (:func:`dsv.augment.parse_augment`); "kkt" is the paper's: one of translate
+            0.125, crop 0.2, flip 0.5, noise (0.01 likely) per step.
         impl: "fast" (norms as primitive ops, see module docstring), "reference" (the plain model) or
             "auto" (default: "fast" when θ is all parameters, "reference" for the last layer, where no
-            second derivative goes through a norm and the fused kernels win: measured ConvNet-3 w64,
-            K=100, ratio to a training step 2.58 reference vs 3.74 fast). Same function, same gradients.
+            second derivative goes through a norm and the fused kernels win: benchmarks/results/perf.md). Same
+            function, same gradients.
         chunk_size: candidates per chunk of the memory-bounded exact path; 0 = decide from
             ``memory_budget_mb`` (all at once when that is 0 too).
         memory_budget_mb: peak memory allowed for the step's graph, in MiB; 0 = unlimited. Used only when
@@ -104,102 +113,20 @@ class KKTConfig:
     beta_repel: float = 0.0
     eta_stat: float = 5.0
     eta_primal: float = 5.0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: str = "kkt"
     impl: str = "auto"
     chunk_size: int = 0
     memory_budget_mb: float = 0.0
 
     def __post_init__(self) -> None:
-        for key, val, allowed in (
-            ("impl", self.impl, IMPLS),
-            ("distance", self.distance, DISTANCES),
-            ("primal", self.primal, PRIMALS),
-            ("param_subset", self.param_subset, PARAM_SUBSETS),
-        ):
-            if val not in allowed:
-                raise ValueError(f"{key} = {val!r} is not one of {', '.join(allowed)}")
-        for key in ("beta_stat", "beta_primal", "beta_tv", "beta_norm", "beta_repel", "eta_stat", "eta_primal", "chunk_size", "memory_budget_mb"):
+        for key, allowed in (("impl", IMPLS), ("distance", DISTANCES), ("primal", PRIMALS),
+                             ("param_subset", PARAM_SUBSETS)):
+            one_of(key, getattr(self, key), allowed)
+        for key in ("beta_stat", "beta_primal", "beta_tv", "beta_norm", "beta_repel", "eta_stat", "eta_primal",
+                    "chunk_size", "memory_budget_mb"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-
-
-def stationarity_params(model: nn.Module, subset: str = "all", example: Tensor | None = None) -> list[nn.Parameter]:
-    """The parameters θ the stationarity condition is imposed on.
-
-    Args:
-        model: the teacher.
-        subset: "all"; "last" (the final linear layer, found by structure: the last ``nn.Linear``); or
-            "free" (every parameter except those a following instance/group norm makes scale-invariant,
-            found numerically by :func:`dsv.certificate.scale_invariant_names`; needs ``example``).
-        example: (B, ...) a few inputs, for "free".
-    """
-    if subset == "last":
-        _, layer = final_linear(model)
-        return [p for p in layer.parameters()]
-    if subset == "free":
-        if example is None:
-            raise ValueError("param_subset='free' needs example inputs to find the scale-invariant parameters")
-        skip = set(scale_invariant_names(model, example))
-        return [p for n, p in model.named_parameters() if n not in skip]
-    if subset != "all":
-        raise ValueError(f"param_subset = {subset!r} is not one of {', '.join(PARAM_SUBSETS)}")
-    return [p for _, p in model.named_parameters()]
-
-
-class eval_mode:  # noqa: N801 (a context manager used like a function)
-    """Context: the model in eval mode (BatchNorm uses, never updates, its running statistics); restored after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self.was = self.model.training
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was)
-
-
-def weighted_grad_sum(
-    model: nn.Module, params: list[nn.Parameter], losses: Tensor, lam: Tensor, create_graph: bool
-) -> list[Tensor]:
-    """Σ_i λ_i ∇_θ L_i as one weighted backward: ∇_θ (Σ_i λ_i L_i).
-
-    Args:
-        model: the teacher (unused except for documentation of where ``losses`` came from).
-        params: θ, the parameters to differentiate.
-        losses: (K,) per-candidate losses L_i, in the graph of ``params``.
-        lam: (K,) multipliers λ_i.
-        create_graph: keep the graph so the result can be differentiated again (w.r.t. x and λ).
-
-    Returns:
-        One tensor per parameter, shaped like it.
-    """
-    del model
-    return list(torch.autograd.grad((lam * losses).sum(), params, create_graph=create_graph))
-
-
-def stationarity_distance(theta: Sequence[Tensor], grad_sum: Sequence[Tensor], distance: str = "l1") -> Tensor:
-    """D(θ*, −Σλ∇L) of Eq. 8, averaged over all parameter entries.
-
-    The residual is r = θ* + Σ_i λ_i ∇_θ L_i; "l1" returns mean |r|, "l2" returns mean r².
-    """
-    total = sum(t.numel() for t in theta)
-    acc = theta[0].new_zeros(())
-    for t, s in zip(theta, grad_sum):
-        r = t.detach() + s
-        acc = acc + (r.abs().sum() if distance == "l1" else (r * r).sum())
-    return acc / total
-
-
-def relative_residual(theta: Sequence[Tensor], grad_sum: Sequence[Tensor]) -> Tensor:
-    """‖θ* + Σ_i λ_i ∇_θ L_i‖₂ / ‖θ*‖₂, detached: the stationarity residual in the one unit every table and
-    trace reports (whatever distance the objective uses). 1 = the candidates explain none of θ*; 0 = exact."""
-    with torch.no_grad():  # tensors only: no host sync inside an optimisation loop
-        num = torch.stack([(t + s).pow(2).sum() for t, s in zip(theta, grad_sum)]).sum()
-        den = torch.stack([t.pow(2).sum() for t in theta]).sum()
-        return (num / den.clamp_min(1e-30)).sqrt()
+        parse_augment(self.augment)
 
 
 def stationarity_loss(
@@ -215,7 +142,7 @@ def stationarity_loss(
         distance: "l1" or "l2".
         subset: "all" or "last".
     """
-    with eval_mode(model):
+    with frozen(model):
         params, s = _params_and_grad_sum(model, x, y, lam, subset, create_graph=True)
         return stationarity_distance(params, s, distance)
 
@@ -225,12 +152,7 @@ def _params_and_grad_sum(model: nn.Module, x: Tensor, y: Tensor, lam: Tensor, su
     """θ (the ``subset``) and Σ_i λ_i ∇_θ L_i at candidates x (the opening of every stationarity evaluation)."""
     params = stationarity_params(model, subset, x.detach())
     losses = soft_cross_entropy(model(x), y)
-    return params, weighted_grad_sum(model, params, losses, lam, create_graph)
-
-
-def target_classes(y: Tensor) -> Tensor:
-    """Hard class of each target: y itself for (K,) labels, argmax for (K, C) soft labels."""
-    return y if y.dim() == 1 else y.argmax(dim=1)
+    return params, weighted_grad_sum(params, losses, lam, create_graph)
 
 
 def primal_loss(logits: Tensor, y: Tensor, gated: bool = True) -> Tensor:
@@ -379,7 +301,7 @@ def _kkt_one_shot(
     gated = cfg.primal == "gated"
 
     def stationarity(logits: Tensor) -> tuple[Tensor, list[Tensor]]:
-        s = weighted_grad_sum(net, params, soft_cross_entropy(logits, y), lam, create_graph=True)
+        s = weighted_grad_sum(params, soft_cross_entropy(logits, y), lam, create_graph=True)
         return stationarity_distance(params, s, cfg.distance), s
 
     zero = x.new_zeros(())
@@ -461,7 +383,7 @@ def _kkt_chunked(
             logits = net(inputs[a:b])
             if w_stat > 0:
                 losses = soft_cross_entropy(logits, y[a:b])
-                for acc, gp in zip(s_full, weighted_grad_sum(net, params, losses, lam_d[a:b], create_graph=False)):
+                for acc, gp in zip(s_full, weighted_grad_sum(params, losses, lam_d[a:b], create_graph=False)):
                     acc.add_(gp)
             logits_parts.append(logits.detach())
         logits_all = torch.cat(logits_parts)
@@ -489,7 +411,7 @@ def _kkt_chunked(
             obj = zero
             if gdir is not None:
                 losses = soft_cross_entropy(logits, y[a:b])
-                s = weighted_grad_sum(net, params, losses, li, create_graph=True)
+                s = weighted_grad_sum(params, losses, li, create_graph=True)
                 obj = torch.stack([(gp * sp).sum() for gp, sp in zip(gdir, s)]).sum()
             if cfg.beta_primal > 0 and w_primal > 0:
                 obj = obj + (w_primal * cfg.beta_primal * (b - a) / k) * primal_loss(logits, y[a:b], gated)
@@ -658,6 +580,6 @@ def stationarity_residual(model: nn.Module, x: Tensor, y: Tensor, lam: Tensor, s
     A value near 1 means the candidates' gradients explain almost none of θ*: the stationarity term has not
     found support vectors, whatever else the run reports. See :func:`relative_residual`.
     """
-    with eval_mode(model), torch.enable_grad():
+    with frozen(model), torch.enable_grad():
         params, s = _params_and_grad_sum(model, x, y, lam, subset, create_graph=False)
     return float(relative_residual(params, s))

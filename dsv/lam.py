@@ -19,14 +19,19 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
 from dsv.checks import at_least, one_of, positive
-from dsv.kkt import DISTANCES, PARAM_SUBSETS, stationarity_params
-from dsv.kkt import relative_residual as kkt_relative_residual
-from dsv.train import soft_cross_entropy
-
-LAMBDA_SOLVERS = ("nnls", "adam")
+from dsv.kernel import (
+    DISTANCES,
+    LAM_SOLVERS,
+    PARAM_SUBSETS,
+    frozen,
+    margins,
+    per_sample_grads,
+    relative_residual,
+    solve_nnls,
+    stationarity_params,
+)
 
 
 @dataclass(frozen=True)
@@ -36,13 +41,12 @@ class LambdaConfig:
     Attributes:
         batch_size: samples per stationarity problem (stratified); the per-sample gradient matrix of one
             batch (batch_size × P floats) must fit in memory.
-        solver: "adam" (default, the first release: projected Adam on ``distance``; measured to drift
-            off a known exact solution with the l1 distance: relative residual 2e-5 -> 0.054 in 1000
-            steps) or "nnls" (min_{λ≥0} ‖θ* + Gᵀλ‖², a non-negative least-squares problem, solved by
-            accelerated projected gradient with step 1/‖GGᵀ‖ and adaptive restart; an exact solution is a
-            fixed point, so the solver cannot drift off it). The default stays "adam": on Fashion-MNIST
-            (benchmarks/results/fashion_mnist-paper-v2.md) NNLS moved the top-λ core-set from 40.85 to
-            45.05% at IPC 1 but from 73.21 to 67.00% at IPC 10, and no second dataset was measured.
+        solver: "adam" (default, the first release: projected Adam on ``distance``; with the l1 distance it
+            drifts off a known exact solution) or "nnls" (min_{λ≥0} ‖θ* + Gᵀλ‖², a non-negative least-squares
+            problem, solved by accelerated projected gradient with step 1/‖GGᵀ‖ and adaptive restart, then an
+            exact active-set finish; an exact solution is a fixed point, so the solver cannot drift off it). The
+            default stays "adam": on Fashion-MNIST NNLS helped the top-λ core-set at IPC 1 and hurt it at IPC 10
+            (benchmarks/results/fashion_mnist-paper-v2.md), and no second dataset was measured.
         steps: iterations of the solver per batch (NNLS stops earlier once converged).
         lr: Adam learning rate, relative to the λ scale (λ = s·u, u initialised to 1); "adam" only.
         distance: "l1" (paper default) or "l2" for the "adam" solver (also the distance of its reported
@@ -62,7 +66,7 @@ class LambdaConfig:
     max_bytes: int = 4 * 1024**3
 
     def __post_init__(self) -> None:
-        one_of("solver", self.solver, LAMBDA_SOLVERS)
+        one_of("solver", self.solver, LAM_SOLVERS)
         at_least(self, 2, "batch_size")
         at_least(self, 1, "steps")
         positive(self, "lr")
@@ -127,137 +131,6 @@ class LambdaEvent:
     residual_l2: float
 
 
-def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor, subset: str = "all", chunk: int = 128) -> Tensor:
-    """G = [∇_θ L_i]_i as an (N, P) matrix, via torch.func (vmap of grad).
-
-    Args:
-        model: classifier in eval mode.
-        x: (N, ...) inputs.
-        y: (N,) labels.
-        subset: "all" or "last" parameters.
-        chunk: samples per vmap call.
-    """
-    chosen = {id(p) for p in stationarity_params(model, subset, x[:8])}
-    names = [n for n, p in model.named_parameters() if id(p) in chosen]
-    params = {n: p.detach() for n, p in model.named_parameters() if id(p) in chosen}
-    rest = {n: p.detach() for n, p in model.named_parameters() if id(p) not in chosen}
-    buffers = dict(model.named_buffers())
-
-    def loss_one(ps: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        out = functional_call(model, {**ps, **rest, **buffers}, (xi.unsqueeze(0),))
-        return soft_cross_entropy(out, yi.unsqueeze(0)).squeeze(0)
-
-    g_fn = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    rows = []
-    for i in range(0, x.shape[0], chunk):
-        gs = g_fn(params, x[i : i + chunk], y[i : i + chunk])
-        rows.append(torch.cat([gs[n].flatten(1) for n in names], dim=1))
-    return torch.cat(rows)
-
-
-def solve_nnls(
-    g: Tensor, theta: Tensor, steps: int = 300, lam0: Tensor | None = None, tol: float = 1e-10,
-    polish: int | None = None,
-) -> Tensor:
-    """min_{λ ≥ 0} ½‖θ + Gᵀλ‖² (non-negative least squares): accelerated projected gradient, then an exact
-    active-set finish.
-
-    Works on the Gram matrix K = GGᵀ (m × m) and q = Gθ: the gradient is Kλ + q, the step 1/L with L the
-    largest eigenvalue of K (so every plain projected step decreases the objective), momentum restarted
-    whenever the objective would rise (O'Donoghue and Candès' adaptive restart). A solution λ* satisfies
-    λ* = max(0, λ* − (Kλ* + q)/L), so started there the iteration stays there. First-order steps crawl on
-    ill-conditioned K, so their result seeds Lawson and Hanson's active-set method (:func:`_active_set`), which
-    ends at the exact solution in a finite number of passive-set changes.
-
-    Args:
-        g: (m, P) gradients, one row per candidate.
-        theta: (P,) flattened θ*.
-        steps: iteration budget of the projected gradient.
-        lam0: (m,) warm start (clamped at 0); zeros when None.
-        tol: stop when the projected-gradient step moves λ by less than ``tol``·(1 + ‖λ‖) in l∞.
-        polish: passive-set changes allowed to the active-set finish (None: 2·m; 0: none).
-
-    Returns:
-        λ (m,), in g's dtype.
-    """
-    k = g @ g.t()  # (m, m)
-    q = g @ theta  # (m,)
-    lip = float(torch.linalg.eigvalsh(k.double())[-1]) if k.shape[0] else 0.0
-    lam = torch.zeros_like(q) if lam0 is None else lam0.detach().to(q).clamp_min(0)
-    if lip <= 0:
-        return lam
-    step = 1.0 / lip
-
-    def f(v: Tensor) -> float:
-        return float(0.5 * v @ (k @ v) + q @ v)
-
-    z, t, f_prev = lam.clone(), 1.0, f(lam)
-    for _ in range(steps):
-        nxt = (z - step * (k @ z + q)).clamp_min(0)
-        f_nxt = f(nxt)
-        if f_nxt > f_prev:  # restart: a plain projected step from λ (monotone)
-            z, t = lam.clone(), 1.0
-            nxt = (lam - step * (k @ lam + q)).clamp_min(0)
-            f_nxt = f(nxt)
-        moved = float((nxt - lam).abs().max())
-        t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
-        z = nxt + ((t - 1.0) / t_next) * (nxt - lam)
-        lam, t, f_prev = nxt, t_next, f_nxt
-        if moved <= tol * (1.0 + float(lam.abs().max())):
-            break
-    budget = 2 * k.shape[0] if polish is None else polish
-    return _active_set(k.double(), q.double(), lam.double(), budget).to(lam.dtype) if budget > 0 else lam
-
-
-def _active_set(k: Tensor, q: Tensor, lam: Tensor, budget: int) -> Tensor:
-    """Lawson-Hanson on ½λᵀKλ + qᵀλ, λ ≥ 0 (float64), warm-started with the passive set {λ > 0}.
-
-    Each passive-set problem K_SS λ_S = −q_S is solved with a tiny ridge (K is singular when m > P); an
-    infeasible solution is stepped back to the boundary and the coordinates that hit 0 leave the set; then the
-    coordinate with the most negative gradient enters, until no gradient is negative (the KKT conditions) or
-    ``budget`` changes were made. Never returns a worse point than it got.
-    """
-    m = k.shape[0]
-    ridge = 1e-12 * float(k.diagonal().abs().max().clamp_min(1e-300))
-    eye = torch.eye(m, dtype=k.dtype, device=k.device)
-
-    def value(v: Tensor) -> float:
-        return float(0.5 * v @ (k @ v) + q @ v)
-
-    start, start_value = lam.clone(), value(lam)
-    passive = lam > 0
-    changes = 0
-    while changes <= budget:
-        while True:  # the passive-set problem, stepped back inside λ ≥ 0
-            idx = passive.nonzero(as_tuple=True)[0]
-            z = torch.zeros_like(lam)
-            if idx.numel():
-                z[idx] = torch.linalg.solve(k[idx][:, idx] + ridge * eye[: idx.numel(), : idx.numel()], -q[idx])
-            bad = idx[z[idx] <= 0]
-            if bad.numel() == 0:
-                break
-            alpha = float((lam[bad] / (lam[bad] - z[bad]).clamp_min(1e-300)).min().clamp(0.0, 1.0))
-            lam = (lam + alpha * (z - lam)).clamp_min(0)
-            passive &= lam > 0
-            passive[bad[lam[bad] <= 1e-15 * (1 + float(lam.max()))]] = False
-            lam[~passive] = 0.0
-            changes += 1
-        lam = z
-        grad = k @ lam + q
-        grad[passive] = 0.0
-        j = int(grad.argmin())
-        if float(grad[j]) >= -1e-12 * (1.0 + float(q.abs().max())):
-            break
-        passive[j] = True
-        changes += 1
-    return lam if value(lam) <= start_value else start
-
-
-def relative_residual(g: Tensor, theta: Tensor, lam: Tensor) -> float:
-    """‖θ + Gᵀλ‖₂ / ‖θ‖₂: the stationarity residual in the unit of :func:`dsv.kkt.relative_residual`."""
-    return float(kkt_relative_residual([theta], [g.t() @ lam]))
-
-
 def solve_lambdas(
     g: Tensor, theta: Tensor, distance: str = "l1", steps: int = 300, lr: float = 0.05, solver: str = "nnls"
 ) -> tuple[Tensor, float]:
@@ -284,7 +157,7 @@ def solve_lambdas(
         # jumping to a sparse vertex (P ≪ m makes the solution set large).
         with torch.no_grad():
             lam = solve_nnls(g, theta, steps, lam0=torch.full((g.shape[0],), max(c, 0.0), dtype=g.dtype, device=g.device))
-            return lam, relative_residual(g, theta, lam)
+            return lam, float(relative_residual([theta], [g.t() @ lam]))
     scale = c if c > 0 else 1.0 / g.shape[0]
     u = torch.ones(g.shape[0], dtype=g.dtype, device=g.device, requires_grad=True)
     opt = torch.optim.Adam([u], lr=lr)
@@ -302,14 +175,7 @@ def solve_lambdas(
             u.clamp_(min=0.0)
     with torch.no_grad():
         lam = scale * u.detach()
-        return lam, relative_residual(g, theta, lam)
-
-
-def margins(logits: Tensor, y: Tensor) -> Tensor:
-    """Logit of the true class minus the largest other logit, (N,) (negative = misclassified)."""
-    true = logits.gather(1, y.view(-1, 1)).squeeze(1)
-    other = logits.scatter(1, y.view(-1, 1), float("-inf")).max(dim=1).values
-    return true - other
+        return lam, float(relative_residual([theta], [g.t() @ lam]))
 
 
 def fit_lambdas(
@@ -342,31 +208,29 @@ def fit_lambdas(
     if n_scale < 1:
         raise ValueError(f"n_train must be >= 1, got {n_scale}")
     device = next(teacher.parameters()).device
-    was_training = teacher.training
-    teacher.eval()
-    params = stationarity_params(teacher, cfg.param_subset, x[:8].to(device))
-    p_total = sum(p.numel() for p in params)
-    dtype = params[0].dtype
-    m = min(cfg.batch_size, n)
-    g = torch.Generator().manual_seed(seed)
-    # Stratified split: shuffle within each class, then deal samples round-robin into batches.
-    order = _stratified_order(y, g)
-    n_batches = max(1, round(n / m))
-    batches = [order[b::n_batches] for b in range(n_batches)]
-    m_max = max(b.numel() for b in batches)  # up to 1.5·m when n/m rounds down
-    need = m_max * p_total * torch.finfo(dtype).bits // 8
-    if need > cfg.max_bytes:
-        raise MemoryError(
-            f"a batch of {m_max} samples needs {need / 1e9:.1f} GB of per-sample gradients "
-            f"(P={p_total}) > max_bytes={cfg.max_bytes / 1e9:.1f} GB; lower batch_size or set "
-            f"param_subset: last"
-        )
-    theta = torch.cat([p.detach().flatten() for p in params]).to(device)
-    lam = torch.zeros(n, dtype=dtype)
-    gnorm = torch.zeros(n, dtype=dtype)
-    margin = torch.zeros(n, dtype=dtype)
-    residuals = []
-    try:
+    with frozen(teacher):
+        params = stationarity_params(teacher, cfg.param_subset, x[:8].to(device))
+        p_total = sum(p.numel() for p in params)
+        dtype = params[0].dtype
+        m = min(cfg.batch_size, n)
+        g = torch.Generator().manual_seed(seed)
+        # Stratified split: shuffle within each class, then deal samples round-robin into batches.
+        order = _stratified_order(y, g)
+        n_batches = max(1, round(n / m))
+        batches = [order[b::n_batches] for b in range(n_batches)]
+        m_max = max(b.numel() for b in batches)  # up to 1.5·m when n/m rounds down
+        need = m_max * p_total * torch.finfo(dtype).bits // 8
+        if need > cfg.max_bytes:
+            raise MemoryError(
+                f"a batch of {m_max} samples needs {need / 1e9:.1f} GB of per-sample gradients "
+                f"(P={p_total}) > max_bytes={cfg.max_bytes / 1e9:.1f} GB; lower batch_size or set "
+                f"param_subset: last"
+            )
+        theta = torch.cat([p.detach().flatten() for p in params]).to(device)
+        lam = torch.zeros(n, dtype=dtype)
+        gnorm = torch.zeros(n, dtype=dtype)
+        margin = torch.zeros(n, dtype=dtype)
+        residuals = []
         for b, idx in enumerate(batches):
             xb, yb = x[idx].to(device=device, dtype=dtype), y[idx].to(device)
             gm = per_sample_grads(teacher, xb, yb, cfg.param_subset, cfg.chunk)
@@ -378,11 +242,9 @@ def fit_lambdas(
             residuals.append(rel)
             if callback is not None:
                 callback(LambdaEvent(batch=b + 1, total_batches=n_batches, residual_l2=rel))
-    finally:
-        teacher.train(was_training)
-    support = lam * gnorm
-    return LambdaResult(lam=lam, rank=rank_within_class(lam, y, g), labels=y.clone(), support=support,
-                        margin=margin, support_rank=rank_within_class(support, y, g), residual_l2=residuals)
+        support = lam * gnorm
+        return LambdaResult(lam=lam, rank=rank_within_class(lam, y, g), labels=y.clone(), support=support,
+                            margin=margin, support_rank=rank_within_class(support, y, g), residual_l2=residuals)
 
 
 def _stratified_order(y: Tensor, g: torch.Generator) -> Tensor:

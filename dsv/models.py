@@ -106,8 +106,8 @@ def _activation(name: str) -> nn.Module:
 def _norm(name: str, channels: int) -> nn.Module:
     if name == "instance":
         # Instance norm with a learnable affine (the DD benchmark's choice). Numerically identical to
-        # GroupNorm(C, C) (same parameter names, double backward included) but ~2x faster per training
-        # step on CPU, where GroupNorm's kernel dominated the ConvNet's step time.
+        # GroupNorm(C, C) (same parameter names, double backward included) but faster per training step on
+        # CPU, where GroupNorm's kernel dominated the ConvNet's step time.
         return nn.InstanceNorm2d(channels, affine=True, track_running_stats=False)
     if name == "batch":
         return nn.BatchNorm2d(channels)

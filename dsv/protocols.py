@@ -20,6 +20,7 @@ With the full benchmark's 1000 epochs the minimum (default 500) does not bind.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from dsv.batched import can_batch, fit_batched
 from dsv.checks import at_least, one_of, positive
 from dsv.models import ModelConfig, build_seeded
-from dsv.train import EvalResult, FitConfig, TrainEvent, evaluate, fit
+from dsv.train import KD, EvalResult, FitConfig, TrainEvent, epoch_steps, evaluate, fit
 
 PROTOCOLS: tuple[str, ...] = ("dd", "paper", "soft")
 BATCHED: tuple[str, ...] = ("auto", "on", "off")
@@ -74,7 +75,6 @@ class ProtocolConfig:
         kd_temperature: KD temperature T (``soft`` only; Hinton's 4 by default).
         kd_alpha: weight α of the KD term (``soft`` only); 1.0 trains on the teacher's soft targets alone.
         batch_size: training batch size (capped at the number of training images).
-        eval_batch_size: batch size of test-set evaluation (memory only; does not change results).
         model: student architecture; every protocol uses the DD ConvNet-3 unless overridden (tests,
             ablations).
         batched: train the seeds of a set together in one vmapped step (:mod:`dsv.batched`): "on", "off" (one
@@ -92,7 +92,6 @@ class ProtocolConfig:
     kd_temperature: float = 4.0
     kd_alpha: float = 0.5
     batch_size: int = 256
-    eval_batch_size: int = 1024
     model: ModelConfig = field(default=DD_MODEL)
     batched: str = "auto"
 
@@ -106,7 +105,7 @@ class ProtocolConfig:
         positive(self, "kd_temperature")
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
-        at_least(self, 1, "batch_size", "eval_batch_size")
+        at_least(self, 1, "batch_size")
 
     @property
     def hard_protocol(self) -> str:
@@ -120,34 +119,22 @@ class ProtocolConfig:
 
 
 def student_steps(cfg: ProtocolConfig, n_train: int) -> int:
-    """Total optimizer steps for ``n_train`` images: max(epochs · ceil(n / batch), min_steps)."""
+    """Total optimizer steps for ``n_train`` images: max(epochs · ⌈n / batch⌉, min_steps) (one epoch counted as
+    every trainer counts it, :func:`dsv.train.epoch_steps`)."""
     if n_train < 1:
         raise ValueError(f"n_train must be >= 1, got {n_train}")
-    batch = min(cfg.batch_size, n_train)
-    return max(cfg.epochs * math.ceil(n_train / batch), cfg.min_steps)
+    return max(cfg.epochs * epoch_steps(n_train, cfg.batch_size), cfg.min_steps)
 
 
 def student_fit_config(cfg: ProtocolConfig, n_train: int) -> FitConfig:
-    """The trainer settings of a protocol for a training set of ``n_train`` images.
-
-    Args:
-        cfg: protocol and budget.
-        n_train: number of training images (sets the step count).
-
-    Returns:
-        A :class:`FitConfig` with an explicit ``steps`` budget.
-    """
+    """The trainer settings of a protocol for a training set of ``n_train`` images, with an explicit ``steps``
+    budget (:func:`student_steps`)."""
     steps = student_steps(cfg, n_train)
-    t, a = cfg.kd_temperature, cfg.kd_alpha
     if cfg.hard_protocol == "dd":
-        return FitConfig(
-            optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, steps=steps, batch_size=cfg.batch_size,
-            schedule="step", augment="dsa", kd_temperature=t, kd_alpha=a,
-        )
-    return FitConfig(
-        optimizer="adam", lr=1e-4, weight_decay=0.0, steps=steps, batch_size=cfg.batch_size, schedule="none",
-        augment="dsa", kd_temperature=t, kd_alpha=a,
-    )
+        return FitConfig(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, steps=steps,
+                         batch_size=cfg.batch_size, schedule="step", augment="dsa")
+    return FitConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, steps=steps, batch_size=cfg.batch_size,
+                     schedule="none", augment="dsa")
 
 
 def train_students(
@@ -167,6 +154,10 @@ def train_students(
 ) -> list[EvalResult]:
     """Train one fresh student per seed on (x, y) under a protocol and evaluate each on the test set.
 
+    Each student's initialisation, batch order and augmentation are fixed by its seed. The seeds of a set are
+    trained together in one vmapped step (:func:`dsv.batched.fit_batched`) when :func:`uses_batched` says so,
+    else one after another (:func:`dsv.train.fit`); the two differ by float reassociation only.
+
     Args:
         x: (N, C, H, W) normalised training images (distilled or selected).
         y: (N,) int labels, or (N, C) soft label rows.
@@ -176,7 +167,7 @@ def train_students(
         protocol_cfg: protocol and budget.
         in_shape: one image's shape (C, H, W).
         num_classes: number of classes.
-        seeds: one student per seed; the seed fixes the initialisation, batch order and augmentation.
+        seeds: one student per seed.
         device: where students train.
         callback: receives (seed, :class:`TrainEvent`) during training.
         on_student: receives (seed, trained student, its test result) after each student, e.g. to score it on
@@ -191,18 +182,27 @@ def train_students(
     """
     if not seeds:
         raise ValueError("train_students needs at least one seed")
+    kd = None
+    if protocol_cfg.name == "soft":
+        if teacher is None:
+            raise ValueError("protocol 'soft' needs the teacher (its logits are the soft targets)")
+        kd = KD(teacher, protocol_cfg.kd_temperature, protocol_cfg.kd_alpha)
+    fit_cfg = student_fit_config(protocol_cfg, int(x.shape[0]))
     x_test, y_test = x_test.to(device), y_test.to(device)  # evaluated once per student: moved once
     batched = uses_batched(protocol_cfg, device, in_shape, num_classes)
-    together = (train_batched(x, y, teacher, protocol_cfg, in_shape, num_classes, seeds, device, callback, graphs)
-                if batched else [])
+    models = [build_seeded(protocol_cfg.model, in_shape, num_classes, s).to(device) for s in seeds] if batched else []
+    if batched:
+        report_i = None if callback is None else (lambda i, e: callback(seeds[i], e))
+        fit_batched(models, x, y, fit_cfg, list(seeds), report_i, kd=kd, graphs=graphs)
     results = []
     for i, seed in enumerate(seeds):
         if batched:
-            model = together[i]
+            model = models[i]
         else:
-            cb = None if callback is None else (lambda e, s=seed: callback(s, e))
-            model = train_student(x, y, teacher, protocol_cfg, in_shape, num_classes, seed, device, cb, graphs)
-        results.append(evaluate(model, x_test, y_test, num_classes, batch_size=protocol_cfg.eval_batch_size))
+            model = build_seeded(protocol_cfg.model, in_shape, num_classes, seed).to(device)
+            report = None if callback is None else functools.partial(callback, seed)
+            fit(model, x, y, fit_cfg, seed=seed, callback=report, kd=kd, graphs=graphs)
+        results.append(evaluate(model, x_test, y_test, num_classes))
         if on_student is not None:
             on_student(seed, model, results[-1])
     return results
@@ -215,65 +215,6 @@ def uses_batched(protocol_cfg: ProtocolConfig, device: torch.device | str, in_sh
     if protocol_cfg.batched == "off" or (protocol_cfg.batched == "auto" and torch.device(device).type != "cuda"):
         return False
     return can_batch(build_seeded(protocol_cfg.model, in_shape, num_classes, 0))
-
-
-def train_batched(
-    x: Tensor,
-    y: Tensor,
-    teacher: nn.Module | None,
-    protocol_cfg: ProtocolConfig,
-    in_shape: tuple[int, ...],
-    num_classes: int,
-    seeds: Sequence[int],
-    device: torch.device | str = "cpu",
-    callback: Callable[[int, TrainEvent], None] | None = None,
-    graphs: bool = False,
-) -> list[nn.Module]:
-    """Train one fresh student per seed together (:func:`dsv.batched.fit_batched`); each student is
-    initialised, ordered and augmented by its seed exactly as :func:`train_student` does it.
-
-    Returns:
-        The trained students (eval mode), on ``device``, in seed order.
-    """
-    if protocol_cfg.name == "soft" and teacher is None:
-        raise ValueError("protocol 'soft' needs the teacher (its logits are the soft targets)")
-    kd_teacher = teacher if protocol_cfg.name == "soft" else None
-    fit_cfg = student_fit_config(protocol_cfg, int(x.shape[0]))
-    models = [build_seeded(protocol_cfg.model, in_shape, num_classes, seed).to(device) for seed in seeds]
-    cb = None if callback is None else (lambda i, e: callback(seeds[i], e))
-    fit_batched(models, x, y, fit_cfg, list(seeds), callback=cb, teacher=kd_teacher, graphs=graphs)
-    return models
-
-
-def train_student(
-    x: Tensor,
-    y: Tensor,
-    teacher: nn.Module | None,
-    protocol_cfg: ProtocolConfig,
-    in_shape: tuple[int, ...],
-    num_classes: int,
-    seed: int,
-    device: torch.device | str = "cpu",
-    callback: Callable[[TrainEvent], None] | None = None,
-    graphs: bool = False,
-) -> nn.Module:
-    """Train one fresh student (initialisation, batch order and augmentation fixed by ``seed``).
-
-    Args: as :func:`train_students`, for one seed; ``callback`` receives each :class:`TrainEvent`.
-
-    Returns:
-        The trained student (eval mode), on ``device``.
-
-    Raises:
-        ValueError: ``soft`` without a teacher.
-    """
-    if protocol_cfg.name == "soft" and teacher is None:
-        raise ValueError("protocol 'soft' needs the teacher (its logits are the soft targets)")
-    kd_teacher = teacher if protocol_cfg.name == "soft" else None
-    fit_cfg = student_fit_config(protocol_cfg, int(x.shape[0]))
-    model = build_seeded(protocol_cfg.model, in_shape, num_classes, seed).to(device)
-    fit(model, x, y, fit_cfg, seed=seed, callback=callback, teacher=kd_teacher, graphs=graphs)
-    return model
 
 
 def linear_probe(
@@ -300,7 +241,7 @@ def linear_probe(
         weight_decay: ω (> 0).
         max_iter: L-BFGS iterations.
     """
-    from dsv.train import soft_cross_entropy
+    from dsv.kernel import soft_cross_entropy
 
     if not weight_decay > 0:
         raise ValueError(f"weight_decay must be > 0, got {weight_decay}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsv.augment import AugmentConfig, augment, dsa_config
+from dsv.augment import augment, parse_augment
 from dsv.checks import at_least, one_of, positive
 from dsv.device import to_device
+from dsv.kernel import frozen, soft_cross_entropy
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "step", "cosine")
-AUGMENTS = ("none", "flip_crop", "dsa")
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,14 @@ class FitConfig:
         momentum: SGD momentum.
         weight_decay: L2 weight decay (coupled, as in torch's Adam/SGD). The paper's teacher uses 5e-3:
             it makes θ* a weighted sum of training gradients (see ``dsv.kkt``).
-        epochs: passes over the data; ignored when ``steps`` > 0.
+        epochs: passes over the data, ⌈n / batch⌉ steps each (:func:`epoch_steps`); ignored when ``steps`` > 0.
         steps: exact number of optimizer steps (overrides ``epochs`` and ``min_steps`` when > 0).
         min_steps: lower bound on the optimizer steps of an ``epochs`` budget, so that a small dataset (a few
             hundred images: a handful of steps per epoch) is still trained; 0 disables it.
         batch_size: minibatch size (capped at the dataset size).
         schedule: "none", "step" (lr x0.1 at half, the DD protocol) or "cosine".
-        augment: "none", "flip_crop" (flip + 4px-style crop-pad, teacher training) or "dsa".
-        kd_temperature: temperature T of the knowledge-distillation term (soft protocol only).
-        kd_alpha: weight of the KD term; the loss is (1 - α)·CE + α·T²·KL (soft protocol only).
+        augment: the augmentation of every batch (:func:`dsv.augment.parse_augment`): "none", "flip_crop"
+            (flip + 4px-style crop-pad, classifier training), "dsa" (the DD students'), or explicit ops.
     """
 
     optimizer: str = "adam"
@@ -52,22 +51,38 @@ class FitConfig:
     batch_size: int = 256
     schedule: str = "none"
     augment: str = "none"
-    kd_temperature: float = 4.0
-    kd_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         one_of("optimizer", self.optimizer, OPTIMIZERS)
         one_of("schedule", self.schedule, SCHEDULES)
-        one_of("augment", self.augment, AUGMENTS)
+        parse_augment(self.augment)
         positive(self, "lr")
         at_least(self, 0, "weight_decay")
         if self.epochs < 1 and self.steps < 1:
             raise ValueError(f"need epochs >= 1 or steps >= 1, got epochs={self.epochs}, steps={self.steps}")
         at_least(self, 0, "steps", "min_steps")
         at_least(self, 1, "batch_size")
-        positive(self, "kd_temperature")
-        if not 0.0 <= self.kd_alpha <= 1.0:
-            raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
+
+
+@dataclass(frozen=True)
+class KD:
+    """Knowledge distillation from a teacher on every augmented batch (the ``soft`` student protocol): the loss is
+    (1 − α)·CE(y) + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)).
+
+    Attributes:
+        teacher: the teacher (eval mode); its logits on each batch are the soft targets.
+        temperature: T (> 0).
+        alpha: α in [0, 1]; 1 trains on the teacher's soft targets alone.
+    """
+
+    teacher: nn.Module
+    temperature: float = 4.0
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        positive(self, "temperature")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
 @dataclass(frozen=True)
@@ -91,26 +106,11 @@ class FitResult:
     graph_error: str | None = None  # why a requested CUDA graph was not used
 
 
-def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Per-sample cross-entropy for hard (N,) int or soft (N, C) probability targets. Returns (N,)."""
-    if target.dim() == 1:
-        return F.cross_entropy(logits, target, reduction="none")
-    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
-
-
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Hinton knowledge distillation: T² · KL(softmax(t/T) ‖ softmax(s/T)), mean over the batch."""
     t = temperature
     p = F.softmax(teacher_logits / t, dim=1)
     return F.kl_div(F.log_softmax(student_logits / t, dim=1), p, reduction="batchmean") * (t * t)
-
-
-def _augment_cfg(name: str) -> AugmentConfig | None:
-    if name == "none":
-        return None
-    if name == "flip_crop":
-        return AugmentConfig(ops=("flip", "crop_pad"), one_per_call=False, crop_pad=0.125)
-    return dsa_config()
 
 
 def _make_optimizer(params: list[Tensor], cfg: FitConfig, device: torch.device, graphs: bool = False
@@ -145,10 +145,17 @@ def _lr_at(step: int, total: int, cfg: FitConfig) -> float:
     return cfg.lr
 
 
+def epoch_steps(n: int, batch_size: int) -> int:
+    """Optimizer steps of one epoch over ``n`` samples: ⌈n / batch⌉ with the batch capped at n, as the DD code's
+    data loader counts them (the last, partial batch is a step). Every trainer counts epochs so; its batches are
+    always full (fixed shapes), drawn from a fresh permutation whenever the current one runs out."""
+    return max(1, math.ceil(n / min(batch_size, n)))
+
+
 def _budget(n: int, cfg: FitConfig) -> tuple[int, int, int, int]:
     """(batch size, steps per epoch, total steps, steps between reports) for ``n`` training samples."""
     bs = min(cfg.batch_size, n)
-    per_epoch = max(1, n // bs)
+    per_epoch = epoch_steps(n, bs)
     total = cfg.steps if cfg.steps > 0 else max(cfg.epochs * per_epoch, cfg.min_steps)
     report_every = per_epoch if cfg.steps <= 0 else max(1, total // 10)
     return bs, per_epoch, total, report_every
@@ -217,7 +224,7 @@ def fit(
     cfg: FitConfig,
     seed: int = 0,
     callback: Callable[[TrainEvent], None] | None = None,
-    teacher: nn.Module | None = None,
+    kd: KD | None = None,
     graphs: bool = False,
 ) -> FitResult:
     """Train ``model`` in place on (x, y).
@@ -231,8 +238,7 @@ def fit(
         seed: seeds the batch order and augmentation through explicit generators; two calls with the
             same model init, data and seed give bit-identical weights on CPU.
         callback: receives a :class:`TrainEvent` about every epoch.
-        teacher: when given, adds the knowledge-distillation term on every augmented batch
-            (``soft`` protocol): loss = (1 - α)·CE(y) + α·KD(teacher).
+        kd: knowledge distillation from a teacher on every augmented batch (``soft`` protocol, :class:`KD`).
         graphs: on CUDA, replay the step from a CUDA graph (:class:`StepRunner`); ignored on the CPU.
 
     Returns:
@@ -247,58 +253,74 @@ def fit(
     x, y = x.to(device), y.to(device)
     g = torch.Generator().manual_seed(seed)
     bs, _, total, report_every = _budget(n, cfg)
-    aug = _augment_cfg(cfg.augment)
+    aug = parse_augment(cfg.augment)
     graphs = graphs and device.type == "cuda"
     opt = _make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, device, graphs)
-    if teacher is not None:
-        teacher.eval()
+    if kd is not None:
+        kd.teacher.eval()
     model.train()
 
     def step(xb: Tensor, yb: Tensor) -> Tensor:
         logits = model(xb)
         loss = soft_cross_entropy(logits, yb).mean()
-        if teacher is not None:
+        if kd is not None:
             with torch.no_grad():
-                t_logits = teacher(xb)
-            loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd_loss(logits, t_logits, cfg.kd_temperature)
+                t_logits = kd.teacher(xb)
+            loss = (1 - kd.alpha) * loss + kd.alpha * kd_loss(logits, t_logits, kd.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.detach()
 
-    runner = StepRunner(step, graphs)
+    order = batch_orders(n, bs, [g], device)
+
+    def draw() -> tuple[Tensor, Tensor]:
+        idx = next(order)
+        return (augment(x[idx], aug, g) if aug.ops else x[idx]), y[idx]
+
     result = FitResult(model=model)
-    running = torch.zeros((), device=device)  # summed on the device: no host sync inside the interval
-    count, step_i = 0, 0
-    perm = to_device(torch.randperm(n, generator=g), device)
-    cursor = 0
-    while step_i < total:
-        if cursor + bs > n:
-            perm, cursor = to_device(torch.randperm(n, generator=g), device), 0
-        idx = perm[cursor : cursor + bs]
-        cursor += bs
-        xb, yb = x[idx], y[idx]
-        if aug is not None:
-            xb = augment(xb, aug, g)
-        lr = _lr_at(step_i, total, cfg)
-        _set_lr(opt, lr)
-        running += runner(xb, yb)
-        step_i += 1
-        count += 1
-        if step_i % report_every == 0 or step_i == total:
-            mean_loss = float(running) / count  # one host sync per reporting interval
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step_i} of {total}")
-            result.losses.append(mean_loss)
-            if callback is not None:
-                callback(TrainEvent(step=step_i, total_steps=total, loss=mean_loss, lr=lr))
-            running.zero_()
-            count = 0
-    result.steps = step_i
-    result.graphed = runner.captured
-    result.graph_error = runner.error
+    run_steps(draw, StepRunner(step, graphs), opt, cfg, total, report_every, [result],
+              None if callback is None else lambda _i, e: callback(e))
     model.eval()
     return result
+
+
+def batch_orders(n: int, batch: int, generators: list[torch.Generator], device: torch.device) -> Iterator[Tensor]:
+    """The index of every batch: full batches of each generator's permutations of range(n), on ``device``, a fresh
+    permutation (one per generator, drawn in order) whenever the current one has no full batch left; with S
+    generators a batch is S consecutive blocks, (S·batch,)."""
+    while True:
+        perms = to_device(torch.stack([torch.randperm(n, generator=g) for g in generators]), device)
+        for c in range(0, n - batch + 1, batch):
+            yield perms[:, c : c + batch].reshape(-1)
+
+
+def run_steps(draw: Callable[[], tuple[Tensor, Tensor]], runner: StepRunner, opt: torch.optim.Optimizer,
+              cfg: FitConfig, total: int, report_every: int, results: list[FitResult],
+              report: Callable[[int, TrainEvent], None] | None) -> None:
+    """The steps of a fit of one or more models (one result each): ``draw`` the next batch, set the learning rate,
+    step; every ``report_every`` steps (and at the end) each model's mean loss is checked, recorded and reported
+    (one host sync per interval: the losses are summed on the device)."""
+    running = torch.zeros(len(results), device=next(iter(opt.param_groups[0]["params"])).device)
+    count = 0
+    for step_i in range(1, total + 1):
+        xb, yb = draw()
+        lr = _lr_at(step_i - 1, total, cfg)
+        _set_lr(opt, lr)
+        running += runner(xb, yb)
+        count += 1
+        if step_i % report_every == 0 or step_i == total:
+            for i, mean_loss in enumerate([v / count for v in running.tolist()]):
+                if not math.isfinite(mean_loss):
+                    of = f" (student {i} of {len(results)})" if len(results) > 1 else ""
+                    raise FloatingPointError(f"non-finite training loss ({mean_loss}) at step {step_i} of {total}{of}")
+                results[i].losses.append(mean_loss)
+                if report is not None:
+                    report(i, TrainEvent(step=step_i, total_steps=total, loss=mean_loss, lr=lr))
+            running.zero_()
+            count = 0
+    for r in results:
+        r.steps, r.graphed, r.graph_error = total, runner.captured, runner.error
 
 
 @dataclass(frozen=True)
@@ -314,13 +336,10 @@ class EvalResult:
 def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1024, embed: bool = False) -> Tensor:
     """Logits of ``model`` on ``x`` in eval mode, (N, C) float32 on the CPU; with ``embed`` its penultimate features
     (``model.embed``, the input of the final linear layer), (N, F)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     fn: Callable[[Tensor], Tensor] = model.embed if embed else model  # type: ignore[assignment]
-    with torch.no_grad():
+    with frozen(model), torch.no_grad():
         out = [fn(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, x.shape[0], batch_size)]
-    model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
 

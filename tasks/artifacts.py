@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from dsv.data.core import denormalize, normalize
 from tasks.atomic import atomic_path
 
 PARAMS_HASH_KEY = "dsv.params_hash"
@@ -87,7 +88,9 @@ def read_json(path: str | Path) -> Any:
 # ----------------------------------------------------------------------------------------- Parquet
 
 
-def _write_table(path: str | Path, table: pa.Table) -> Path:
+def _write_table(path: str | Path, table: pa.Table, metadata: dict[str, str]) -> Path:
+    """Atomically write ``table`` with file-level ``metadata`` (zstd)."""
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
     with atomic_path(path) as tmp:
         pq.write_table(table, str(tmp), compression="zstd")
     return Path(path)
@@ -230,8 +233,7 @@ def write_dsv_parquet(
             **_feature_columns(arr, feature_names),
         }
     )
-    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
-    return _write_table(path, table)
+    return _write_table(path, table, metadata)
 
 
 def write_generated_parquet(
@@ -273,8 +275,7 @@ def write_generated_parquet(
         "judge_probs": rows(judge_probs),
         **({"png": pa.array(png_bytes(arr), type=pa.binary())} if arr.shape[1] in (1, 3) else {}),
     })
-    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
-    return _write_table(path, table)
+    return _write_table(path, table, metadata)
 
 
 def _col(values: Tensor | None, like: Tensor) -> np.ndarray:
@@ -337,22 +338,6 @@ class LambdaTable:
     margin: Tensor | None = None
     support_rank: Tensor | None = None
 
-    def topk(self, k: int, num_classes: int, by: str = "lambda") -> Tensor:
-        """Training-set indices of the k top images of every class by "lambda" (highest λ, the paper's
-        core-set) or "support" (highest support score), class 0 first, (C·k,)."""
-        rank = self.rank if by == "lambda" else self.support_rank
-        if rank is None:
-            raise ValueError(f"lambdas.parquet has no {by} ranking (written by an older version: rerun coreset)")
-        out = []
-        for c in range(num_classes):
-            members = (self.label == c) & (rank < k)
-            rows = members.nonzero(as_tuple=True)[0]
-            if rows.numel() < k:
-                raise ValueError(f"class {c} has only {rows.numel()} ranked images, fewer than k={k}")
-            rows = rows[rank[rows].argsort()]
-            out.append(self.index[rows])
-        return torch.cat(out)
-
 
 def write_lambdas_parquet(
     path: str | Path, *, index: Tensor, label: Tensor, lam: Tensor, rank: Tensor, metadata: dict[str, str],
@@ -374,8 +359,7 @@ def write_lambdas_parquet(
     if features is not None:
         cols.update(_feature_columns(features.detach().cpu().numpy(), feature_names))
     table = pa.table(cols)
-    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
-    return _write_table(path, table)
+    return _write_table(path, table, metadata)
 
 
 def read_lambdas_parquet(path: str | Path) -> LambdaTable:
@@ -401,8 +385,7 @@ def read_lambdas_parquet(path: str | Path) -> LambdaTable:
 def write_records_parquet(path: str | Path, rows: list[dict[str, Any]], metadata: dict[str, str]) -> Path:
     """Atomically write a list of flat dicts (a trace) as a Parquet table."""
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
-    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
-    return _write_table(path, table)
+    return _write_table(path, table, metadata)
 
 
 # ------------------------------------------------------------------------------ data and models
@@ -424,9 +407,33 @@ class DataMeta:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def images(self) -> bool:
+        """Whether the inputs are (C, H, W) images (else (D,) feature vectors)."""
+        return len(self.input_shape) == 3
+
     def stats(self) -> tuple[Tensor, Tensor]:
         """(mean, std) as (C,) tensors."""
         return torch.tensor(self.mean, dtype=torch.float32), torch.tensor(self.std, dtype=torch.float32)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Pixel (or feature) units -> the models' normalised inputs, (x − mean) / std per channel or feature."""
+        return normalize(x, *self.stats())
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """The inverse of :meth:`normalize`."""
+        return denormalize(x, *self.stats())
+
+    def bounds(self, train_x: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The valid input range in normalised units, (lo, hi) per channel or feature: pixels in [0, 1]; a feature
+        between its smallest and largest value in ``train_x`` (the normalised training split, needed for
+        feature vectors), so synthesised inputs stay in the range of the real data."""
+        if self.images:
+            mean, std = self.stats()
+            return (0.0 - mean) / std, (1.0 - mean) / std
+        if train_x is None:
+            raise ValueError("the bounds of feature vectors come from the training split: pass train_x")
+        return train_x.min(dim=0).values, train_x.max(dim=0).values
 
 
 def read_data_meta(path: str | Path) -> DataMeta:
@@ -444,12 +451,8 @@ def read_data_meta(path: str | Path) -> DataMeta:
 
 def load_split(path: str | Path, meta: DataMeta) -> tuple[Tensor, Tensor]:
     """A prepared split as (x normalised (N, C, H, W) float32, y (N,) int64)."""
-    from dsv.data.core import normalize
-
     t = load_tensors(path, ("x", "y"))
-    mean, std = meta.stats()
-    x = normalize(t["x"], mean, std) if t["x"].dim() == 4 else (t["x"] - mean) / std
-    return x.contiguous(), t["y"].long()
+    return meta.normalize(t["x"]).contiguous(), t["y"].long()
 
 
 def save_model(weights: str | Path, spec: str | Path, model: torch.nn.Module, spec_data: dict[str, Any]) -> None:

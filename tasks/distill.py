@@ -14,20 +14,30 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from dsv.baselines import SELECTOR_INPUTS, select
-from dsv.data.core import normalize, per_class_indices
-from dsv.dm import distribution_matching
-from dsv.protocols import DSV_METHODS, ProtocolConfig, linear_probe, student_fit_config, train_students
-from dsv.train import EvalResult, TrainEvent, evaluate, predict_logits
+from dsv.baselines import ProxyConfig
+from dsv.checks import at_least, choices, positive_ints
+from dsv.dm import DMConfig
+from dsv.models import ModelConfig
+from dsv.protocols import (
+    DSV_METHODS,
+    METHOD_NAMES,
+    ProtocolConfig,
+    linear_probe,
+    student_fit_config,
+    train_students,
+)
+from dsv.sets import RANKED, SET_INPUTS, build_set
+from dsv.train import EvalResult, FitConfig, TrainEvent, evaluate, predict_logits
 from tasks.artifacts import (
     DataMeta,
+    LambdaTable,
     load_model,
     load_split,
     read_data_meta,
@@ -39,14 +49,12 @@ from tasks.artifacts import (
 )
 from tasks.atomic import write_json
 from tasks.figures import image_grid
-from tasks.output import StageOutput, device_of, finish, graphs_of, hash_files
+from tasks.output import StageConfig, StageOutput, device_of, finish, graphs_of, hash_files, model_errors
 from tasks.paths import Paths
 from tasks.plain import to_plain
 from tasks.progress import Bar
+from tasks.ranges import GE1, SEED, register
 from tasks.tracking import StageLog
-
-if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
 
 # Real images per class a DSV init sees: IPC for a random draw, none for 0-shot and noise, all for a selector.
 _DSV_SHOTS = {"nshot": "ipc", "0shot": "none", "noise": "none"}
@@ -54,7 +62,96 @@ _DSV_SHOTS = {"nshot": "ipc", "0shot": "none", "noise": "none"}
 PROBE_WEIGHT_DECAY = 5e-3
 
 
-def units(cfg: PipelineConfig) -> list[dict[str, Any]]:
+# The main job's comparison (15 minutes on a 2-core CPU); every method runs in benchmarks/table.py.
+HEADLINE_METHODS = ("dsv_herding", "herding", "dsv_nshot", "random", "kkt_herding", "dsv_0shot")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Stage ``distill``: build each method's training set and train students on it.
+
+    Attributes:
+        methods: method names (``dsv.protocols.METHOD_NAMES``); default: the main job's headline comparison
+            (``HEADLINE_METHODS``).
+        ipcs: images per class; DSV methods need the same IPC in ``extract.ipcs``.
+        seed: seeds the selection (random, proxies, DM init).
+        dm: distribution matching settings (its real pool is the whole training split).
+        proxy: proxy model of the forgetting/EL2N selectors.
+        full_epochs: epochs of the ``full`` method's students (the protocol's epoch budget is meant
+            for tiny sets; on the whole training split it would take days).
+        protocol: the students: architecture, trainer, label type and number of seeds
+            (``dsv.protocols.ProtocolConfig``).
+        cross_model: a second student architecture (e.g. ``{name: mlp, width: 256, depth: 2}`` or
+            ``{name: resnet18}``) trained with the same protocol and seeds on every set; its accuracy is
+            reported in extra columns (cross-architecture generalisation). None (default) skips it: it
+            doubles the students' cost.
+    """
+
+    methods: tuple[str, ...] = HEADLINE_METHODS
+    ipcs: tuple[int, ...] = (10,)
+    seed: int = 0
+    dm: DMConfig = field(default_factory=lambda: DMConfig(iterations=200, model=ModelConfig(name="convnet", width=64)))
+    proxy: ProxyConfig = field(default_factory=lambda: ProxyConfig(
+        model=ModelConfig(name="convnet", width=32),
+        fit=FitConfig(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, epochs=2, batch_size=256,
+                      augment="flip_crop"),
+        el2n_models=2, el2n_epochs=1))
+    full_epochs: int = 2
+    protocol: ProtocolConfig = field(default_factory=lambda: ProtocolConfig(
+        name="dd", epochs=300, min_steps=300, n_runs=2, model=ModelConfig(name="convnet", width=32)))
+    cross_model: ModelConfig | None = None
+
+    def __post_init__(self) -> None:
+        choices("methods", self.methods, METHOD_NAMES)
+        positive_ints("ipcs", self.ipcs)
+        at_least(self, 1, "full_epochs")
+
+
+register(DistillConfig, {"ipcs": GE1, "seed": SEED, "full_epochs": GE1})
+
+
+class Config(StageConfig, Protocol):
+    @property
+    def distill(self) -> DistillConfig: ...
+
+
+def check(cfg: Any, data: dict[str, Any] | None = None) -> list[str]:
+    """Problems of the ``distill`` section in the whole config (the sets its methods need from extract, coreset
+    and the data), or with ``data`` (meta.json) in the prepared data; one message per problem."""
+    d, e, p = cfg.distill, cfg.extract, cfg.prepare
+    errors = []
+    if data is not None:
+        fewest = min(data["train_per_class"]) if data["train_per_class"] else 0
+        if fewest > 0 and [k for k in d.ipcs if k > fewest]:
+            errors.append(f"distill.ipcs {[k for k in d.ipcs if k > fewest]} exceed the {fewest} training images "
+                          "of the smallest class")
+        models = {"distill.protocol.model": d.protocol.model,
+                  **({"distill.dm.model": d.dm.model} if "dm" in d.methods else {}),
+                  **({"distill.proxy.model": d.proxy.model} if {"forgetting", "el2n"} & set(d.methods) else {}),
+                  **({"distill.cross_model": d.cross_model} if d.cross_model is not None else {})}
+        return errors + model_errors(models, data)
+    dsv_methods = [m for m in d.methods if m.startswith("dsv_")]
+    missing_init = [m for m in dsv_methods if m.removeprefix("dsv_") not in e.inits]
+    if missing_init:
+        errors.append(f"distill.methods lists {missing_init} but extract.inits = {list(e.inits)} "
+                      "does not produce them")
+    missing_ipc = [k for k in d.ipcs if k not in e.ipcs] if dsv_methods else []
+    if missing_ipc:
+        errors.append(f"distill.ipcs {missing_ipc} are not in extract.ipcs = {list(e.ipcs)} "
+                      "(the DSV methods need them extracted)")
+    k, ranked = cfg.coreset.per_class, [m for m in ("lambda_topk", "support_topk") if m in d.methods]
+    if k is not None and ranked and any(i > k for i in d.ipcs):
+        errors.append(f"distill.ipcs {list(d.ipcs)} exceed coreset.per_class = {k} "
+                      f"({', '.join(ranked)} pick from the images λ was fitted on)")
+    n = p.data.n_per_class
+    if n is not None and [k for k in d.ipcs if k > n - p.val_per_class]:
+        errors.append(f"distill.ipcs {[k for k in d.ipcs if k > n - p.val_per_class]} exceed the "
+                      f"{n - p.val_per_class} training images per class (prepare.data.n_per_class {n} - "
+                      f"prepare.val_per_class {p.val_per_class})")
+    return errors
+
+
+def units(cfg: Config) -> list[dict[str, Any]]:
     """One cell per (method, IPC); ``full`` once (IPC 0)."""
     d = cfg.distill
     out: list[dict[str, Any]] = []
@@ -70,7 +167,7 @@ def units(cfg: PipelineConfig) -> list[dict[str, Any]]:
 class _Inputs:
     """Lazily loaded inputs shared by the set builders of one cell."""
 
-    cfg: PipelineConfig
+    cfg: Config
     paths: Paths
     device: str
 
@@ -99,100 +196,92 @@ class _Inputs:
         return load_split(self.paths.test, self.meta)
 
     @cached_property
-    def test_features(self) -> Tensor:
-        return predict_logits(self.teacher, self.test[0], batch_size=256, embed=True)
-
-    @cached_property
-    def teacher_weight_decay(self) -> float:
-        wd = read_json(self.paths.teacher_spec).get("weight_decay")
-        return float(wd) if wd else PROBE_WEIGHT_DECAY
+    def ranked(self) -> LambdaTable:
+        return read_lambdas_parquet(self.paths.lambdas_parquet)
 
     @property
     def per_class(self) -> int:
         return int(torch.bincount(self.train[1], minlength=self.meta.num_classes).min())
 
+    def ranking(self, by: str) -> tuple[Tensor, Tensor, Tensor]:
+        rank = self.ranked.rank if by == "lambda" else self.ranked.support_rank
+        if rank is None:
+            raise ValueError(f"lambdas.parquet has no {by} ranking (written by an older version: rerun coreset)")
+        return self.ranked.index, self.ranked.label, rank
 
-def build_set(method: str, ipc: int, inp: _Inputs) -> tuple[Tensor, Tensor, int]:
-    """The training set of one method at one IPC.
+
+def cell_set(method: str, ipc: int, inp: _Inputs) -> tuple[Tensor, Tensor, int]:
+    """The training set of one method at one IPC: DSVs from ``extract``, the whole split (``full``), or a set
+    builder of :func:`dsv.baselines.build_set` (a selector, DM, the λ top-k of ``coreset``).
 
     Returns:
         (x (M, C, H, W) normalised, y (M,) int64, shots: real images per class the method used).
     """
-    cfg, c = inp.cfg, inp.meta.num_classes
+    d = inp.cfg.distill
     if method in DSV_METHODS:
         init = DSV_METHODS[method]
         t = read_dsv_parquet(inp.paths.dsv_parquet, init=init, ipc=ipc)
-        mean, std = inp.meta.stats()
-        shots = {"ipc": ipc, "none": 0}.get(_DSV_SHOTS.get(init, "all"), inp.per_class)
-        return normalize(t.x, mean, std), t.y, shots
+        return inp.meta.normalize(t.x), t.y, {"ipc": ipc, "none": 0}.get(_DSV_SHOTS.get(init, "all"), inp.per_class)
     x, y = inp.train
     if method == "full":
         return x, y, inp.per_class
     if ipc > inp.per_class:
         raise ValueError(f"distill.ipcs: IPC {ipc} exceeds the {inp.per_class} training images per class")
-    if method in ("lambda_topk", "support_topk"):
-        by = "lambda" if method == "lambda_topk" else "support"
-        ranked = read_lambdas_parquet(inp.paths.lambdas_parquet)
-        idx = ranked.topk(ipc, c, by=by)
-        # The core-set is ranked among the images λ was fitted on (coreset.per_class of each class).
-        return x[idx], y[idx], int(torch.bincount(ranked.label, minlength=c).min())
-    elif method == "dm":
-        g = torch.Generator().manual_seed(cfg.distill.seed)
-        if cfg.distill.dm_real == "shots":
-            # Few-shot DM (the paper's fair baseline): the real pool is only `ipc` images per class, the
-            # same budget as dsv_nshot. Initialised from those same images DM's loss is exactly zero
-            # (it would return them unchanged), so the synthetic set starts from noise.
-            pool = per_class_indices(y, ipc, c, g)
-            init_x = torch.randn((pool.numel(), *x.shape[1:]), generator=g)
-            res = distribution_matching(x[pool], y[pool], init_x, y[pool], cfg.distill.dm, seed=cfg.distill.seed)
-            return res.x.detach().cpu(), res.y.cpu(), ipc
-        init = per_class_indices(y, ipc, c, g)
-        res = distribution_matching(x, y, x[init], y[init], cfg.distill.dm, seed=cfg.distill.seed)
-        return res.x.detach().cpu(), res.y.cpu(), inp.per_class
-    else:
-        lazy = {"features": lambda: inp.features, "logits": lambda: inp.logits, "x": lambda: x}
-        inputs = {name: lazy[name]() for name in SELECTOR_INPUTS[method]}
-        idx = select(method, y=y, k=ipc, num_classes=c, seed=cfg.distill.seed, proxy=cfg.distill.proxy, **inputs)
-    shots = ipc if method == "random" else inp.per_class
-    return x[idx], y[idx], shots
+    lazy = {"features": lambda: inp.features, "logits": lambda: inp.logits, "x": lambda: x, "dm": lambda: d.dm,
+            "ranking": lambda: inp.ranking(RANKED.get(method, ""))}
+    x_set, y_set = build_set(method, x=x, y=y, k=ipc, num_classes=inp.meta.num_classes, seed=d.seed,
+                             proxy=d.proxy, **{n: lazy[n]() for n in SET_INPUTS[method] if n != "x"})
+    if method in RANKED:  # ranked among the images λ was fitted on (coreset.per_class of each class)
+        return x_set, y_set, int(torch.bincount(inp.ranked.label, minlength=inp.meta.num_classes).min())
+    return x_set, y_set, ipc if method in ("random", "dm") else inp.per_class
 
 
-def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: StageLog) -> dict[str, Any]:
+def run_unit(cfg: Config, paths: Paths, unit: dict[str, Any], log: StageLog) -> dict[str, Any]:
     """Build one cell's set and train its students.
 
     Returns:
         {"files": {relative path: sha256}, "seconds", "select_seconds", "unit"}.
     """
     started = time.perf_counter()
-    method, ipc = str(unit["method"]), int(unit["ipc"])
+    method, ipc, d = str(unit["method"]), int(unit["ipc"]), cfg.distill
     inp = _Inputs(cfg, paths, device_of(cfg))
-    x, y, shots = build_set(method, ipc, inp)
-    select_seconds = time.perf_counter() - started
-    protocol: ProtocolConfig = cfg.distill.protocol
-    if method == "full":
-        protocol = dataclasses.replace(protocol, epochs=cfg.distill.full_epochs, min_steps=0)
-    meta = inp.meta
+    x, y, shots = cell_set(method, ipc, inp)
+    seconds = {"select_seconds": round(time.perf_counter() - started, 3), "unit": unit}
+    protocol = dataclasses.replace(d.protocol, epochs=d.full_epochs, min_steps=0) if method == "full" else d.protocol
+    cell: dict[str, Any] = {"method": method, "ipc": ipc, "shots": shots, "protocol": protocol.name,
+                            "label_type": protocol.label_type, "n_train": int(y.shape[0])}
+    files = [paths.distill_cell(method, ipc)]
+    if method != "full":
+        files.append(save_tensors(paths.distill_set(method, ipc), {"x": x, "y": y}))
     if y.shape[0] == 0:
-        # Every candidate was dropped (the paper's dual rule can do that): nothing to train on.
-        # The cell is recorded with no runs, and the table says so, instead of failing the pipeline.
-        cell = {"method": method, "ipc": ipc, "shots": shots, "protocol": protocol.name,
-                "label_type": protocol.label_type, "n_train": 0, "steps": 0, "runs": [],
-                "note": "empty training set: no DSV survived extraction"}
-        files = [write_json(paths.distill_cell(method, ipc), cell),
-                 save_tensors(paths.distill_set(method, ipc), {"x": x, "y": y})]
-        return {"files": hash_files(paths, files), "seconds": round(time.perf_counter() - started, 3),
-                "select_seconds": round(select_seconds, 3), "unit": unit}
-    x_test, y_test = inp.test
-    x_val, y_val = load_split(paths.val, meta)
-    fit_cfg = student_fit_config(protocol, int(x.shape[0]))
-    teacher = inp.teacher if protocol.name == "soft" else None
-    seeds = list(range(protocol.n_runs))
-    runs: list[dict[str, Any]] = []
-    key = f"{method}_ipc{ipc}"
-    bar = Bar(cfg.runtime.progress, protocol.n_runs * fit_cfg.steps if fit_cfg.steps else 0, f"distill {key}",
-              unit="step")
+        # Every candidate was dropped (the paper's dual rule can do that): nothing to train on. The cell is
+        # recorded with no runs, and the table says so, instead of failing the pipeline.
+        write_json(files[0], {**cell, "steps": 0, "runs": [], "note": "empty training set: no DSV survived extraction"})
+        return {"files": hash_files(paths, files), "seconds": round(time.perf_counter() - started, 3), **seconds}
+    runs = _students(cfg, paths, inp, method, ipc, x, y, protocol, log)
+    set_features = inp.features if method == "full" else predict_logits(inp.teacher, x, batch_size=256, embed=True)
+    test_features = predict_logits(inp.teacher, inp.test[0], batch_size=256, embed=True)
+    wd = read_json(paths.teacher_spec).get("weight_decay") or PROBE_WEIGHT_DECAY
+    cell.update({"ipc": ipc if method != "full" else inp.per_class, "steps": student_fit_config(protocol, len(y)).steps,
+                 "per_class": torch.bincount(y if y.dim() == 1 else y.argmax(1), minlength=inp.meta.num_classes).tolist(),
+                 "probe_acc": linear_probe(set_features, y, test_features, inp.test[1], inp.meta.num_classes, float(wd)),
+                 "runs": runs, **({"cross_model": d.cross_model.name} if d.cross_model is not None else {})})
+    write_json(files[0], cell)
+    files[1:1] = [paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc)]
+    if method != "full" and inp.meta.images:
+        log.figure(image_grid(inp.meta.denormalize(x), y, inp.meta.classes, f"{method}, IPC {ipc}"),
+                   f"distill/set_{method}_ipc{ipc}.png")
+    return {"files": hash_files(paths, files), "seconds": round(time.perf_counter() - started, 3), **seconds}
 
-    done: dict[int, int] = {}  # steps finished per seed (students trained together report in turn)
+
+def _students(cfg: Config, paths: Paths, inp: _Inputs, method: str, ipc: int, x: Tensor, y: Tensor,
+              protocol: ProtocolConfig, log: StageLog) -> list[dict[str, Any]]:
+    """Train the protocol's students on (x, y) (and on ``distill.cross_model``), save the first; one dict per seed."""
+    meta, (x_val, y_val), key = inp.meta, load_split(paths.val, inp.meta), f"{method}_ipc{ipc}"
+    teacher = inp.teacher if protocol.name == "soft" else None
+    seeds, runs, done = list(range(protocol.n_runs)), [], {}  # done: steps finished per seed (batched: in turn)
+    bar = Bar(cfg.runtime.progress, protocol.n_runs * student_fit_config(protocol, len(y)).steps, f"distill {key}",
+              unit="step")
 
     def on_fit(s: int, e: TrainEvent) -> None:
         log.metric(f"{key}/seed{s}/loss", e.loss, step=e.step)
@@ -210,45 +299,19 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
                     "num_classes": meta.num_classes}
             save_model(paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc), model.cpu(), spec)
 
-    shape, c = meta.input_shape, meta.num_classes
-    graphs = graphs_of(cfg)
-    train_students(x, y, x_test, y_test, teacher, protocol, shape, c, seeds, inp.device, on_fit, on_student, graphs)
+    args = (x, y, *inp.test, teacher)
+    train_students(*args, protocol, meta.input_shape, meta.num_classes, seeds, inp.device, on_fit, on_student,
+                   graphs_of(cfg))
     bar.close()
-    cross = cfg.distill.cross_model
-    if cross is not None:  # the same sets, seeds and protocol on a second architecture
-        cross_protocol = dataclasses.replace(protocol, model=cross)
-        other = train_students(x, y, x_test, y_test, teacher, cross_protocol, shape, c, seeds, inp.device,
-                               graphs=graphs)
+    if cfg.distill.cross_model is not None:  # the same sets, seeds and protocol on a second architecture
+        other = train_students(*args, dataclasses.replace(protocol, model=cfg.distill.cross_model), meta.input_shape,
+                               meta.num_classes, seeds, inp.device, graphs=graphs_of(cfg))
         for run, res in zip(runs, other):
             run["cross_acc"] = res.accuracy
-    set_features = inp.features if method == "full" else predict_logits(inp.teacher, x, batch_size=256, embed=True)
-    probe = linear_probe(set_features, y, inp.test_features, y_test, meta.num_classes, inp.teacher_weight_decay)
-    cell = {
-        "method": method, "ipc": ipc if method != "full" else inp.per_class, "shots": shots,
-        "protocol": protocol.name, "label_type": protocol.label_type, "n_train": int(y.shape[0]),
-        "per_class": torch.bincount(y if y.dim() == 1 else y.argmax(1), minlength=meta.num_classes).tolist(),
-        "probe_acc": probe, "steps": fit_cfg.steps, "runs": runs,
-        **({"cross_model": cfg.distill.cross_model.name} if cfg.distill.cross_model is not None else {}),
-    }
-    cell_file = write_json(paths.distill_cell(method, ipc), cell)
-    files = [cell_file, paths.distill_student(method, ipc), paths.distill_student_spec(method, ipc)]
-    if method != "full":
-        files.append(save_tensors(paths.distill_set(method, ipc), {"x": x, "y": y}))
-        if len(meta.input_shape) == 3:
-            mean, std = meta.stats()
-            from dsv.data.core import denormalize
-
-            log.figure(image_grid(denormalize(x, mean, std), y, meta.classes, f"{method}, IPC {ipc}"),
-                       f"distill/set_{key}.png")
-    return {
-        "files": hash_files(paths, files),
-        "seconds": round(time.perf_counter() - started, 3),
-        "select_seconds": round(select_seconds, 3),
-        "unit": unit,
-    }
+    return runs
 
 
-def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[dict[str, Any]]) -> StageOutput:
+def merge(cfg: Config, paths: Paths, log: StageLog, unit_results: list[dict[str, Any]]) -> StageOutput:
     """Collect the cells into ``runs.json`` (deterministic) and their wall times into the metrics."""
     started = time.perf_counter()
     cells = [read_json(paths.distill_cell(u["method"], u["ipc"])) for u in units(cfg)]
@@ -273,6 +336,6 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
                   device=device_of(cfg))
 
 
-def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
+def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
     """Every cell in order, then the merge (the path ``dsv stage distill`` and DVC take)."""
     return merge(cfg, paths, log, [run_unit(cfg, paths, u, log) for u in units(cfg)])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -32,12 +32,9 @@ from dsv.judge import judge_score, matched_real, nearest
 from dsv.protocols import ResultRow, label_robust_score
 from tasks.artifacts import load_model, load_split, load_tensors, read_data_meta, read_json
 from tasks.atomic import write_json, write_text
-from tasks.output import StageOutput, finish
+from tasks.output import StageConfig, StageOutput, finish
 from tasks.paths import Paths
 from tasks.tracking import StageLog
-
-if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
 
 
 def rows_from_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -200,8 +197,7 @@ def judge_sets(paths: Paths, rows: list[dict[str, Any]], seed: int = 0) -> list[
     judge = load_model(paths.judge, paths.judge_spec)
     x_test, y_test = load_split(paths.test, meta)
     x_train, y_train = load_split(paths.train, meta)
-    mean, std = meta.stats()
-    lo, hi = ((0.0 - mean) / std).view(1, -1, 1, 1), ((1.0 - mean) / std).view(1, -1, 1, 1)
+    lo, hi = (b.view(1, -1, 1, 1) for b in meta.bounds())
     out: list[dict[str, Any]] = []
     for ipc in sorted({int(r["ipc"]) for r in rows}):
         g = torch.Generator().manual_seed(seed + ipc)
@@ -239,7 +235,7 @@ def judge_sets(paths: Paths, rows: list[dict[str, Any]], seed: int = 0) -> list[
     return out
 
 
-def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
+def run(cfg: StageConfig, paths: Paths, log: StageLog) -> StageOutput:
     """Build the table; see the module docstring."""
     started = time.perf_counter()
     teacher_acc = float(read_json(paths.metrics("pretrain"))["test_acc"])

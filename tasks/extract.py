@@ -1,9 +1,8 @@
 """Stage ``extract``: Deep Support Vectors for every init kind and IPC, one DeepKKT problem per shard.
 
-A *shard* is a stratified slice of the candidates: for IPC k and S shards, shard s holds about k/S
-candidates of every class, so each shard is a complete DeepKKT problem and the shards' survivors
-concatenate. The candidates of one (init, IPC) are drawn once (seeded) and then sliced, so the result
-does not depend on which process runs which shard.
+A *shard* is a stratified slice of the candidates (:class:`dsv.extract.Shard`): for IPC k and S shards, shard s
+holds about k/S candidates of every class, so each shard is a complete DeepKKT problem and the shards' DSVs
+concatenate; :func:`dsv.extract.extract_shard` draws, warms up and optimises them.
 
 Outputs (``artifacts/extract/``): ``shards/<init>_ipc<k>_shard<s>.safetensors`` (+ ``.trace.json``),
 ``dsv.parquet`` (see :mod:`tasks.artifacts`), ``trace.json`` / ``trace.parquet`` (all shards' traces,
@@ -14,20 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import torch
 
-from dsv.baselines import SELECTOR_INPUTS
-from dsv.data.core import denormalize
-from dsv.extract import INITS, ExtractConfig, ExtractEvent, extract, init_candidates
-from dsv.generate import generate_images, noise_start
-from dsv.train import predict_logits
+from dsv.checks import at_least, choices, positive_ints
+from dsv.extract import INITS, TEACHER_ONLY, ExtractConfig, ExtractEvent, Shard, extract_shard
+from dsv.generate import GenerateConfig
 from tasks.artifacts import (
     PARAMS_HASH_KEY,
+    DataMeta,
     load_model,
     load_split,
     load_tensors,
@@ -39,49 +36,109 @@ from tasks.artifacts import (
 )
 from tasks.atomic import write_json
 from tasks.figures import curves, image_grid
-from tasks.output import StageOutput, device_of, finish, hash_files
+from tasks.output import StageConfig, StageOutput, device_of, finish, hash_files
 from tasks.paths import Paths
-from tasks.plain import params_hash
+from tasks.plain import params_hash, to_plain
 from tasks.progress import Bar
+from tasks.ranges import GE1, SEED, build, register
 from tasks.tracking import StageLog
 
-if TYPE_CHECKING:
-    from tasks.config import ExtractStageConfig, PipelineConfig
+# Per-init solver settings that differ from ``extract.solver``: none by default but the teacher-only inits'
+# within-class repulsion (dsv.kkt.repulsion), which their warm-up has too, and their augmented copy without flip
+# (an image optimised under flips becomes mirror-symmetric; classes have an orientation): measured on
+# Fashion-MNIST and digits (benchmarks/results/diversity-*.md). The
+# KKT regime study (benchmarks/results/kkt-regime-*.md) found no per-init setting that beats the shared solver on
+# both datasets at every IPC; its best n-shot setting at IPC 1 is one override away (README, "The KKT regime"):
+#   -S pretrain.converge.scope=last -S 'extract.by_init={nshot: {lam_solver: nnls, spare: 1.0, kkt: {distance: l2}}}'
+_TEACHER_ONLY_KKT = {"kkt": {"beta_repel": 0.05, "augment": "translate|crop|noise"}}
+DEFAULT_BY_INIT: dict[str, dict[str, Any]] = {"0shot": _TEACHER_ONLY_KKT, "noise": _TEACHER_ONLY_KKT}
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    """One DeepKKT problem: ``per_class`` DSVs per class of init kind ``init`` at IPC ``ipc``."""
+class ExtractStageConfig:
+    """Stage ``extract``: DSV synthesis for each init kind and IPC.
 
-    init: str
-    ipc: int
-    shard: int
-    shards: int
+    Attributes:
+        inits: initialisations to run (:data:`dsv.extract.INITS`): "nshot" (IPC real images per class, the
+            random row's draw), a core-set selector's picks ("herding", "kcenter", "kkt_herding"), "0shot" (the
+            init pool) or "noise".
+        ipcs: images per class to synthesise.
+        shards: stratified shards per (init, IPC); each is a complete DeepKKT problem over every class
+            with about IPC/shards candidates per class, run as its own task.
+        seed: seeds candidate initialisation and the augmentation draws.
+        solver: the DeepKKT optimisation (``dsv.extract.ExtractConfig``), for every init kind.
+        by_init: per init kind, keys of ``solver`` to override for that kind (nested sections merge key by key),
+            e.g. ``{nshot: {lam_solver: nnls, spare: 1.0}}``. Default: ``DEFAULT_BY_INIT``.
+        warmup: the teacher-only inits ("0shot", "noise") are first inverted with this generator recipe
+            (``dsv.generate.GenerateConfig``: coarse-to-fine, augmented views, priors; noise is drawn at its
+            coarsest grid), then refined by the DeepKKT solver; null = DeepKKT from the raw starts.
+    """
 
+    inits: tuple[str, ...] = ("herding", "nshot", "0shot")
+    ipcs: tuple[int, ...] = (10,)
+    shards: int = 1
+    seed: int = 0
+    solver: ExtractConfig = field(default_factory=ExtractConfig)
+    by_init: dict[str, dict[str, Any]] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_BY_INIT)))
+    warmup: GenerateConfig | None = field(default_factory=GenerateConfig)
+
+    def __post_init__(self) -> None:
+        choices("inits", self.inits, INITS)
+        unknown = [k for k in self.by_init if k not in INITS]
+        if unknown:
+            raise ValueError(f"by_init has {unknown}; its keys are init kinds: {', '.join(INITS)}")
+        for init, keys in self.by_init.items():  # validated here, merged by solver_for
+            errors: list[str] = []
+            build(ExtractConfig, keys, f"extract.by_init.{init}", errors, base=self.solver)
+            if errors:
+                raise ValueError("; ".join(errors))
+        positive_ints("ipcs", self.ipcs)
+        at_least(self, 1, "shards")
+        if self.ipcs and self.shards > min(self.ipcs):
+            raise ValueError(f"shards = {self.shards} exceeds the smallest IPC ({min(self.ipcs)}); "
+                             "every shard needs at least one candidate per class")
+
+
+register(ExtractStageConfig, {"ipcs": GE1, "shards": GE1, "seed": SEED})
+
+
+class Config(StageConfig, Protocol):
     @property
-    def per_class(self) -> int:
-        """This shard's share of the IPC (the first ``ipc % shards`` shards take one more)."""
-        return self.ipc // self.shards + (1 if self.shard < self.ipc % self.shards else 0)
-
-    @property
-    def offset(self) -> int:
-        """Candidates per class taken by the shards before this one."""
-        return sum(ShardJob(self.init, self.ipc, s, self.shards).per_class for s in range(self.shard))
-
-    @property
-    def tag(self) -> str:
-        return f"{self.init}_ipc{self.ipc}_shard{self.shard}"
+    def extract(self) -> ExtractStageConfig: ...
 
 
-def jobs(cfg: PipelineConfig) -> list[ShardJob]:
+def check(cfg: Any, data: dict[str, Any] | None = None) -> list[str]:
+    """Problems of the ``extract`` section in the whole config, or with ``data`` (meta.json) in the prepared data:
+    IPCs beyond the real images there are, 0-shot starts for inputs that are not images."""
+    e, p = cfg.extract, cfg.prepare
+    if data is None:
+        if p.data.n_per_class is None or not [k for k in e.ipcs if k > p.data.n_per_class - p.val_per_class]:
+            return []
+        return [f"extract.ipcs {[k for k in e.ipcs if k > p.data.n_per_class - p.val_per_class]} exceed the "
+                f"{p.data.n_per_class - p.val_per_class} training images per class (prepare.data.n_per_class "
+                f"{p.data.n_per_class} - prepare.val_per_class {p.val_per_class})"]
+    errors = []
+    fewest = min(data["train_per_class"]) if data["train_per_class"] else 0
+    too_big = [k for k in e.ipcs if k > fewest] if "nshot" in e.inits else []
+    if too_big and fewest > 0:
+        errors.append(f"extract.ipcs {too_big} exceed the {fewest} training images of the smallest class")
+    shape = data.get("input_shape")
+    if shape is not None and len(data["classes"]) >= 2 and len(shape) != 3 and "0shot" in e.inits:
+        errors.append(f"extract.inits: '0shot' starts from images of another dataset, and {p.data.name!r} "
+                      f"inputs of shape {list(shape)} are not images; use extract.inits=[nshot,noise] and "
+                      "leave dsv_0shot out of distill.methods")
+    return errors
+
+
+def shards(cfg: Config) -> list[Shard]:
     """Every shard of every (init, IPC), in a fixed order."""
     e = cfg.extract
-    return [ShardJob(i, k, s, e.shards) for i in e.inits for k in e.ipcs for s in range(e.shards)]
+    return [Shard(i, k, s, e.shards) for i in e.inits for k in e.ipcs for s in range(e.shards)]
 
 
-def units(cfg: PipelineConfig) -> list[dict[str, Any]]:
+def units(cfg: Config) -> list[dict[str, Any]]:
     """The shards as plain dicts (what the flow maps its shard tasks over)."""
-    return [asdict(j) for j in jobs(cfg)]
+    return [asdict(s) for s in shards(cfg)]
 
 
 def _merged(base: Any, keys: dict[str, Any]) -> Any:
@@ -99,109 +156,39 @@ def solver_for(e: ExtractStageConfig, init: str) -> ExtractConfig:
     return _merged(e.solver, e.by_init.get(init, {}))  # type: ignore[no-any-return]
 
 
-# Inits that use no real image of the task: the generator warm-up (extract.warmup) applies to them.
-TEACHER_ONLY = ("0shot", "noise")
+def _pool(paths: Paths, meta: DataMeta) -> torch.Tensor:
+    """The 0-shot pool, normalised like the task's inputs."""
+    pool = load_tensors(paths.init_pool, ("x",))["x"]
+    if pool.shape[0] == 0:
+        raise ValueError("init '0shot' needs the init pool, which is empty (see prepare.init_pool)")
+    return meta.normalize(pool)
 
 
-def _seed(base: int, *parts: int) -> int:
-    """A deterministic seed per (init, IPC, shard), independent of Python's hash randomisation."""
-    h = base
-    for p in parts:
-        h = (h * 1_000_003 + p) % (2**31 - 1)
-    return h
-
-
-def _dual(solver: ExtractConfig) -> str:
-    """How λ ≥ 0 was enforced: the dual rule of the Adam λ solver, or "nnls"."""
-    return solver.dual if solver.lam_solver == "adam" else "nnls"
-
-
-def _with_spare(n: int, spare: float) -> int:
-    return math.ceil(n * (1.0 + spare))
-
-
-def _bounds(paths: Paths, meta: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The valid input range in normalised space, per channel or feature: pixels in [0, 1]; a tabular
-    feature between its smallest and largest training value (DSVs stay in the range of the real data)."""
-    mean, std = meta.stats()
-    if len(meta.input_shape) == 3:
-        return (0.0 - mean) / std, (1.0 - mean) / std
-    x, _ = load_split(paths.train, meta)
-    return x.min(dim=0).values, x.max(dim=0).values
-
-
-def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: StageLog) -> dict[str, Any]:
+def run_unit(cfg: Config, paths: Paths, unit: dict[str, Any], log: StageLog) -> dict[str, Any]:
     """Solve one shard and write its tensors and trace.
 
     Returns:
         {"files": {relative path: sha256}, "seconds": wall time, "unit": the shard}.
     """
     started = time.perf_counter()
-    job = ShardJob(**unit)
-    e = cfg.extract
-    device = device_of(cfg)
+    shard, e = Shard(**unit), cfg.extract
     meta = read_data_meta(paths.data_meta)
-    teacher = load_model(paths.teacher, paths.teacher_spec, device)
-    mean, std = meta.stats()
-    c = meta.num_classes
-    # All candidates of this (init, IPC) are drawn at once, then sliced per shard.
-    all_jobs = [ShardJob(job.init, job.ipc, s, job.shards) for s in range(job.shards)]
-    solver = solver_for(e, job.init)
-    widths = [_with_spare(j.per_class, solver.spare) for j in all_jobs]
-    total = sum(widths)
-    real_x = real_y = other_x = features = logits = None
-    if job.init in ("noise", "0shot"):
-        g = torch.Generator().manual_seed(_seed(e.seed, INITS.index(job.init), job.ipc))
-    else:
-        # Real images are drawn as the core-set selectors draw them (dsv.baselines.select seeds a generator
-        # with the seed): "nshot" with extract.seed = distill.seed starts from the random row's images.
-        g = torch.Generator().manual_seed(e.seed)
-        real_x, real_y = load_split(paths.train, meta)
-        needs = SELECTOR_INPUTS.get(job.init, ())
-        if "features" in needs:
-            features = predict_logits(teacher, real_x, batch_size=256, embed=True)
-        if "logits" in needs:
-            logits = predict_logits(teacher, real_x)
-    if job.init == "0shot":
-        pool = load_tensors(paths.init_pool, ("x",))["x"]
-        if pool.shape[0] == 0:
-            raise ValueError("init '0shot' needs the init pool, which is empty (see prepare.init_pool)")
-        other_x = (pool - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    warm = e.warmup if job.init in TEACHER_ONLY and len(meta.input_shape) == 3 else None
-    if job.init == "noise" and warm is not None:  # noise on the warm-up's coarsest grid (see noise_start)
-        y0 = torch.arange(c).repeat_interleave(total)
-        x0 = noise_start(y0.numel(), meta.input_shape, warm, g)
-    else:
-        x0, y0 = init_candidates(job.init, total, c, meta.input_shape, g, real_x, real_y, other_x, features, logits)
-    start = sum(widths[: job.shard])
-    keep = torch.cat([torch.arange(k * total + start, k * total + start + widths[job.shard]) for k in range(c)])
-    x0, y0 = x0[keep], y0[keep]
-    lo, hi = _bounds(paths, meta)
-    if warm is not None:
-        x0 = generate_images(teacher, x0.to(device), y0.to(device), warm, seed=_seed(e.seed, INITS.index(job.init),
-                             job.ipc, job.shard), pixel_bounds=(lo, hi)).x
-
-    prefix = job.tag
-    bar = Bar(cfg.runtime.progress, solver.steps, f"extract {prefix}", unit="step")
+    teacher = load_model(paths.teacher, paths.teacher_spec, device_of(cfg))
+    real = load_split(paths.train, meta) if shard.init not in TEACHER_ONLY or not meta.images else None
+    solver = solver_for(e, shard.init)
+    bar = Bar(cfg.runtime.progress, solver.steps, f"extract {shard.tag}", unit="step")
 
     def on_step(ev: ExtractEvent) -> None:
-        log.metrics({f"{prefix}/{k}": v for k, v in ev.metrics.items() if k != "step"}, step=ev.step)
+        log.metrics({f"{shard.tag}/{k}": v for k, v in ev.metrics.items() if k != "step"}, step=ev.step)
         bar.to(ev.step, loss=ev.metrics.get("loss", float("nan")), residual=ev.metrics.get("residual_l2", 0.0))
 
-    try:
-        with bar:
-            res = extract(
-                teacher, x0.to(device), y0.to(device), solver,
-                seed=_seed(e.seed, INITS.index(job.init), job.ipc, job.shard),
-                callback=on_step, pixel_bounds=(lo, hi), keep_per_class=job.per_class,
-            )
-    except FloatingPointError as exc:
-        # dsv names the step and the last finite loss; the user also needs to know which problem.
-        raise FloatingPointError(
-            f"extract shard {job.shard + 1}/{job.shards} (init {job.init}, IPC {job.ipc}, "
-            f"{job.per_class} per class) diverged: {exc}"
-        ) from exc
-    shard_file = paths.extract_shard(job.init, job.ipc, job.shard)
+    with bar:
+        res = extract_shard(teacher, shard, solver, meta.num_classes, meta.input_shape, e.seed,
+                            real=real if shard.init not in TEACHER_ONLY else None,
+                            pool=_pool(paths, meta) if shard.init == "0shot" else None,
+                            bounds=meta.bounds(real[0] if real is not None else None), warmup=e.warmup,
+                            callback=on_step)
+    shard_file = paths.extract_shard(shard.init, shard.ipc, shard.shard)
     save_tensors(
         shard_file,
         {"x": res.x, "y": res.y, "lam": res.lam, "probs": res.probs, "entropy": res.entropy,
@@ -209,13 +196,16 @@ def run_unit(cfg: PipelineConfig, paths: Paths, unit: dict[str, Any], log: Stage
          "counts": torch.tensor([res.dropped, res.lambda_zero, res.repaired, res.infeasible])},
         metadata={"lam_scale": repr(res.lam_scale), "dual": res.dual},
     )
-    trace_file = paths.extract_shard_trace(job.init, job.ipc, job.shard)
-    write_json(trace_file, [{**row, "init": job.init, "ipc": job.ipc, "shard": job.shard} for row in res.trace])
+    trace_file = paths.extract_shard_trace(shard.init, shard.ipc, shard.shard)
+    write_json(trace_file, [{**row, "init": shard.init, "ipc": shard.ipc, "shard": shard.shard} for row in res.trace])
     files = hash_files(paths, [shard_file, trace_file])
     return {"files": files, "seconds": round(time.perf_counter() - started, 3), "unit": unit}
 
 
-def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[dict[str, Any]]) -> StageOutput:
+SHARD_TENSORS = ("x", "y", "lam", "probs", "entropy", "support", "margin", "counts")
+
+
+def merge(cfg: Config, paths: Paths, log: StageLog, unit_results: list[dict[str, Any]]) -> StageOutput:
     """Concatenate all shards into ``dsv.parquet`` and the trace files; write metrics and figures.
 
     Args:
@@ -224,98 +214,89 @@ def merge(cfg: PipelineConfig, paths: Paths, log: StageLog, unit_results: list[d
     """
     started = time.perf_counter()
     meta = read_data_meta(paths.data_meta)
-    mean, std = meta.stats()
-    xs, ys, lams, ents, confs, names, inits, ipcs, shard_ids = [], [], [], [], [], [], [], [], []
-    supports, margins = [], []
-    counts: dict[tuple[str, int], torch.Tensor] = {}
-    trace: list[dict] = []
-    metrics: dict[str, object] = {}
-    for job in jobs(cfg):
-        t = load_tensors(paths.extract_shard(job.init, job.ipc, job.shard),
-                         ("x", "y", "lam", "probs", "entropy", "support", "margin", "counts"))
-        counts[(job.init, job.ipc)] = counts.get((job.init, job.ipc), torch.zeros(4, dtype=torch.long)) + t["counts"]
-        y = t["y"].long() if t["y"].dim() == 1 else t["y"].argmax(1)
-        n = y.numel()
-        xs.append(denormalize(t["x"], mean, std) if n else t["x"])
-        ys.append(y)
-        lams.append(t["lam"])
-        supports.append(t["support"])
-        margins.append(t["margin"])
-        ents.append(t["entropy"])
-        confs.append(t["probs"].gather(1, y.view(-1, 1)).squeeze(1) if n else t["lam"])
-        names += [meta.classes[i] for i in y.tolist()]
-        inits += [job.init] * n
-        ipcs += [job.ipc] * n
-        shard_ids += [job.shard] * n
-        trace += read_json(paths.extract_shard_trace(job.init, job.ipc, job.shard))
-    x = torch.cat(xs) if xs else torch.zeros((0, *meta.input_shape))
-    y_all = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long)
-    digest = params_hash(cfg.section_dict("extract"))
+    parts = [(s, load_tensors(paths.extract_shard(s.init, s.ipc, s.shard), SHARD_TENSORS)) for s in shards(cfg)]
+    trace = [row for s in shards(cfg) for row in read_json(paths.extract_shard_trace(s.init, s.ipc, s.shard))]
+    cols = _columns(parts, meta)
+    digest = params_hash(to_plain(cfg.extract))
+    duals = {i: solver_for(cfg.extract, i).dual if solver_for(cfg.extract, i).lam_solver == "adam" else "nnls"
+             for i in cfg.extract.inits}
     write_dsv_parquet(
-        paths.dsv_parquet, x=x, y=y_all, lam=torch.cat(lams) if lams else torch.zeros(0),
-        entropy=torch.cat(ents) if ents else torch.zeros(0), confidence=torch.cat(confs) if confs else torch.zeros(0),
-        class_names=names, init=inits, ipc=ipcs, shard=shard_ids,
-        support=torch.cat(supports) if supports else None, margin=torch.cat(margins) if margins else None,
-        metadata={PARAMS_HASH_KEY: digest, "dsv.dataset": meta.name,
-                  "dsv.dual": json.dumps({i: _dual(solver_for(cfg.extract, i)) for i in cfg.extract.inits}),
+        paths.dsv_parquet, **cols, feature_names=meta.features,
+        metadata={PARAMS_HASH_KEY: digest, "dsv.dataset": meta.name, "dsv.dual": json.dumps(duals),
                   "dsv.classes": ",".join(meta.classes)},
-        feature_names=meta.features,
     )
     write_json(paths.extract_trace, trace)
     write_records_parquet(paths.extract_trace_parquet, trace, {PARAMS_HASH_KEY: digest})
-
+    metrics: dict[str, Any] = {}
     for init in cfg.extract.inits:
         for ipc in cfg.extract.ipcs:
-            sel = torch.tensor([a == init and b == ipc for a, b in zip(inits, ipcs)], dtype=torch.bool)
-            rows = [r for r in trace if r["init"] == init and r["ipc"] == ipc]
-            first_step = min((r["step"] for r in rows), default=0)
-            last_step = max((r["step"] for r in rows), default=0)
-            start = [r for r in rows if r["step"] == first_step]
-            end = [r for r in rows if r["step"] == last_step]
-
-            def avg(rs: list[dict], key: str) -> float:
-                vals = [float(r[key]) for r in rs if key in r]
-                return sum(vals) / len(vals) if vals else float("nan")
-
-            key = f"{init}_ipc{ipc}"
-            dropped, lambda_zero, repaired, infeasible = counts[(init, ipc)].tolist()
-            metrics[key] = {
-                "n": int(sel.sum()),
-                "per_class": torch.bincount(y_all[sel], minlength=meta.num_classes).tolist(),
-                "lambda_zero": lambda_zero,
-                "dropped": dropped,
-                "repaired": repaired,
-                "infeasible": infeasible,
-                "acc_target": avg(end, "acc_target"),
-                "entropy_start": avg(start, "entropy"),
-                "entropy_end": avg(end, "entropy"),
-                "residual_l2_start": avg(start, "residual_l2"),
-                "residual_l2_end": avg(end, "residual_l2"),
-                "lam_mean": float(torch.cat(lams)[sel].mean()) if int(sel.sum()) else float("nan"),
-                "support_mean": float(torch.cat(supports)[sel].mean()) if int(sel.sum()) else float("nan"),
-                "asked": int(ipc * meta.num_classes),
-            }
-            if int(sel.sum()) and len(meta.input_shape) == 3:
-                log.figure(image_grid(x[sel], y_all[sel], meta.classes, f"DSVs: {init}, IPC {ipc}"),
-                           f"extract/dsv_grid_{key}.png")
-            steps = sorted({r["step"] for r in rows})
-            ent = [avg([r for r in rows if r["step"] == s], "entropy") for s in steps]
-            if steps:
-                log.figure(curves({key: (steps, ent)}, "step", "mean entropy (nats)", f"candidate entropy, {key}"),
-                           f"extract/entropy_{key}.png")
-    metrics["n_dsv"] = int(y_all.numel())
+            counts = torch.stack([t["counts"] for s, t in parts if (s.init, s.ipc) == (init, ipc)]).sum(0)
+            metrics[f"{init}_ipc{ipc}"] = _summary(init, ipc, cols, counts, trace, meta, log)
+    metrics["n_dsv"] = int(cols["y"].numel())
     metrics["shard_seconds"] = round(sum(float(r["seconds"]) for r in unit_results), 3)
     flat = {f"{k}.{m}": v for k, d in metrics.items() if isinstance(d, dict) for m, v in d.items()
             if isinstance(v, (int, float))}
     log.metrics({**flat, "n_dsv": metrics["n_dsv"]})
     log.artifact(paths.dsv_parquet)
-    shard_files = [f for j in jobs(cfg) for f in (paths.extract_shard(j.init, j.ipc, j.shard),
-                                                   paths.extract_shard_trace(j.init, j.ipc, j.shard))]
+    shard_files = [f for s in shards(cfg) for f in (paths.extract_shard(s.init, s.ipc, s.shard),
+                                                     paths.extract_shard_trace(s.init, s.ipc, s.shard))]
     files = [*shard_files, paths.dsv_parquet, paths.extract_trace, paths.extract_trace_parquet]
     return finish("extract", cfg, paths, files, metrics, started, extra_seconds=metrics["shard_seconds"],
                   device=device_of(cfg))
 
 
-def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
+def _columns(parts: list[tuple[Shard, dict[str, torch.Tensor]]], meta: DataMeta) -> dict[str, Any]:
+    """The shards' DSVs as the columns of ``dsv.parquet`` (images back in pixel units)."""
+    cols: dict[str, list[Any]] = {k: [] for k in ("x", "y", "lam", "entropy", "confidence", "support", "margin",
+                                                  "class_names", "init", "ipc", "shard")}
+    for s, t in parts:
+        y = t["y"].long() if t["y"].dim() == 1 else t["y"].argmax(1)
+        n = y.numel()
+        cols["x"].append(meta.denormalize(t["x"]) if n else t["x"])
+        cols["y"].append(y)
+        cols["confidence"].append(t["probs"].gather(1, y.view(-1, 1)).squeeze(1) if n else t["lam"])
+        for k in ("lam", "entropy", "support", "margin"):
+            cols[k].append(t[k])
+        cols["class_names"] += [meta.classes[i] for i in y.tolist()]
+        cols["init"] += [s.init] * n
+        cols["ipc"] += [s.ipc] * n
+        cols["shard"] += [s.shard] * n
+    empty = {"x": torch.zeros((0, *meta.input_shape)), "y": torch.zeros(0, dtype=torch.long)}
+    out: dict[str, Any] = {k: cols[k] for k in ("class_names", "init", "ipc", "shard")}
+    for k in ("x", "y", "lam", "entropy", "confidence", "support", "margin"):
+        out[k] = torch.cat(cols[k]) if cols[k] else empty.get(k, torch.zeros(0))
+    return out
+
+
+def _summary(init: str, ipc: int, cols: dict[str, Any], counts: torch.Tensor, trace: list[dict[str, Any]],
+             meta: DataMeta, log: StageLog) -> dict[str, Any]:
+    """The metrics of one (init, IPC) and its figures (the DSV grid, the candidates' entropy per step)."""
+    sel = torch.tensor([a == init and b == ipc for a, b in zip(cols["init"], cols["ipc"])], dtype=torch.bool)
+    rows = [r for r in trace if r["init"] == init and r["ipc"] == ipc]
+    steps = sorted({r["step"] for r in rows})
+
+    def avg(step: float, key: str) -> float:
+        vals = [float(r[key]) for r in rows if r["step"] == step and key in r]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    first, last, key, n = (steps[0] if steps else 0), (steps[-1] if steps else 0), f"{init}_ipc{ipc}", int(sel.sum())
+    dropped, lambda_zero, repaired, infeasible = counts.tolist()
+    if n and meta.images:
+        log.figure(image_grid(cols["x"][sel], cols["y"][sel], meta.classes, f"DSVs: {init}, IPC {ipc}"),
+                   f"extract/dsv_grid_{key}.png")
+    if steps:
+        log.figure(curves({key: (steps, [avg(s, "entropy") for s in steps])}, "step", "mean entropy (nats)",
+                          f"candidate entropy, {key}"), f"extract/entropy_{key}.png")
+    return {"n": n, "per_class": torch.bincount(cols["y"][sel], minlength=meta.num_classes).tolist(),
+            "lambda_zero": lambda_zero, "dropped": dropped, "repaired": repaired, "infeasible": infeasible,
+            "acc_target": avg(last, "acc_target"), "entropy_start": avg(first, "entropy"),
+            "entropy_end": avg(last, "entropy"), "residual_l2_start": avg(first, "residual_l2"),
+            "residual_l2_end": avg(last, "residual_l2"),
+            "lam_mean": float(cols["lam"][sel].mean()) if n else float("nan"),
+            "support_mean": float(cols["support"][sel].mean()) if n else float("nan"),
+            "asked": int(ipc * meta.num_classes)}
+
+
+def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
     """All shards in order, then the merge (the path ``dsv stage extract`` and DVC take)."""
     return merge(cfg, paths, log, [run_unit(cfg, paths, u, log) for u in units(cfg)])

@@ -11,20 +11,55 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from dsv.models import ModelConfig, build_seeded
-from dsv.train import TrainEvent, evaluate, fit
+from dsv.train import FitConfig, TrainEvent, evaluate, fit
 from tasks.artifacts import load_split, read_data_meta, save_model
-from tasks.output import StageOutput, device_of, finish, graphs_of
+from tasks.output import StageConfig, StageOutput, device_of, finish, graphs_of, model_errors
 from tasks.paths import Paths
 from tasks.plain import to_plain
 from tasks.progress import Bar
+from tasks.ranges import SEED, register
 from tasks.tracking import StageLog
 
-if TYPE_CHECKING:
-    from tasks.config import JudgeConfig, PipelineConfig
 
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Stage ``judge``: an independent classifier that scores generated and distilled images.
+
+    It is trained on the real training split and never sees the teacher: another architecture (by default a
+    BatchNorm + max-pool ConvNet of width 32, where the teacher is an InstanceNorm + average-pool ConvNet of
+    the same width) and another seed. Its accuracy on the images' intended classes, its confidence, and a Fréchet
+    distance in its penultimate features (:mod:`dsv.judge`) are what ``generate`` and ``evaluate`` report.
+
+    Attributes:
+        model: the judge's architecture (any ``pretrain.model`` name); null = a ConvNet (width 32, depth 3,
+            BatchNorm, max pooling) for images, an MLP (width 128, depth 2) for feature vectors.
+        fit: its training (2 epochs of Adam and at least 400 steps: on a small dataset the step floor binds).
+        seed: seeds its initialisation and batch order (differs from ``pretrain.seed`` by default).
+    """
+
+    model: ModelConfig | None = None
+    fit: FitConfig = field(default_factory=lambda: FitConfig(optimizer="adam", lr=2e-3, epochs=2, min_steps=400,
+                                                             batch_size=256, schedule="cosine"))
+    seed: int = 1
+
+
+register(JudgeConfig, {"seed": SEED})
+
+
+class Config(StageConfig, Protocol):
+    @property
+    def judge(self) -> JudgeConfig: ...
+
+
+def check(cfg: Any, data: dict[str, Any] | None = None) -> list[str]:
+    """With ``data`` (meta.json): the judge must take the prepared inputs."""
+    if data is None or data.get("input_shape") is None:
+        return []
+    return model_errors({"judge.model": judge_model(cfg.judge, data["input_shape"])}, data)
 
 def judge_model(j: JudgeConfig, input_shape: Sequence[int]) -> ModelConfig:
     """The judge's architecture for inputs of ``input_shape``: ``judge.model``, or when null a ConvNet (width 32,
@@ -36,7 +71,7 @@ def judge_model(j: JudgeConfig, input_shape: Sequence[int]) -> ModelConfig:
     return ModelConfig(name="mlp", width=128, depth=2)
 
 
-def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
+def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
     """Train and evaluate the judge; see the module docstring."""
     started = time.perf_counter()
     j = cfg.judge

@@ -1,4 +1,4 @@
-"""What a stage returns and writes at its end, and the device it runs on.
+"""What a stage reads of the params beside its section, returns and writes at its end, and its device.
 
 Part of every stage's code closure (it writes the resolved params, metrics and timings files); the stage
 registry (:mod:`tasks.stages`) and the params loader (:mod:`tasks.config`) are not.
@@ -9,14 +9,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tasks.atomic import file_sha256, write_json, write_text
 from tasks.paths import Paths
 from tasks.plain import dump_yaml, to_plain
 
 if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
+    from dsv.models import ModelConfig
+    from tasks.runtime import RuntimeConfig
+
+
+class StageConfig(Protocol):
+    """What every stage reads beside its own section (:class:`tasks.config.PipelineConfig` is one). Each stage
+    module names its section in its own ``Config`` protocol, so it reads nothing else."""
+
+    @property
+    def runtime(self) -> RuntimeConfig: ...
 
 
 @dataclass
@@ -55,7 +64,7 @@ def hash_files(paths: Paths, files: list[Path]) -> dict[str, str]:
 
 def finish(
     stage: str,
-    cfg: PipelineConfig,
+    cfg: StageConfig,
     paths: Paths,
     files: list[Path],
     metrics: dict[str, Any],
@@ -93,7 +102,7 @@ def is_timing(key: str) -> bool:
     return key.endswith("seconds")
 
 
-def device_of(cfg: PipelineConfig) -> str:
+def device_of(cfg: StageConfig) -> str:
     """The torch device named by ``runtime.device`` ("auto" = cuda when available, else cpu)."""
     return resolve_device(cfg.runtime.device)
 
@@ -109,7 +118,26 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def graphs_of(cfg: PipelineConfig) -> bool:
+def graphs_of(cfg: StageConfig) -> bool:
     """Whether training steps are replayed from CUDA graphs: ``runtime.cuda_graphs`` ("auto" = on for cuda)."""
     mode = cfg.runtime.cuda_graphs
     return mode == "on" or (mode == "auto" and device_of(cfg) == "cuda")
+
+
+def model_errors(models: dict[str, ModelConfig], data: dict[str, Any], external: bool = False) -> list[str]:
+    """One message per model of a stage (dotted key -> architecture) that cannot take the prepared inputs
+    (``data``: meta.json's ``classes`` and ``input_shape``). torchvision/timm models are built only with
+    ``external`` (the teacher; a student of theirs is checked when its cell builds it)."""
+    from dsv.models import build_model
+
+    errors: list[str] = []
+    if data.get("input_shape") is None or len(data["classes"]) < 2:
+        return errors
+    for key, model in models.items():
+        if ":" in model.name and not external:
+            continue
+        try:
+            build_model(model, tuple(data["input_shape"]), len(data["classes"]))
+        except ValueError as exc:
+            errors.append(f"{key}: {exc}")
+    return errors

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 from collections.abc import Mapping
 from typing import Any
-
-import yaml
 
 
 def to_plain(obj: Any) -> Any:
@@ -27,9 +26,18 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def dump_yaml(data: Any) -> str:
-    """Deterministic YAML text of plain data (re-readable by ``tasks.config.parse_yaml`` and by DVC)."""
-    return yaml.safe_dump(to_plain(data), sort_keys=False, default_flow_style=None, width=100)
+def dump_yaml(data: Any, width: int = 4096, flow: bool | None = None) -> str:
+    """Deterministic YAML 1.2 text of plain data, keys in their order, written by the library that reads params
+    (ruamel.yaml, as DVC; re-readable by ``tasks.config.parse_yaml``): collections of scalars in flow style, one per
+    line (``flow`` None; ruamel would wrap a long one between a key and its value), or block style everywhere
+    (``flow`` False, lines of at most about ``width`` characters)."""
+    from ruamel.yaml import YAML
+
+    writer = YAML(typ="safe", pure=True)
+    writer.default_flow_style, writer.width, writer.sort_base_mapping_type_on_output = flow, width, False
+    buf = io.StringIO()
+    writer.dump(to_plain(data), buf)
+    return "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
 
 
 def params_hash(data: Any) -> str:

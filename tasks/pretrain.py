@@ -15,25 +15,81 @@ before and after the optional convergence phase (``pretrain.converge``).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
-from dsv.certificate import converge, kkt_certificates
-from dsv.kkt import PARAM_SUBSETS, stationarity_params
-from dsv.models import build_seeded, load_checkpoint
-from dsv.train import TrainEvent, evaluate, fit
+from dsv.certificate import ConvergeConfig, converge
+from dsv.kernel import PARAM_SUBSETS, kkt_certificates, stationarity_params
+from dsv.models import ModelConfig, build_seeded, load_checkpoint
+from dsv.train import FitConfig, TrainEvent, evaluate, fit
 from tasks.artifacts import load_split, read_data_meta, save_model
 from tasks.atomic import write_json
 from tasks.figures import curves
-from tasks.output import StageOutput, device_of, finish, graphs_of
+from tasks.output import StageConfig, StageOutput, device_of, finish, graphs_of, model_errors
 from tasks.paths import Paths
 from tasks.plain import to_plain
 from tasks.progress import Bar
+from tasks.ranges import SEED, register
 from tasks.tracking import StageLog
 
-if TYPE_CHECKING:
-    from tasks.config import PipelineConfig
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Stage ``pretrain``: the teacher Φ(·; θ*).
+
+    Attributes:
+        model: teacher architecture (the project's models, ``torchvision:<name>`` or ``timm:<name>``); ConvNet-3
+            width 32 by default (width 64 costs much more time in every teacher-bound stage for little teacher
+            accuracy: benchmarks/results/teacher-width.md).
+        checkpoint: a trained teacher's state dict (``.safetensors``, or a ``torch.save``'d state dict read
+            with ``weights_only=True``; never a pickled model): the stage loads and verifies it (input shape,
+            classes, test accuracy, KKT certificates) instead of training. Its content hash is part of the
+            cache key; the file is never written. ``fit.weight_decay`` is then the ω the certificates assume.
+        fit: teacher training (the paper's Adam, lr 1e-3, weight decay 5e-3; 5 epochs with a cosine schedule and no
+            augmentation, which underfits at this budget: benchmarks/results/teacher.md), and at least 500 steps
+            (5 epochs of scikit-learn's digits are a few dozen steps, far too few for a usable teacher).
+        converge: optional convergence phase after training (``dsv.certificate.ConvergeConfig``):
+            full-batch L-BFGS on the final layer ("last") or every parameter ("all") until the teacher is
+            a KKT point of mean CE + (ω/2)‖θ‖², ω = ``fit.weight_decay``.
+        seed: seeds the initialisation and the batch order.
+    """
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="convnet", width=32, depth=3))
+    checkpoint: str | None = None
+    fit: FitConfig = field(
+        default_factory=lambda: FitConfig(
+            optimizer="adam", lr=1e-3, weight_decay=5e-3, epochs=5, min_steps=500, batch_size=128, schedule="cosine",
+            augment="none",
+        )
+    )
+    converge: ConvergeConfig = field(default_factory=ConvergeConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None and not self.checkpoint.strip():
+            raise ValueError("checkpoint must be a file path or null, got an empty string")
+
+
+register(PretrainConfig, {"seed": SEED})
+
+
+class Config(StageConfig, Protocol):
+    @property
+    def pretrain(self) -> PretrainConfig: ...
+
+
+def check(cfg: Any, data: dict[str, Any] | None = None) -> list[str]:
+    """Problems of the ``pretrain`` section: a checkpoint that is not there; a teacher that cannot take the
+    prepared inputs (``data``: meta.json)."""
+    if data is not None:
+        return model_errors({"pretrain.model": cfg.pretrain.model}, data, external=True)
+    ckpt = cfg.pretrain.checkpoint
+    if ckpt is not None and not Path(ckpt).is_file():
+        return [f"pretrain.checkpoint = {ckpt!r}: file not found (relative paths start at the project root)"]
+    return []
 
 
 def certificates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, omega: float) -> dict[str, float]:
@@ -44,7 +100,7 @@ def certificates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, omega
     return {("kkt_certificate" if s == "all" else f"kkt_certificate_{s}"): c.relative for s, c in certs.items()}
 
 
-def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
+def run(cfg: Config, paths: Paths, log: StageLog) -> StageOutput:
     """Train and evaluate the teacher; see the module docstring."""
     started = time.perf_counter()
     p = cfg.pretrain
@@ -64,25 +120,9 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
         model = model.to(device)
         fit_seconds = _train(cfg, model, x, y, log, curve)
 
-    certify = p.fit.weight_decay > 0
-    extra: dict[str, float] = {}
-    if p.converge.scope != "none":
-        if not certify:
-            raise ValueError("pretrain.converge needs pretrain.fit.weight_decay > 0 (the objective it converges)")
-        extra["test_acc_before_converge"] = evaluate(model, x_test, y_test, meta.num_classes).accuracy
-        extra.update({f"{k}_before_converge": v for k, v in certificates(model, x, y, p.fit.weight_decay).items()})
-        conv_started = time.perf_counter()
-        cbar = Bar(cfg.runtime.progress, p.converge.max_iter, f"pretrain converge ({p.converge.scope})", unit="it")
-
-        def on_iter(it: int, gn: float) -> None:
-            log.metric("converge_grad_norm", gn, step=it)
-            cbar.to(it, grad_norm=gn)
-
-        with cbar:
-            res = converge(model, x.to(device), y.to(device), p.fit.weight_decay, p.converge, callback=on_iter)
-        extra["converge_iterations"] = float(res.iterations)
-        extra["converge_seconds"] = round(time.perf_counter() - conv_started, 3)
-    if certify:
+    extra = _converge(cfg, model, x, y, evaluate(model, x_test, y_test, meta.num_classes).accuracy, log) \
+        if p.converge.scope != "none" else {}
+    if p.fit.weight_decay > 0:
         extra.update(certificates(model, x, y, p.fit.weight_decay))
     test = evaluate(model, x_test, y_test, meta.num_classes)
     val = evaluate(model, x_val, y_val, meta.num_classes) if y_val.numel() else None
@@ -91,18 +131,12 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
             "weight_decay": None if p.checkpoint else p.fit.weight_decay}
     save_model(paths.teacher, paths.teacher_spec, model.cpu(), spec)
     write_json(paths.pretrain_curve, curve)
-    metrics = {
-        "test_acc": test.accuracy,
-        "val_acc": val.accuracy if val is not None else float("nan"),
-        "train_seconds": round(fit_seconds, 3),
-        "n_train": int(y.numel()),
-        **extra,
-        **{f"test_acc_class_{c}": a for c, a in enumerate(test.per_class)},
-    }
-    chance = 1.0 / meta.num_classes
-    if p.checkpoint is not None and test.accuracy < 1.5 * chance:
-        print(f"warning: the checkpoint's test accuracy is {test.accuracy:.3f} (chance {chance:.3f}): check "
-              "prepare.normalize (the normalisation it was trained with) and the class order "
+    metrics = {"test_acc": test.accuracy, "val_acc": val.accuracy if val is not None else float("nan"),
+               "train_seconds": round(fit_seconds, 3), "n_train": int(y.numel()), **extra,
+               **{f"test_acc_class_{c}": a for c, a in enumerate(test.per_class)}}
+    if p.checkpoint is not None and test.accuracy < 1.5 / meta.num_classes:
+        print(f"warning: the checkpoint's test accuracy is {test.accuracy:.3f} (chance {1 / meta.num_classes:.3f}): "
+              "check prepare.normalize (the normalisation it was trained with) and the class order "
               f"({', '.join(meta.classes[:5])}{', ...' if meta.num_classes > 5 else ''})")
     log.metrics(metrics)
     if curve:
@@ -113,7 +147,29 @@ def run(cfg: PipelineConfig, paths: Paths, log: StageLog) -> StageOutput:
                   device=device)
 
 
-def _train(cfg: PipelineConfig, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, log: StageLog,
+def _converge(cfg: Config, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, test_acc: float,
+              log: StageLog) -> dict[str, float]:
+    """The convergence phase (``pretrain.converge``), in place; its metrics: the test accuracy and certificates
+    before it, its iterations and wall time."""
+    p = cfg.pretrain
+    if not p.fit.weight_decay > 0:
+        raise ValueError("pretrain.converge needs pretrain.fit.weight_decay > 0 (the objective it converges)")
+    extra = {"test_acc_before_converge": test_acc,
+             **{f"{k}_before_converge": v for k, v in certificates(model, x, y, p.fit.weight_decay).items()}}
+    started, device = time.perf_counter(), next(model.parameters()).device
+    bar = Bar(cfg.runtime.progress, p.converge.max_iter, f"pretrain converge ({p.converge.scope})", unit="it")
+
+    def on_iter(it: int, gn: float) -> None:
+        log.metric("converge_grad_norm", gn, step=it)
+        bar.to(it, grad_norm=gn)
+
+    with bar:
+        res = converge(model, x.to(device), y.to(device), p.fit.weight_decay, p.converge, callback=on_iter)
+    return {**extra, "converge_iterations": float(res.iterations),
+            "converge_seconds": round(time.perf_counter() - started, 3)}
+
+
+def _train(cfg: Config, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, log: StageLog,
            curve: list[dict[str, float]]) -> float:
     """Train the teacher in place; returns the training wall time."""
     p = cfg.pretrain

@@ -29,6 +29,7 @@ from typing import Any
 from tasks.atomic import file_sha256, write_json
 from tasks.output import StageOutput
 from tasks.paths import STAGE_NAMES, Paths
+from tasks.plain import dump_yaml
 
 # tasks modules that only log/plot: editing them never changes an artifact.
 LOGGING_ONLY: frozenset[str] = frozenset({"tasks.tracking", "tasks.figures", "tasks.progress"})
@@ -241,8 +242,6 @@ def dvc_stages(root: Path) -> dict[str, Any]:
 
 def dvc_yaml(root: Path) -> str:
     """The whole dvc.yaml text (stages + plots)."""
-    import yaml
-
     header = (
         "# Generated from tasks/stages.py (the stage registry); tests/tasks/test_stages.py checks it is\n"
         "# current. Regenerate: python -c \"from pathlib import Path; from tasks.stages import dvc_yaml;\n"
@@ -250,5 +249,5 @@ def dvc_yaml(root: Path) -> str:
         "# Each stage runs the same code as `dsv run` (tasks/<stage>.py) through `dsv stage <name>`.\n"
     )
     plots = [{f: {"x": x, "y": y}} for f, (x, y) in DVC_PLOTS.items()]
-    body = yaml.safe_dump({"stages": dvc_stages(root), "plots": plots}, sort_keys=False, width=110)
+    body = dump_yaml({"stages": dvc_stages(root), "plots": plots}, width=110, flow=False)
     return header + body

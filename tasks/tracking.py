@@ -22,7 +22,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from tasks.atomic import pid_alive
 from tasks.lock import init_lock
@@ -84,8 +85,8 @@ def dvc_hashes(root: Path, stage: str) -> dict[str, str]:
     if not lock.is_file():
         return {}
     try:
-        data = yaml.safe_load(lock.read_text()) or {}
-    except yaml.YAMLError:
+        data = YAML(typ="safe").load(lock.read_text()) or {}
+    except YAMLError:
         return {}
     outs = (data.get("stages", {}).get(stage, {}) or {}).get("outs", []) or []
     return {f"dvc.{o['path']}": str(o.get("md5", "")) for o in outs if isinstance(o, dict) and "path" in o}

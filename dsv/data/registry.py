@@ -260,7 +260,7 @@ def _stratified_split(y: Tensor, test_fraction: float, seed: int) -> tuple[Tenso
 
 def _load_digits(cfg: DataConfig) -> tuple[SplitTensors, str]:
     # scikit-learn's bundled file, read as load_digits reads it (64 pixel columns and the label) without importing
-    # scikit-learn: its import took 2 of the 5.5 s of a Fashion-MNIST prepare stage (the 0-shot pool is digits).
+    # scikit-learn: its import was a large share of a Fashion-MNIST prepare stage (the 0-shot pool is digits).
     import importlib.util
 
     spec = importlib.util.find_spec("sklearn")

@@ -13,7 +13,7 @@ from dsv.augment import (
     apply_op,
     augment,
     augment_groups,
-    dsa_config,
+    parse_augment,
 )
 
 
@@ -47,7 +47,7 @@ def test_augment_is_deterministic_and_leaves_global_rng() -> None:
     x = _x("cpu")
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    for cfg in (AugmentConfig(), dsa_config(), AugmentConfig(ops=("flip", "crop_pad"), one_per_call=False)):
+    for cfg in (AugmentConfig(), parse_augment("dsa"), AugmentConfig(ops=("flip", "crop_pad"), one_per_call=False)):
         outs = [augment(x, cfg, torch.Generator().manual_seed(9)) for _ in range(2)]
         assert torch.equal(outs[0], outs[1])
     assert torch.equal(torch.get_rng_state(), state)
@@ -77,7 +77,7 @@ def test_noise_strength() -> None:
 def test_siamese_mode_shares_parameters() -> None:
     """per_sample=False (DSA) applies one draw to the whole batch: equal inputs stay equal."""
     x = _x("cpu")[:1].expand(5, -1, -1, -1)
-    cfg = dsa_config()
+    cfg = parse_augment("dsa")
     for op in DSA_OPS:
         out = apply_op(op, x, cfg, torch.Generator().manual_seed(1))
         assert torch.allclose(out, out[:1].expand_as(out)), op
@@ -88,12 +88,12 @@ def test_tabular_input_is_untouched_and_errors() -> None:
     assert augment(x, AugmentConfig(), torch.Generator().manual_seed(0)) is x
     with pytest.raises(ValueError, match="unknown op"):
         AugmentConfig(ops=("flip", "solarize"))
-    with pytest.raises(ValueError, match="flip is a probability"):
+    with pytest.raises(ValueError, match=r"flip must be in \[0, 1\]"):
         AugmentConfig(flip=1.5)
     assert set(KKT_OPS) | set(DSA_OPS) <= set(ALL_OPS)
 
 
-@pytest.mark.parametrize("cfg", [dsa_config(), AugmentConfig(), AugmentConfig(ops=("flip", "crop_pad"), one_per_call=False)],
+@pytest.mark.parametrize("cfg", [parse_augment("dsa"), AugmentConfig(), AugmentConfig(ops=("flip", "crop_pad"), one_per_call=False)],
                          ids=["dsa", "kkt", "flip_crop"])
 def test_augment_groups_equals_one_augment_per_block(cfg: AugmentConfig) -> None:
     """Blocks augmented together get exactly the images (and leave each generator in the state) that one
@@ -131,3 +131,25 @@ def test_op_per_sample_gives_each_candidate_its_own_draw() -> None:
     assert torch.isfinite(g).all() and g.abs().sum() > 0  # differentiable through the scatter
     with pytest.raises(ValueError, match="op_per_sample"):
         AugmentConfig(op_per_sample=True, per_sample=False)
+
+
+def test_one_vocabulary_names_every_augmentation() -> None:
+    # the presets are the configurations the pipeline used before the vocabulary existed
+    assert parse_augment("kkt") == AugmentConfig()
+    assert parse_augment("dsa") == AugmentConfig(ops=DSA_OPS, cutout=0.5, per_sample=False)
+    assert parse_augment("flip_crop") == AugmentConfig(ops=("flip", "crop_pad"), one_per_call=False)
+    assert parse_augment("generate") == AugmentConfig(ops=("translate", "cutout", "noise"), one_per_call=False)
+    assert parse_augment("none").ops == ()
+    # explicit ops: '|' one per call, '+' all, strengths, modes
+    each = parse_augment("each:translate=0.2|flip")
+    assert (each.ops, each.translate, each.one_per_call, each.op_per_sample) == (("translate", "flip"), 0.2, True, True)
+    assert not parse_augment("batch:flip+scale=1.5").per_sample and parse_augment("batch:flip+scale=1.5").scale == 1.5
+    x = _x("cpu")
+    assert torch.equal(augment(x, "kkt", torch.Generator().manual_seed(3)),
+                       augment(x, AugmentConfig(), torch.Generator().manual_seed(3)))
+    for bad, match in (("flip|mixup", "unknown op 'mixup'"), ("flip|crop+noise", "not both"),
+                       ("later:flip", "mode"), ("flip=2", "flip must be in"), ("scale=0.5", "scale must be >= 1"),
+                       ("color=1", "color takes no strength"), ("translate=a", "is a number"),
+                       ("each:flip+noise", "joined by '|'")):
+        with pytest.raises(ValueError, match=match):
+            parse_augment(bad)

@@ -11,7 +11,7 @@ from torch import Tensor
 from dsv.batched import can_batch, fit_batched
 from dsv.models import ModelConfig, build_seeded
 from dsv.protocols import ProtocolConfig, student_fit_config, train_students, uses_batched
-from dsv.train import FitConfig, TrainEvent, evaluate, fit
+from dsv.train import KD, FitConfig, TrainEvent, evaluate, fit
 
 SHAPE = (1, 12, 12)
 CLASSES = 4
@@ -30,17 +30,17 @@ def _data(n: int, seed: int) -> tuple[Tensor, Tensor]:
 def test_batched_students_equal_looped_students(protocol: str) -> None:
     x, y = _data(40, 0)
     x_test, y_test = _data(200, 1)
-    teacher = build_seeded(MODEL, SHAPE, CLASSES, 99).eval() if protocol == "soft" else None
+    kd = KD(build_seeded(MODEL, SHAPE, CLASSES, 99).eval()) if protocol == "soft" else None
     cfg = student_fit_config(ProtocolConfig(name=protocol, epochs=60, min_steps=60, model=MODEL), 40)
     seeds = [0, 1, 2]
     looped, looped_losses = [], []
     for s in seeds:
         m = build_seeded(MODEL, SHAPE, CLASSES, s)
-        looped_losses.append(fit(m, x, y, cfg, seed=s, teacher=teacher).losses)
+        looped_losses.append(fit(m, x, y, cfg, seed=s, kd=kd).losses)
         looped.append(m)
     together = [build_seeded(MODEL, SHAPE, CLASSES, s) for s in seeds]
     events: list[tuple[int, TrainEvent]] = []
-    results = fit_batched(together, x, y, cfg, seeds, callback=lambda i, e: events.append((i, e)), teacher=teacher)
+    results = fit_batched(together, x, y, cfg, seeds, callback=lambda i, e: events.append((i, e)), kd=kd)
     for a, b, la, res in zip(looped, together, looped_losses, results):
         assert len(res.losses) == len(la) == 10 and res.steps == cfg.steps
         assert max(abs(p - q) for p, q in zip(la, res.losses)) < 1e-4

@@ -6,11 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from dsv.certificate import ConvergeConfig, converge, final_linear, kkt_certificate, scale_invariant_names
+from dsv.certificate import ConvergeConfig, converge
 from dsv.extract import ExtractConfig, extract
-from dsv.kkt import KKTConfig, stationarity_params, stationarity_residual
-from dsv.lam import LambdaConfig, fit_lambdas, relative_residual, solve_lambdas, solve_nnls
-from dsv.models import ModelConfig, build_seeded
+from dsv.kernel import (
+    kkt_certificate,
+    relative_residual,
+    scale_invariant_names,
+    solve_nnls,
+    stationarity_params,
+)
+from dsv.kkt import KKTConfig, stationarity_residual
+from dsv.lam import LambdaConfig, fit_lambdas, solve_lambdas
+from dsv.models import ModelConfig, build_seeded, final_linear
 
 
 def _mlp64(seed: int = 0) -> nn.Module:
@@ -60,14 +67,14 @@ def test_nnls_started_at_an_exact_solution_stays_there() -> None:
     lam_star[::4] = 0.0  # some multipliers exactly at the bound
     theta = -(gm.t() @ lam_star)
     lam = solve_nnls(gm, theta, steps=1000, lam0=lam_star)
-    assert relative_residual(gm, theta, lam) < 1e-6
+    assert float(relative_residual([theta], [gm.t() @ lam])) < 1e-6
     # uniform exact solution (a KKT point's λ = 1/(nω)): the solver's own warm start keeps it
     theta_u = -(0.3 * gm.sum(0))
     lam_u, rel = solve_lambdas(gm, theta_u, "l1", steps=1000, solver="nnls")
     assert rel < 1e-3 and torch.allclose(lam_u, torch.full_like(lam_u, 0.3), atol=1e-6)
     # from zero it finds an exact non-negative solution too
     lam0 = solve_nnls(gm, theta, steps=3000)
-    assert (lam0 >= 0).all() and relative_residual(gm, theta, lam0) < 1e-4
+    assert (lam0 >= 0).all() and float(relative_residual([theta], [gm.t() @ lam0])) < 1e-4
 
 
 def test_support_score_puts_svc_support_vectors_first() -> None:

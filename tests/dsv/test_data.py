@@ -390,7 +390,7 @@ def test_tabular_integer_labels_sort_numerically(tmp_path: Path) -> None:
 
 
 def test_tabular_bad_columns_are_named(tmp_path: Path) -> None:
-    from tasks.config import check_columns
+    from tasks.prepare import check_columns
 
     path = _table(tmp_path, city=["x"] * 40)
     with pytest.raises(ValueError, match="feature column 'city' .* not numeric"):

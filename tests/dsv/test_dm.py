@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv.augment import AugmentConfig, dsa_config
 from dsv.dm import DMConfig, distribution_matching
 from dsv.models import ModelConfig, build_seeded
 
@@ -35,9 +34,9 @@ def _fixed_objective(x_real: torch.Tensor, y_real: torch.Tensor, x_syn: torch.Te
 
 def test_dm_reduces_matching_loss() -> None:
     x, y, xi, yi = _problem()
-    cfg = DMConfig(iterations=40, model=TINY, report_every=10)
+    cfg = DMConfig(iterations=40, model=TINY)
     events = []
-    res = distribution_matching(x, y, xi, yi, cfg, seed=0, callback=events.append)
+    res = distribution_matching(x, y, xi, yi, cfg, seed=0, callback=events.append, report_every=10)
     assert len(res.losses) == 40
     assert [e.iteration for e in events] == [10, 20, 30, 40]
     assert res.x.shape == xi.shape and torch.equal(res.y, yi)
@@ -70,7 +69,8 @@ def test_dm_input_checks() -> None:
     x, y, xi, yi = _problem()
     with pytest.raises(ValueError, match="class 2 has synthetic images but no real images"):
         distribution_matching(x[y < 2], y[y < 2], xi, yi, DMConfig(iterations=1, model=TINY), seed=0)
-    with pytest.raises(ValueError, match="per_sample must be False"):
-        DMConfig(augment=AugmentConfig(ops=dsa_config().ops, per_sample=True))
+    with pytest.raises(ValueError, match="draws per image"):
+        DMConfig(augment="color|crop_pad|cutout=0.5|flip|scale|rotate")
+    assert DMConfig(augment="batch:flip|scale").augment == "batch:flip|scale"
     with pytest.raises(ValueError, match="iterations"):
         DMConfig(iterations=0)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from dsv.extract import (
-    ExtractConfig,
-    extract,
-    init_candidates,
-    soft_targets,
-)
+from dsv.extract import ExtractConfig, extract, init_candidates
+from dsv.generate import soft_targets
 from dsv.kkt import KKTConfig
 from dsv.models import ModelConfig, build_seeded
 from dsv.train import FitConfig, fit
@@ -156,8 +154,7 @@ def test_keep_per_class_ranks_positive_lambdas_by_support(teacher: torch.nn.Modu
 
 def test_nnls_lambda_solver_solves_the_nonnegative_least_squares_problem(teacher: torch.nn.Module) -> None:
     optimize = pytest.importorskip("scipy.optimize")
-    from dsv.kkt import stationarity_params
-    from dsv.lam import per_sample_grads
+    from dsv.kernel import per_sample_grads, stationarity_params
 
     x0, y0 = _cands(30)
     cfg = ExtractConfig(steps=0, lam_solver="nnls", lam_steps=5000, kkt=KKTConfig(param_subset="last", distance="l2"))
@@ -176,3 +173,13 @@ def test_nnls_lambda_solver_solves_the_nonnegative_least_squares_problem(teacher
     assert abs(float(r_ours) - float(r_ref)) < 1e-5 and float(r_ref) < float(r_uniform) - 0.1, (
         float(r_ours), float(r_ref), float(r_uniform))
     assert abs(res.trace[0]["residual_l2"] - float(r_ours)) < 1e-4
+
+
+def test_nnls_solve_interval_is_read(teacher: torch.nn.Module) -> None:
+    # lam_every acts only with the NNLS λ step, and there it acts: re-solving every 4th step instead of every step
+    # leaves other λ (and so other candidates). (lam_steps, the first-order budget before NNLS's exact active-set
+    # finish, changes λ only when that finish runs out of its own budget: test_nnls_lambda_solver above.)
+    x0, y0 = _cands(30)
+    base = ExtractConfig(steps=6, lam_solver="nnls", kkt=KKTConfig(param_subset="last", distance="l2"))
+    ref, res = (extract(teacher, x0, y0, c, seed=0) for c in (base, replace(base, lam_every=4)))
+    assert not torch.equal(res.lam, ref.lam) and not torch.equal(res.x, ref.x)

@@ -92,10 +92,11 @@ def test_coarse_to_fine_grids() -> None:
 
 
 def test_bn_prior_only_hooks_batchnorm_and_pulls_statistics(digits: dict) -> None:
-    assert not _BNStats(digits["teacher"])  # InstanceNorm teacher: nothing to hook
-    bn = _BNStats(digits["judge"])
-    assert len(bn.handles) == 2
-    bn.close()
+    assert not _BNStats(digits["teacher"], on=True)  # InstanceNorm teacher: nothing to hook
+    assert not _BNStats(digits["judge"], on=False)
+    with _BNStats(digits["judge"], on=True) as bn:
+        assert len(bn.handles) == 2
+    assert not any(m._forward_hooks for m in digits["judge"].modules())  # removed on exit
     x0 = 3.0 * torch.randn(20, *digits["shape"], generator=torch.Generator().manual_seed(2))
     y = torch.arange(10).repeat(2)
     cfg = replace(FAST, steps=40, beta_bn=1.0, levels=0)

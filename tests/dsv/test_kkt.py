@@ -8,15 +8,8 @@ import torch
 from torch import nn
 
 from dsv.augment import augment
-from dsv.kkt import (
-    KKTConfig,
-    kkt_objective,
-    primal_loss,
-    stationarity_loss,
-    stationarity_params,
-    stationarity_residual,
-    tv_loss,
-)
+from dsv.kernel import stationarity_params
+from dsv.kkt import KKTConfig, kkt_objective, primal_loss, stationarity_loss, stationarity_residual, tv_loss
 
 
 def _converged_mlp(omega: float, n: int = 40, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from dsv.kernel import stationarity_params
 from dsv.kkt import (
     KKTConfig,
     estimate_bytes_per_candidate,
@@ -15,7 +16,6 @@ from dsv.kkt import (
     kkt_objective,
     primitive_norm_view,
     resolve_chunk_size,
-    stationarity_params,
 )
 from dsv.models import ModelConfig, build_seeded
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dsv.certificate import final_linear
-from dsv.models import MODEL_NAMES, External, ModelConfig, build_model, build_seeded
+from dsv.models import MODEL_NAMES, External, ModelConfig, build_model, build_seeded, final_linear
 
 IMAGE_MODELS = ["convnet", "convnet_tiny", "resnet18", "mlp", "mlp_tiny"]
 

@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from dsv.data import normalize
 from dsv.data.registry import DataConfig, load_dataset
+from dsv.kernel import soft_cross_entropy
 from dsv.models import ModelConfig, build_seeded
-from dsv.train import FitConfig, TrainEvent, evaluate, fit, soft_cross_entropy
+from dsv.train import KD, FitConfig, TrainEvent, evaluate, fit
 
 
 def _blobs() -> tuple[Tensor, Tensor]:
@@ -102,7 +103,7 @@ def test_fit_with_teacher_kd() -> None:
     x, y = _images()
     teacher = build_seeded(ModelConfig(name="convnet_tiny"), (1, 8, 8), 4, seed=5)
     student = build_seeded(ModelConfig(name="convnet_tiny"), (1, 8, 8), 4, seed=0)
-    res = fit(student, x, y, FitConfig(steps=4, batch_size=16, kd_alpha=1.0), seed=0, teacher=teacher)
+    res = fit(student, x, y, FitConfig(steps=4, batch_size=16), seed=0, kd=KD(teacher, alpha=1.0))
     assert all(math.isfinite(v) for v in res.losses)
     assert not teacher.training
 

@@ -347,9 +347,9 @@ def test_editing_the_config_loader_reruns_no_stage(repo: Path, prefect_api: str)
     _sh([sys.executable, "-m", "flows.cli", "run"], repo, env)  # warm
     target = repo / "tasks/config.py"
     src = target.read_text()
-    old = "file not found (relative paths start at the project root)"
-    assert old in src, "the checkpoint message of tasks.config changed; update this test's edit"
-    target.write_text(src.replace(old, "no such file (paths are relative to the project root)"))
+    old = "not valid YAML"
+    assert old in src, "the YAML message of tasks.config changed; update this test's edit"
+    target.write_text(src.replace(old, "not YAML"))
     try:
         _sh([sys.executable, "-m", "flows.cli", "run"], repo, env)
         by_stage = stages_by_state(_latest_flow_run_states(prefect_api))
@@ -367,10 +367,10 @@ def test_editing_a_dsv_function_reruns_extract_and_dependants(repo: Path, prefec
     runs_before = hashlib.sha256((repo / "artifacts/distill/runs.json").read_bytes()).hexdigest()
     target = repo / "dsv/extract.py"
     src = target.read_text()
-    old = "    return -(logp.exp() * logp).sum(dim=1)\n"
-    assert old in src, "dsv.extract.entropy_of changed; update this test's edit"
+    old = "entropy=entropy(logits).cpu(),"
+    assert old in src, "dsv.extract.extract's entropy column changed; update this test's edit"
     # A real change of behaviour: the recorded entropies change, so dsv.parquet's bytes change.
-    target.write_text(src.replace(old, "    return -(logp.exp() * logp).sum(dim=1) * 1.5\n"))
+    target.write_text(src.replace(old, "entropy=entropy(logits).cpu() * 1.5,"))
     _sh([sys.executable, "-m", "flows.cli", "run"], repo, env)
     by_stage = stages_by_state(_latest_flow_run_states(prefect_api))
     for stage in ("prepare", "pretrain", "coreset"):
@@ -383,7 +383,7 @@ def test_editing_a_dsv_function_reruns_extract_and_dependants(repo: Path, prefec
     assert by_stage["evaluate"] == ({"Completed"} if runs_changed else {"Cached"}), by_stage
     after = pd.read_parquet(repo / "artifacts/extract/dsv.parquet")["entropy"].to_numpy()
     assert (after != before).any()  # the edited function's values reached the artifact
-    assert "sum(dim=1) * 1.5" not in ROOT.joinpath("dsv/extract.py").read_text()  # only the copy was edited
+    assert "cpu() * 1.5" not in ROOT.joinpath("dsv/extract.py").read_text()  # only the copy was edited
 
 
 # ----------------------------------------------------------------------------------- schedule

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dsv.models import ModelConfig, build_seeded
+from dsv.sets import build_set
 from tasks.artifacts import (
     PARAMS_HASH_KEY,
     ArtifactError,
@@ -103,10 +104,13 @@ def test_lambdas_roundtrip_and_topk(tmp_path: Path) -> None:
     p = write_lambdas_parquet(tmp_path / "l.parquet", index=index, label=label, lam=lam, rank=rank, metadata={})
     t = read_lambdas_parquet(p)
     assert torch.equal(t.rank, rank) and torch.equal(t.index, index)
-    assert t.topk(2, 2).tolist() == [11, 12, 15, 13]
+    x = torch.arange(16.0).view(16, 1)  # image i is the number i: the set shows which rows were taken
+    x_set, y_set = build_set("lambda_topk", x=x, y=torch.arange(16) % 2, k=2, num_classes=2, seed=0,
+                             ranking=(t.index, t.label, t.rank))
+    assert x_set.flatten().tolist() == [11, 12, 15, 13]
     assert len(pd.read_parquet(p)) == 6
     with pytest.raises(ValueError, match="fewer than k=4"):
-        t.topk(4, 2)
+        build_set("lambda_topk", x=x, y=x.flatten(), k=4, num_classes=2, seed=0, ranking=(t.index, t.label, t.rank))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])

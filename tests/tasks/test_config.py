@@ -98,7 +98,7 @@ def test_cross_section_checks() -> None:
 
 
 def test_generate_and_judge_sections() -> None:
-    from tasks.generate import class_pairs
+    from dsv.generate import class_pairs
     from tasks.judge import judge_model
 
     cfg = load_config(None, [])
@@ -259,10 +259,9 @@ def test_device_auto_is_the_default_and_resolves_to_cpu_without_cuda() -> None:
 
 
 def test_every_numeric_key_has_a_documented_range() -> None:
-    from tasks.config import numeric_keys
-    from tasks.ranges import range_of
+    from tasks.ranges import numeric_keys, range_of
 
-    keys = numeric_keys()
+    keys = numeric_keys(PipelineConfig)
     assert len(keys) > 100
     missing = [key for key, cls, name, _ in keys if range_of(cls, name) is None]
     assert not missing, f"numeric keys without a range in tasks/ranges.py (or tasks/config.py): {missing}"

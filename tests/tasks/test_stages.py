@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from tasks.extract import ShardJob
+from dsv.extract import Shard
+from tasks.config import parse_yaml
 from tasks.output import StageOutput, hash_files
 from tasks.paths import Paths
 from tasks.stages import STAGES, code_files, code_hash, dvc_yaml, verify
@@ -21,7 +20,7 @@ def test_no_stage_closure_holds_the_params_loader_or_the_registry() -> None:
         modules = code_modules(stage)
         assert not OUTSIDE_CLOSURES & set(modules), (stage, sorted(OUTSIDE_CLOSURES & set(modules)))
         assert {"tasks.output", "tasks.plain", f"tasks.{stage}"} <= set(modules), stage
-    deps = yaml.safe_load(dvc_yaml(ROOT))["stages"]
+    deps = parse_yaml(dvc_yaml(ROOT))["stages"]
     assert not any(d in ("tasks/config.py", "tasks/stages.py") for s in deps.values() for d in s["deps"])
 
 
@@ -43,7 +42,8 @@ def test_code_hash_ignores_type_only_imports_and_follows_real_ones(tmp_path: Pat
 
     before = hashes()
     config = tmp_path / "tasks/config.py"
-    config.write_text(config.read_text().replace("file not found", "missing file"))  # a loader message
+    assert "not valid YAML" in config.read_text()
+    config.write_text(config.read_text().replace("not valid YAML", "no YAML"))  # a loader message
     assert hashes() == before
     extract = tmp_path / "tasks/extract.py"
     extract.write_text(extract.read_text() + "\n# an edit\n")
@@ -58,10 +58,10 @@ def test_code_closures_follow_dsv_imports_of_the_stage_only() -> None:
     # tasks.config imports every component's config, but extract does not call DM; it starts from the
     # baselines' picks (init herding, kcenter, kkt_herding)
     assert "dsv/dm.py" not in extract and "dsv/baselines.py" in extract
-    assert "dsv/lam.py" in extract  # the NNLS λ step and per-sample gradients
+    assert "dsv/kernel.py" in extract and "dsv/lam.py" not in extract  # NNLS and per-sample gradients: the kernel
     assert "tasks/tracking.py" not in extract  # logging-only modules never change artifacts
     distill = set(code_files("distill", ROOT))
-    assert {"dsv/dm.py", "dsv/baselines.py", "dsv/protocols.py"} <= distill
+    assert {"dsv/sets.py", "dsv/dm.py", "dsv/baselines.py", "dsv/protocols.py"} <= distill
     assert "dsv/extract.py" not in distill
     assert "dsv/lam.py" in set(code_files("coreset", ROOT))
     # generate writes its pictures as artifacts: the figure code is part of its key (of no other stage's)
@@ -78,7 +78,7 @@ def test_code_hash_is_stable_and_per_stage() -> None:
 def test_dvc_yaml_is_current_and_lists_each_stages_params() -> None:
     text = (ROOT / "dvc.yaml").read_text()
     assert text == dvc_yaml(ROOT), "dvc.yaml is stale: regenerate it (see its header)"
-    stages = yaml.safe_load(text)["stages"]
+    stages = parse_yaml(text)["stages"]
     assert list(stages) == list(STAGES)
     for name, spec in STAGES.items():
         assert stages[name]["cmd"] == f"dsv stage {name}"
@@ -104,7 +104,7 @@ def test_verify_detects_missing_and_changed_files(tmp_path: Path) -> None:
 def test_shards_partition_the_ipc() -> None:
     for ipc in (1, 5, 10, 11):
         for shards in range(1, ipc + 1):
-            jobs = [ShardJob("nshot", ipc, s, shards) for s in range(shards)]
+            jobs = [Shard("nshot", ipc, s, shards) for s in range(shards)]
             assert sum(j.per_class for j in jobs) == ipc
             assert all(j.per_class >= 1 for j in jobs)
-            assert [j.offset for j in jobs] == [sum(k.per_class for k in jobs[:i]) for i in range(shards)]
+            assert max(j.per_class for j in jobs) - min(j.per_class for j in jobs) <= 1
