@@ -243,7 +243,9 @@ def dvc_stages(root: Path) -> dict[str, Any]:
             # metrics/<stage>.json are plain (git-tracked) outputs: DVC lists one metrics file, the accuracy of
             # every method, so `dvc metrics show` and `dvc exp show` lead with the results
             "outs": [{f"artifacts/{name}": {"persist": True}}, {f"metrics/{name}.json": {"cache": False}}],
-            **({"metrics": [{"metrics/accuracy.json": {"cache": False}}]} if name == "evaluate" else {}),
+            # (persist: it is one of evaluate's recorded artifacts, which `dsv stage` verifies to restore the stage)
+            **({"metrics": [{"metrics/accuracy.json": {"cache": False, "persist": True}}]} if name == "evaluate"
+               else {}),
         }
     return out
 

@@ -41,9 +41,20 @@ def task_states(flow_run_id: Any) -> list[tuple[str, str]]:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return sorted((r.name, r.state.name if r.state else "?") for r in runs)
+    def read() -> list[tuple[str, str]]:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return sorted((r.name, r.state.name if r.state else "?") for r in runs)
+
+    # Task states reach the server as events, after the flow returned: read until two reads a second apart agree.
+    last, deadline = read(), time.monotonic() + 15
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = read()
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def stages_by_state(states: list[tuple[str, str]]) -> dict[str, set[str]]:
@@ -120,18 +131,20 @@ def test_first_run_end_to_end(project: Path, first: dict) -> None:
     by_stage = stages_by_state(first["states"])
     assert set(by_stage) == set(STAGES)
     assert all(s == {"Completed"} for s in by_stage.values()), by_stage
-    # extraction mapped over 3 inits x 1 IPC x 2 shards, distill over one cell per method, plus the merges
+    # extraction mapped over 6 inits x 1 IPC x 2 shards, distill over one cell per method, plus the merges
     from dsv.protocols import METHOD_NAMES
 
     names = [n for n, _ in first["states"]]
-    assert sum(n.startswith("extract-") and not n.endswith("merge") for n in names) == 6
+    assert sum(n.startswith("extract-") and not n.endswith("merge") for n in names) == 12
     assert sum(n.startswith("distill-") and not n.endswith("merge") for n in names) == len(METHOD_NAMES)
 
     dsv = pd.read_parquet(project / "artifacts/extract/dsv.parquet")
     ex = json.loads((project / "metrics/extract.json").read_text())
     assert len(dsv) == TINY_DSV_ROWS == ex["n_dsv"]  # IPC per class for every init: nothing dropped
-    assert sorted(dsv["init"].unique()) == ["0shot", "noise", "nshot"]
-    assert dsv.groupby(["init", "label"]).size().le(2).all() and (dsv["lam"] > 0).all()
+    assert sorted(dsv["init"].unique()) == ["0shot", "herding", "kcenter", "kkt_herding", "noise", "nshot"]
+    assert dsv.groupby(["init", "label"]).size().le(2).all() and (dsv["lam"] >= 0).all()
+    # a candidate whose λ ended at 0 fills its class's place and is counted (metrics/extract.json)
+    assert int((dsv["lam"] == 0).sum()) == sum(m["lambda_zero"] for m in ex.values() if isinstance(m, dict))
     assert {"support", "margin"} <= set(dsv.columns) and (dsv["support"] >= 0).all()
     lam = pd.read_parquet(project / "artifacts/coreset/lambdas.parquet")
     assert len(lam) == TINY_TRAIN and lam.groupby("label")["rank"].min().eq(0).all()
@@ -158,7 +171,8 @@ def test_first_run_end_to_end(project: Path, first: dict) -> None:
         timings = json.loads((project / f"timings/{stage}.json").read_text())
         assert "wall_seconds" in timings
         assert timings["device"] == (_DEVICE if stage in DEVICE_STAGES else "cpu"), stage  # the resolved device
-    assert (project / "artifacts/evaluate/results.md").read_text().count("| dd | hard |") == len(METHOD_NAMES)
+    table = (project / "artifacts/evaluate/results.md").read_text()
+    assert "student protocol: dd (hard labels)" in table and all(f"| {m} | " in table for m in METHOD_NAMES)
     for stage in STAGES:
         assert (project / f"artifacts/{stage}/params.resolved.yaml").is_file()
     # the generate stage: samples, strips and edits in one table, pictures, the judge's scores
@@ -220,11 +234,11 @@ def test_mlflow_has_parent_nested_runs_metrics_and_images(project: Path, first: 
         assert r.info.run_name == f"{method} · IPC {r.data.params['ipc']}"
         assert r.data.params["method_name"] == METHOD_LABELS[method]
         assert r.data.metrics["acc_pct"] == pytest.approx(100 * ev[method]["acc_mean"], abs=1e-3)
-        assert {"acc_std_pct", "delta_best_pct", "n_runs"} <= set(r.data.metrics), method
+        assert {"acc_std_pct", "n_runs"} <= set(r.data.metrics), method
         assert not any(k in r.data.metrics for k in ("acc_mean", "acc_std")), "fractions are logged as percent"
         assert r.data.params["labels"] == "hard"
         assert ("rank" in r.data.metrics) == (method != "full")  # full is the reference, unranked
-        if method != "full":
+        if method != "full":  # the reference: no rank, no Δ
             assert r.data.metrics["delta_best_pct"] <= 0
             assert r.data.metrics["delta_random_pct"] == pytest.approx(100 * (ev[method]["acc_mean"] - random_acc),
                                                                        abs=1e-3)
@@ -363,7 +377,9 @@ def test_deleted_or_corrupted_artifact_is_rebuilt(project: Path, first: dict) ->
 
 
 def _env(project: Path, api_url: str) -> dict[str, str]:
-    env = dict(os.environ)
+    # not this process's MLFLOW_TRACKING_URI (mlflow.set_tracking_uri sets it for the last store opened here):
+    # a `dsv` in `project` uses the project's own store
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update({
         "PYTHONPATH": str(project),
         "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
