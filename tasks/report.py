@@ -110,10 +110,12 @@ def ranked_markdown(results: dict[str, Any]) -> str:
             winners.append(f"IPC {r['ipc']}: **{r['label']}** (`{r['method']}`) {_pct(r['acc_mean'])}%{random}")
     lines = [f"**Best training set** ({'; '.join(winners) or 'none yet'}){'.' if not teacher else ''}"
              + (f"; the teacher: {100 * teacher:.2f}%." if teacher else ""), "",
-             "| rank | method | IPC | test acc (%) | Δ best | Δ random | real images / class seen |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             # (no-break spaces: a header wider than the numbers keeps them apart from the next column)
+             "| rank | method | IPC | test\u00a0accuracy\u00a0(%) | Δ vs best (pp) | Δ vs random (pp) "
+             "| real images per class seen |",
+             "|---:|---|---:|---:|:---:|:---:|:---:|"]
     for r in rows:
-        acc = _pct(r["acc_mean"], r.get("acc_std"))
+        acc = _pct(r["acc_mean"], r.get("acc_std")).replace(" ", "\u00a0")  # never wrapped inside a number
         lines.append(f"| {'' if r.get('rank') is None else r['rank']} | {r['label']} (`{r['method']}`) | {r['ipc']} | "
                      f"{f'**{acc}**' if r.get('best') else acc} | {_delta(r['delta_best'])} | "
                      f"{_delta(r['delta_random'])} | {r.get('shots', '')} |")
@@ -124,25 +126,28 @@ def ranked_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _png_bytes(data: bytes, alt: str) -> str:
+def _png_bytes(data: bytes, alt: str, scale: float = 1.0) -> str:
     """PNG bytes as an ``<img>`` tag, re-encoded with a 64-colour palette (grey image grids and line plots lose
-    nothing visible; the report stays small)."""
+    nothing visible; the report stays small), ``scale`` times its size."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
         out = io.BytesIO()
-        img.convert("RGB").quantize(colors=64).save(out, format="PNG", optimize=True)
+        rgb = img.convert("RGB")
+        if scale < 1.0:
+            rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.LANCZOS)
+        rgb.quantize(colors=64).save(out, format="PNG", optimize=True)
     encoded = base64.b64encode(out.getvalue()).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
-def _png(fig: Any, alt: str = "figure", dpi: int = 90) -> str:
-    """A matplotlib figure as an embedded PNG (the figure is closed)."""
+def _png(fig: Any, alt: str = "figure", scale: float = 1.0) -> str:
+    """A matplotlib figure as an embedded PNG at ``scale`` × 90 dpi (the figure is closed)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=dpi)
+        fig.savefig(buf, format="png", dpi=90 * scale)
     finally:
         plt.close(fig)
     return _png_bytes(buf.getvalue(), alt)
@@ -164,7 +169,7 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[Any]], numeric_from: i
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _results(res: dict[str, Any]) -> str:
+def _results(res: dict[str, Any], scale: float = 1.0) -> str:
     """The ranked results (best in bold), Δ against the best and against random, the label-robust score, and a
     bar chart."""
     from tasks.figures import ranked_bars
@@ -185,7 +190,7 @@ def _results(res: dict[str, Any]) -> str:
     table = ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
              + "".join(body) + "</tbody></table>")
     chart = _png(ranked_bars(res.get("rows", []), "student test accuracy, best in red, DSV methods in blue"),
-                 "bar chart of the results")
+                 "bar chart of the results", scale)
     return table + chart
 
 
@@ -203,7 +208,7 @@ def _metrics_tables(paths: Paths) -> str:
     return "".join(parts)
 
 
-def _figures(paths: Paths, classes: list[str]) -> tuple[str, str]:
+def _figures(paths: Paths, classes: list[str], scale: float = 1.0) -> tuple[str, str]:
     """(DSV grids section, plots section) as HTML."""
     from tasks.figures import curves, image_grid, lam_histograms
 
@@ -214,14 +219,14 @@ def _figures(paths: Paths, classes: list[str]) -> tuple[str, str]:
             sel = [i for i, (a, b) in enumerate(zip(t.init, t.ipc)) if a == init and b == ipc]
             if sel and t.x.dim() == 4:
                 fig = image_grid(t.x[sel], t.y[sel], classes, f"DSVs: {init}, IPC {ipc}")
-                grids.append(f'<figure class="grid">{_png(fig)}<figcaption>{html.escape(init)}, IPC {ipc}: '
+                grids.append(f'<figure class="grid">{_png(fig, "DSV grid", scale)}<figcaption>{html.escape(init)}, IPC {ipc}: '
                              f"{len(sel)} DSVs</figcaption></figure>")
     plots = []
     if paths.pretrain_curve.is_file():
         c = read_json(paths.pretrain_curve)
         if c:
             plots.append(_png(curves({"loss": ([r["step"] for r in c], [r["loss"] for r in c])}, "step", "loss",
-                                     "teacher training loss")))
+                                     "teacher training loss"), "loss curve", scale))
     if paths.extract_trace.is_file():
         trace = read_json(paths.extract_trace)
         series: dict[str, tuple[Sequence[float], Sequence[float]]] = {}
@@ -232,15 +237,15 @@ def _figures(paths: Paths, classes: list[str]) -> tuple[str, str]:
                    for s in steps]
             series[f"{key[0]} IPC {key[1]}"] = (steps, ent)
         if series:
-            plots.append(_png(curves(series, "step", "mean entropy (nats)", "candidate entropy")))
+            plots.append(_png(curves(series, "step", "mean entropy (nats)", "candidate entropy"), "entropy", scale))
     if paths.lambdas_parquet.is_file():
         lt = read_lambdas_parquet(paths.lambdas_parquet)
         if lt.lam.numel():
-            plots.append(_png(lam_histograms(lt.lam, lt.label, classes)))
+            plots.append(_png(lam_histograms(lt.lam, lt.label, classes), "λ histograms", scale))
     return "".join(grids) or "<p>No DSVs on disk.</p>", "".join(plots) or "<p>No plots.</p>"
 
 
-def _generation(paths: Paths) -> str:
+def _generation(paths: Paths, scale: float = 1.0) -> str:
     """The generate stage's pictures (embedded from artifacts/generate) and the judge's view of the samples and of
     every training set (artifacts/evaluate/judge.json)."""
     parts = []
@@ -258,7 +263,7 @@ def _generation(paths: Paths) -> str:
                           ("edits", "edits: real test images pushed to the next class")):
         f = paths.generate_figure(name)
         if f.is_file():
-            parts.append(f"<figure>{_png_bytes(f.read_bytes(), name)}<figcaption>{caption}</figcaption></figure>")
+            parts.append(f"<figure>{_png_bytes(f.read_bytes(), name, scale)}<figcaption>{caption}</figcaption></figure>")
     with contextlib.suppress(ArtifactError):
         judged = read_json(paths.judge_table)
         if judged:
@@ -272,7 +277,7 @@ def _generation(paths: Paths) -> str:
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
-td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f0f0f0}figure.grid{display:inline-block;margin:.5em}
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}th{background:#f0f0f0}figure.grid{display:inline-block;margin:.5em}
 img{max-width:100%}pre{background:#f7f7f7;padding:1em;overflow:auto}.muted{color:#777}p.lead{margin-top:0}
 nav ol{columns:2}summary{cursor:pointer;color:#0645ad}code{font-size:.85em;color:#555}
 """
@@ -294,8 +299,8 @@ SECTIONS = (
 )
 
 
-def render(cfg: PipelineConfig, paths: Paths, run_url: str | None = None) -> str:
-    """The report's HTML text (self-contained).
+def render(cfg: PipelineConfig, paths: Paths, run_url: str | None = None, scale: float = 1.0) -> str:
+    """The report's HTML text (self-contained), its pictures ``scale`` times their size.
 
     Raises:
         ReportError: the output folder holds no metrics at all (nothing has run).
@@ -325,7 +330,7 @@ def render(cfg: PipelineConfig, paths: Paths, run_url: str | None = None) -> str
         if classes and all(a is not None for a in accs):
             per_class = "<h3>Accuracy per class</h3>" + _table(
                 ["class", "test accuracy (%)"], [[c, f"{100 * a:.2f}"] for c, a in zip(classes, accs)], 1)
-    grids, plots = _figures(paths, classes) if classes else ("<p>No prepared data.</p>", "")
+    grids, plots = _figures(paths, classes, scale) if classes else ("<p>No prepared data.</p>", "")
     teacher = f"{100 * ev['teacher_acc']:.2f}%" if "teacher_acc" in ev else "n/a"
     cert = "n/a (no weight decay, or not computed)"
     with contextlib.suppress(ArtifactError, KeyError, TypeError):
@@ -339,9 +344,9 @@ def render(cfg: PipelineConfig, paths: Paths, run_url: str | None = None) -> str
     params = html.escape(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
     link = (f' · <a href="{html.escape(run_url)}">MLflow run</a> (start <code>dsv ui</code>)' if run_url else "")
     body = {
-        "results": _results(ev) if ev else "<p>No evaluation yet.</p>",
+        "results": _results(ev, scale) if ev else "<p>No evaluation yet.</p>",
         "dsvs": (_table(["init / IPC", "DSVs", "with λ = 0", *classes], kept, 1) if kept else "") + grids,
-        "generation": _generation(paths),
+        "generation": _generation(paths, scale),
         "teacher": f"""<p>Test accuracy <b>{teacher}</b>. KKT certificate (relative stationarity residual at
 uniform λ = 1/(nω); 0 = a KKT point, where DeepKKT's stationarity condition can hold): {html.escape(cert)}.
 Computed on: {html.escape(", ".join(devices)) if devices else "n/a"}.</p>{per_class}""",
@@ -364,7 +369,8 @@ Computed on: {html.escape(", ".join(devices)) if devices else "n/a"}.</p>{per_cl
 
 
 def write_report(cfg: PipelineConfig, root: Path, out: Path | None = None, run_url: str | None = None) -> Path:
-    """Write the report atomically (default ``<output_dir>/report.html``) and return its path.
+    """Write the report atomically (default ``<output_dir>/report.html``) and return its path; over
+    :data:`MAX_BYTES`, its pictures are redrawn smaller until it fits.
 
     Raises:
         ReportError: nothing to report, or the file cannot be written.
@@ -372,7 +378,12 @@ def write_report(cfg: PipelineConfig, root: Path, out: Path | None = None, run_u
     paths = Paths((Path(root) / cfg.runtime.output_dir).resolve())
     out = Path(out) if out is not None else paths.base / REPORT_NAME
     try:
-        write_text(out, render(cfg, paths, run_url))
+        scale = 1.0
+        text = render(cfg, paths, run_url, scale)
+        while len(text.encode()) > MAX_BYTES and scale > 0.2:
+            scale *= 0.7
+            text = render(cfg, paths, run_url, scale)
+        write_text(out, text)
     except (ReportError, OSError) as exc:
         raise ReportError(str(exc)) from exc
     return out

@@ -36,7 +36,7 @@ def test_summary_and_report(completed_project: tuple[Path, dict], tmp_path: Path
     cfg = load_config(project / "params.yaml")
     text = run_summary(summary, cfg, project, 1.0)
     assert "teacher test accuracy: " in text and "teacher KKT certificate" in text
-    assert "DSVs kept nshot_ipc2: 20 of 20 (2 2 2 2 2 2 2 2 2 2 per class" in text
+    assert "DSVs nshot_ipc2: 20 (2 2 2 2 2 2 2 2 2 2 per class" in text
     assert "| dsv_nshot | 2 |" in text and f"artifacts: {project / 'artifacts'}" in text
     link = f"#/experiments/{summary['mlflow_experiment_id']}/runs/{summary['mlflow_run_id']}"
     assert f"{link}?workflowType=machine_learning" in text  # the run's page in MLflow's model-training view
@@ -56,11 +56,19 @@ def test_summary_and_report(completed_project: tuple[Path, dict], tmp_path: Path
     assert order == sorted(order) and SECTIONS[0][0] == "results"
     assert all(f'<a href="#{key}">' in html and html.count(escape(sentence)) == 1 for key, _, sentence in SECTIONS)
     params = html.index('<h2 id="params">')
-    assert "<details><summary>" in html[params:] and '"prepare": {' in html[params:]
+    assert "<details><summary>" in html[params:] and "&quot;prepare&quot;: {" in html[params:]
     results = html[html.index('<h2 id="results">'):html.index('<h2 id="dsvs">')]
     assert f"{METHOD_LABELS['dsv_nshot']} <code>dsv_nshot</code>" in results and "Δ random" in results
     assert html.count('src="data:image/png;base64,') >= 4 and "DSVs: nshot, IPC 2" not in html  # grids are images
     assert "http" not in html.replace(f"http://127.0.0.1:5000/{link}?workflowType=machine_learning", "")
+    # over the size budget the pictures are redrawn smaller: every section is still there
+    import tasks.report
+
+    budget = int(0.8 * out.stat().st_size)
+    monkeypatch.setattr(tasks.report, "MAX_BYTES", budget)
+    small = tasks.report.write_report(cfg, project, tmp_path / "small.html")
+    assert small.stat().st_size <= budget and small.read_text().count('<h2 id="') == len(SECTIONS)
+    assert small.read_text().count('src="data:image/png;base64,') == html.count('src="data:image/png;base64,')
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")

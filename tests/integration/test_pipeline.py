@@ -413,6 +413,7 @@ def test_dvc_repro_matches_the_flow_and_skips_when_unchanged(repo: Path, prefect
     run_in_process(repo)  # the flow's artifacts for the default params (cache hits, verified)
     flow_artifacts = tree_hashes(repo / "artifacts")
     assert len(flow_artifacts) > 20
+    store = _store_size(repo)
     t0 = time.perf_counter()
     out = _sh([sys.executable, "-m", "dvc", "repro"], repo, env, timeout=600)
     repro_seconds = time.perf_counter() - t0
@@ -420,6 +421,7 @@ def test_dvc_repro_matches_the_flow_and_skips_when_unchanged(repo: Path, prefect
         assert f"Running stage '{stage}'" in out
         assert f"dsv: stage {stage} restored from cache" in out, out[-3000:]
     assert tree_hashes(repo / "artifacts") == flow_artifacts  # same code path, identical bytes
+    assert _store_size(repo) == store  # restored stages whose runs are in the store log nothing
     print(f"dvc repro after the flow: {repro_seconds:.1f} s, every stage restored")
     out = _sh([sys.executable, "-m", "dvc", "repro"], repo, env)
     assert "Running stage" not in out
@@ -443,6 +445,15 @@ def test_dvc_experiment_from_a_committed_baseline(repo: Path, prefect_api: str, 
     out = _sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "distill.protocol.n_runs=1"], repo, env, timeout=600)
     assert "Running stage 'distill'" in out and "Running stage 'extract'" not in out
     assert "Running stage 'prepare'" not in out
+    # `dsv stage evaluate` computed: its run (top-level, runner dvc) holds the result runs and the ranked table
+    client = _mlflow(repo)
+    evaluate = client.search_runs([client.get_experiment_by_name("dsv").experiment_id],
+                                  "tags.runner = 'dvc' and tags.stage = 'evaluate'")
+    assert len(evaluate) == 1 and "| 1 |" in evaluate[0].data.tags["mlflow.note.content"]
+    results = client.search_runs([evaluate[0].info.experiment_id],
+                                 f"tags.mlflow.parentRunId = '{evaluate[0].info.run_id}'")
+    assert len(results) == len(json.loads((repo / "metrics/accuracy.json").read_text())) - 1  # minus the teacher
+    assert all(r.data.params["n_train"] for r in results)
     shown = _sh([sys.executable, "-m", "dvc", *EXP_SHOW, "--md"], repo, env)
     lines = [line for line in shown.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
