@@ -88,10 +88,10 @@ def _run_seed(args: argparse.Namespace, seed: int, methods: list[str]) -> Path:
 
 
 def _resolved_student(out: Path) -> dict[str, Any] | None:
-    import yaml
+    from tasks.config import parse_yaml
 
     f = out / "artifacts" / "distill" / "params.resolved.yaml"
-    return yaml.safe_load(f.read_text())["distill"]["protocol"]["model"] if f.exists() else None
+    return parse_yaml(f.read_text())["distill"]["protocol"]["model"] if f.exists() else None
 
 
 def collect(outs: dict[int, Path], ipcs: list[int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -163,7 +163,8 @@ def _cmd_run(args: argparse.Namespace, root: Path) -> int:
         raise
     flow = with_runner(pipeline, cfg.runtime)  # runtime.workers > 1: Dask processes for the mapped units
     try:
-        summary = flow(params_path=str(Path(args.params).resolve()), overrides=list(args.overrides), root=str(root),
+        # Relative to the project root (the current folder): the flow run's parameters hold no absolute path.
+        summary = flow(params_path=args.params, overrides=list(args.overrides), root=".",
                        track=not args.no_mlflow, lock_wait=None)
     except ConfigError as exc:  # a data-dependent check after prepare (names the key)
         _fail(str(exc))
@@ -200,8 +201,9 @@ def _dvc_commit(cfg, root: Path) -> None:  # noqa: ANN001 - PipelineConfig
 
 
 def mlflow_run_url(experiment_id: str, run_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
-    """The address of a run in ``dsv ui`` (MLflow's UI route ``#/experiments/<id>/runs/<id>``)."""
-    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs/{run_id}"
+    """The address of a run in ``dsv ui``: MLflow's UI route ``#/experiments/<id>/runs/<id>`` in its model-training
+    view (``workflowType=machine_learning``; the experiment's ``mlflow.experimentKind`` tag says the same)."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def run_summary(summary: dict, cfg, root: Path, seconds: float, params: str = "params.yaml") -> str:  # noqa: ANN001
@@ -241,7 +243,9 @@ def run_summary(summary: dict, cfg, root: Path, seconds: float, params: str = "p
     lines.append(f"artifacts: {paths.base / 'artifacts'}  metrics: {paths.base / 'metrics'}")
     if summary.get("mlflow_run_id"):
         url = mlflow_run_url(str(summary.get("mlflow_experiment_id")), summary["mlflow_run_id"])
-        lines.append(f"MLflow run: {summary['mlflow_run_id']} in {summary.get('mlflow_uri')}")
+        how = "" if summary.get("mlflow_new_run", True) else " (every stage restored from cache: no new run; this is " \
+            "the pipeline run that computed the results)"
+        lines.append(f"MLflow run: {summary['mlflow_run_id']} in {summary.get('mlflow_uri')}{how}")
         lines.append(f"  browse: dsv ui, then {url}")
     lines.append("report: dsv report" + ("" if params == "params.yaml" else f" -p {params}"))
     return "\n".join(lines)
@@ -252,26 +256,18 @@ def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
     from flows.environment import configure
 
     configure(root)
-    from flows.pipeline import run_stage_direct
+    from flows.pipeline import Tracking, run_one_stage
     from tasks.config import ConfigError
     from tasks.paths import Paths
-    from tasks.stages import STAGES
-    from tasks.tracking import NullLog, Tracker
+    from tasks.tracking import Tracker
 
-    spec = STAGES[args.name]
     paths = Paths((root / cfg.runtime.output_dir).resolve())
     lock = _lock(cfg, root, f"dsv stage {args.name}", args.wait)
     cached = False
     try:
-        if args.no_mlflow:
-            out, cached = run_stage_direct(args.name, cfg, root, paths, NullLog())
-        else:
-            tracker = Tracker(root, cfg.runtime.mlflow_experiment, cfg.runtime.log_models)
-            with tracker.stage_run(args.name, None, cfg.sections(spec.sections), tags={"runner": "dvc"}) as log:
-                out, cached = run_stage_direct(args.name, cfg, root, paths, log, log.run_id)
-                log.tags({"cached": str(cached).lower(), **({"dsv.produced_by": out.produced_by}
-                                                            if cached and out.produced_by else {})})
-                log.artifact(paths.resolved_params(args.name))
+        tracking = None if args.no_mlflow else \
+            Tracking(Tracker(root, cfg.runtime.mlflow_experiment, cfg.runtime.log_models), "dvc")
+        out, cached = run_one_stage(args.name, cfg, root, paths, tracking)
     except ConfigError as exc:  # a data-dependent check (flows.pipeline._check_data): names the key
         _fail(str(exc))
     except Exception as exc:
@@ -281,7 +277,8 @@ def _cmd_stage(args: argparse.Namespace, root: Path) -> int:
     finally:
         lock.release()
     if cached:
-        print(f"dsv: stage {args.name} restored from cache ({len(out.files)} files verified)")
+        print(f"dsv: stage {args.name} restored from cache ({len(out.files)} files verified)"
+              + (f"; computed in MLflow run {out.produced_by}" if out.produced_by else ""))
     else:
         print(f"dsv: stage {args.name} wrote {len(out.files)} files in {out.timings.get('wall_seconds', 0):.1f} s")
     return 0
@@ -314,7 +311,8 @@ def _cmd_serve(args: argparse.Namespace, root: Path) -> int:
 
         handle_sigterm._dsv_wrapped = True  # type: ignore[attr-defined]
         Runner.handle_sigterm = handle_sigterm  # type: ignore[method-assign]
-    params = {"params_path": str(Path(args.params).resolve()), "overrides": list(args.overrides), "root": str(root)}
+    # Relative to the project root, where the served flow runs: no absolute path in the deployment's parameters.
+    params = {"params_path": args.params, "overrides": list(args.overrides), "root": "."}
     kwargs = {"cron": args.cron} if args.cron else {"interval": args.interval}
     problem: list[str] = []
     threading.Thread(target=_watch_scheduler, args=(f"{FLOW_NAME}/{args.name}", url, problem), daemon=True,
@@ -362,30 +360,93 @@ def _watch_scheduler(deployment: str, url: str, problem: list[str]) -> None:
     _thread.interrupt_main()
 
 
+UI_START_TIMEOUT = 120.0  # seconds MLflow's UI may take to answer (its first start migrates the store)
+
+
 def _cmd_ui(args: argparse.Namespace, root: Path) -> int:
-    from tasks.tracking import quiet_environment, tracking_uri
+    import socket
+    import urllib.request
+
+    from tasks.lock import init_lock
+    from tasks.paths import ProjectPaths
+    from tasks.tracking import quiet_environment, relocate_store, store_lock, tracking_uri
 
     quiet_environment()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"dsv: warning: --host {args.host} exposes the MLflow UI (every run, param and artifact, with no "
               "authentication) to other machines on that network; use 127.0.0.1 unless that is intended",
               file=sys.stderr, flush=True)
+    try:  # refuse a busy port at once, with one line, instead of letting the server fail after it "started"
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as exc:
+        _fail(f"cannot serve the MLflow UI on {args.host}:{args.port}: {os.strerror(exc.errno) if exc.errno else exc} (another `dsv ui` or "
+              "server is there?); pick another port with --port", EXIT_FAILED)
+    uri = tracking_uri(root)
+    lock = store_lock(uri, root)
+    with init_lock(lock, f"opening the MLflow store {uri}") if lock else contextlib.nullcontext():
+        relocate_store(root)  # a copied or moved project: its own artifacts
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port),
-           "--backend-store-uri", tracking_uri(root), "--workers", "1"]
-    print(f"dsv: MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)")
-    return subprocess.call(cmd, env=env)
+           "--backend-store-uri", uri, "--workers", "1"]
+    if uri.startswith("sqlite:"):
+        cmd += ["--artifacts-destination", str(ProjectPaths(root).mlflow_artifacts.resolve())]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # stopped as a group below
+    url = f"http://{args.host}:{args.port}"
+    try:
+        deadline = time.monotonic() + UI_START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                _fail(f"the MLflow UI exited with code {proc.returncode} before it answered on {url}", EXIT_FAILED)
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as r:  # noqa: S310
+                if r.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                _fail(f"the MLflow UI did not answer on {url} within {UI_START_TIMEOUT:g} s", EXIT_FAILED)
+            time.sleep(0.3)
+        print(f"dsv: MLflow UI on {url} (Ctrl-C to stop)", flush=True)
+        # It serves until Ctrl-C or SIGTERM (handled below); stopping by itself is a failure, whatever its code.
+        _fail(f"the MLflow UI stopped by itself (exit code {proc.wait()})", EXIT_FAILED)
+        raise AssertionError("unreachable")
+    finally:
+        if proc.poll() is None:  # Ctrl-C, SIGTERM, a failure above: stop the server and its workers
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def _cmd_report(args: argparse.Namespace, root: Path) -> int:
     cfg = _load(args)
     from tasks.report import ReportError, write_report
 
+    tracking = url = None
+    run_id: str | None = None
+    if not args.no_mlflow:  # logged into the pipeline run that computed the results on disk
+        from flows.cache import last_output
+        from flows.pipeline import Tracking
+        from tasks.paths import Paths
+        from tasks.tracking import Tracker
+
+        paths = Paths((root / cfg.runtime.output_dir).resolve())
+        tracking = Tracking(Tracker(root, cfg.runtime.mlflow_experiment, cfg.runtime.log_models), "report")
+        run_id = tracking.results_run(last_output(root, "evaluate", paths))
+        if run_id is not None:
+            url = mlflow_run_url(tracking.tracker.experiment_id, run_id)
     try:
-        out, run_id = write_report(cfg, root, Path(args.output) if args.output else None, track=not args.no_mlflow)
+        out = write_report(cfg, root, Path(args.output) if args.output else None, url)
     except ReportError as exc:
         _fail(str(exc), EXIT_FAILED)
-    print(f"dsv: report written to {out}" + (f" and logged to MLflow run {run_id}" if run_id else ""))
+    if tracking is not None and run_id is not None:
+        tracking.tracker.client.log_artifact(run_id, str(out), "report")
+        print(f"dsv: report written to {out} and logged to MLflow run {run_id}: {url}")
+    else:
+        why = "" if args.no_mlflow else " (not logged to MLflow: no run of this store computed these results)"
+        print(f"dsv: report written to {out}{why}")
     return 0
 
 

@@ -12,7 +12,9 @@ Outputs (``artifacts/evaluate/``):
 * ``judge.json``: how the independent judge (stage ``judge``) sees every image training set (distilled or
   selected) and, per IPC, raw noise of the same size: accuracy on the intended class, mean confidence, and the
   Fréchet distance to as many real test images of the same classes (:func:`judge_sets`);
-* ``metrics/evaluate.json``: flat scalars DVC and MLflow display, ``acc.<method>_ipc<k>``,
+* ``metrics/accuracy.json``: every method's and the teacher's test accuracy in % (:func:`headline_metrics`), the
+  one file DVC lists as metrics (``dvc metrics show``, ``dvc exp show``);
+* ``metrics/evaluate.json``: flat scalars MLflow displays, ``acc.<method>_ipc<k>``,
   ``acc_std.<method>_ipc<k>``, ``lrs.<method>_ipc<k>``, ``judge_acc.<set>``, ``frechet.<set>``, ``teacher_acc``
   (:func:`flat_metrics`).
 
@@ -114,6 +116,14 @@ def flat_metrics(teacher_acc: float, rows: list[dict[str, Any]], judged: list[di
         if not math.isnan(j["collapse"]):  # undefined at one image per class
             out.setdefault("collapse", {})[j["set"]] = j["collapse"]
     return {k: v for k, v in out.items() if v != {}}
+
+
+def headline_metrics(teacher_acc: float, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``metrics/accuracy.json``, the one file DVC lists as metrics: test accuracy in % (two decimals) per
+    ``<method>_ipc<k>`` (the keys of :func:`flat_metrics`'s ``acc``), and ``teacher``. Flat and short, so the
+    column names of ``dvc metrics show`` and ``dvc exp show`` stay narrow."""
+    acc = flat_metrics(teacher_acc, rows).get("acc", {})
+    return {**{k: round(100 * v, 2) for k, v in acc.items()}, "teacher": round(100 * teacher_acc, 2)}
 
 
 def _pct(v: float | None, std: float | None = None) -> str:
@@ -249,7 +259,8 @@ def run(cfg: StageConfig, paths: Paths, log: StageLog) -> StageOutput:
     write_json(paths.results_plot, [{"method": r["method"], "ipc": r["ipc"], "acc": r["acc_mean"]}
                                     for r in rows if r["acc_mean"] is not None and r["method"] != "full"])
     metrics = flat_metrics(teacher_acc, rows, judged)
+    write_json(paths.headline, headline_metrics(teacher_acc, rows))
     log.metric("teacher_acc", teacher_acc)
     log.artifact(paths.results_table)
     return finish("evaluate", cfg, paths, [paths.results_table, paths.results_json, paths.results_plot,
-                                           paths.judge_table], metrics, started)
+                                           paths.judge_table, paths.headline], metrics, started)

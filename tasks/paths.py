@@ -4,7 +4,8 @@ Layout under the output folder (``runtime.output_dir``, the project root by defa
 
     artifacts/<stage>/...            stage outputs (tracked by DVC as the stage's ``outs``)
     artifacts/<stage>/params.resolved.yaml   the exact config the stage ran with
-    metrics/<stage>.json             scalar metrics (DVC metrics, MLflow metrics): deterministic values only
+    metrics/<stage>.json             scalar metrics (MLflow metrics; DVC outputs): deterministic values only
+    metrics/accuracy.json            every method's test accuracy (%): the one file DVC lists as metrics
     timings/<stage>.json             wall times of the stage and its units (not tracked by DVC: they differ
                                      on every run, and would make ``dvc status`` dirty)
 
@@ -199,6 +200,12 @@ class Paths:
     def results_json(self) -> Path:
         """Every result row (method, IPC, accuracies, rank, label-robust score), for programs."""
         return self.stage_dir("evaluate") / "results.json"
+
+    @property
+    def headline(self) -> Path:
+        """Test accuracy (%) of every method and the teacher: the one metrics file dvc.yaml lists, so ``dvc metrics
+        show`` and ``dvc exp show`` lead with it (``metrics/<stage>.json`` are plain outputs)."""
+        return self.base / "metrics" / "accuracy.json"
 
     @property
     def results_plot(self) -> Path:

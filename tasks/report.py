@@ -1,11 +1,12 @@
-"""``dsv report``: one self-contained HTML file describing the last run of an output folder.
+"""``dsv report``: one self-contained HTML file describing the last run of an output folder, and the
+ranked results table that the report, the end-of-run summary and the MLflow pipeline run's description share.
 
-Everything is read back from the artifacts (``metrics/*.json``, ``artifacts/*``), so the report
-shows exactly what is on disk: the results table, per-stage metrics, the DSV image grids (redrawn
-from ``dsv.parquet``), the training/entropy/λ plots and the resolved params. Images are embedded as
-base64 PNGs, so the file opens anywhere without its folder. The report is logged to MLflow as an
-artifact of the output folder's latest pipeline run (tag ``output_dir``), or of a new run named
-``report`` when there is none. Reads only: no stage artifact is changed.
+Everything is read back from the artifacts (``metrics/*.json``, ``artifacts/*``), so the report shows exactly
+what is on disk: results first (ranked, readable method names, Δ against the best and against random), then the
+DSVs, the classifier as a generator, the teacher, the training plots; every metric and the resolved params are
+folded away at the end. Images are embedded as palette PNGs, so the file opens anywhere without its folder and
+stays under :data:`MAX_BYTES`. The caller logs it to MLflow (``flows.cli``: the pipeline run that computed the
+results). Reads only: no stage artifact is changed.
 """
 
 from __future__ import annotations
@@ -28,23 +29,128 @@ from tasks.paths import STAGE_NAMES, Paths
 from tasks.plain import flatten
 
 REPORT_NAME = "report.html"
+MAX_BYTES = 1_000_000  # the report's size budget (tests/faults/test_user_view.py)
+
+# What each method's training set is, in words (the tables keep the identifier beside it).
+METHOD_LABELS: dict[str, str] = {
+    "dsv_nshot": "DSV from random real images (n-shot)",
+    "dsv_0shot": "DSV from another dataset's images (0-shot)",
+    "dsv_noise": "DSV from noise",
+    "dsv_herding": "DSV from herding's picks",
+    "dsv_kcenter": "DSV from k-center's picks",
+    "dsv_kkt_herding": "DSV from KKT-herding's picks",
+    "lambda_topk": "top-λ real images (core-set)",
+    "support_topk": "top-support-score real images (core-set)",
+    "random": "random real images",
+    "herding": "herding's real picks",
+    "kcenter": "k-center's real picks",
+    "kkt_herding": "KKT-herding's real picks",
+    "forgetting": "most-forgotten real images",
+    "el2n": "highest-EL2N real images",
+    "entropy": "highest-entropy real images",
+    "least_confidence": "least-confident real images",
+    "margin": "smallest-margin real images",
+    "dm": "distribution matching (DM)",
+    "full": "all training images",
+}
 
 
 class ReportError(RuntimeError):
     """Nothing to report (no run in the output folder) or the report cannot be written."""
 
 
-def _png(fig: Any) -> str:
-    """A matplotlib figure as an ``<img>`` tag with a base64 PNG (the figure is closed)."""
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def ranked_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The result rows with an accuracy, each group (IPC, label type) best first and the ``full`` reference
+    last, each with ``label`` (the method in words), ``delta_best`` (accuracy minus the group's best, ≤ 0) and
+    ``delta_random`` (minus the group's ``random`` row; None without one), as fractions like ``acc_mean``."""
+    scored = [dict(r) for r in rows if r.get("acc_mean") is not None]
+    groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
+    for r in scored:
+        if r["method"] != "full":
+            groups.setdefault((r["ipc"], r.get("label_type")), []).append(r)
+    for members in groups.values():
+        best = max(r["acc_mean"] for r in members)
+        random = next((r["acc_mean"] for r in members if r["method"] == "random"), None)
+        for r in members:
+            r["delta_best"] = r["acc_mean"] - best
+            r["delta_random"] = None if random is None else r["acc_mean"] - random
+    for r in scored:
+        r["label"] = method_label(r["method"])
+        r.setdefault("delta_best", None)
+        r.setdefault("delta_random", None)
+    return sorted(scored, key=lambda r: (r["method"] == "full", r.get("label_type") or "", r["ipc"],
+                                         -r["acc_mean"]))
+
+
+def _pct(v: Any, std: Any = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{100 * v:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def _delta(v: Any) -> str:
+    return "" if v is None else f"{100 * v:+.2f}"
+
+
+def ranked_markdown(results: dict[str, Any]) -> str:
+    """The ranked results (``artifacts/evaluate/results.json``) as markdown: one line naming the best set of
+    each IPC, then the table (percentages; Δ in percentage points against the best and against random real
+    images). The MLflow pipeline run's description."""
+    rows = ranked_rows(results.get("rows", []))
+    n_runs = sorted({int(r["n_runs"]) for r in rows if r.get("n_runs")})
+    teacher = results.get("teacher_acc")
+    winners = []
+    for r in rows:
+        if r.get("rank") == 1:
+            random = "" if r["delta_random"] is None else f", {_delta(r['delta_random'])} pp over random real images"
+            winners.append(f"IPC {r['ipc']}: **{r['label']}** (`{r['method']}`) {_pct(r['acc_mean'])}%{random}")
+    lines = [f"**Best training set** ({'; '.join(winners) or 'none yet'}){'.' if not teacher else ''}"
+             + (f"; the teacher: {100 * teacher:.2f}%." if teacher else ""), "",
+             # (no-break spaces: a header wider than the numbers keeps them apart from the next column)
+             "| rank | method | IPC | test\u00a0accuracy\u00a0(%) | Δ vs best (pp) | Δ vs random (pp) "
+             "| real images per class seen |",
+             "|---:|---|---:|---:|:---:|:---:|:---:|"]
+    for r in rows:
+        acc = _pct(r["acc_mean"], r.get("acc_std")).replace(" ", "\u00a0")  # never wrapped inside a number
+        lines.append(f"| {'' if r.get('rank') is None else r['rank']} | {r['label']} (`{r['method']}`) | {r['ipc']} | "
+                     f"{f'**{acc}**' if r.get('best') else acc} | {_delta(r['delta_best'])} | "
+                     f"{_delta(r['delta_random'])} | {r.get('shots', '')} |")
+    lines += ["", f"Students trained on each method's images, test accuracy as mean ± std over "
+              f"{'/'.join(map(str, n_runs)) or 'n/a'} seeds, ranked within each IPC (images per class); Δ in "
+              "percentage points. One child run per row (`acc_pct`, `delta_best_pct`, `delta_random_pct`, its "
+              "training set as `training_set.png`); `dsv report` writes the full report."]
+    return "\n".join(lines) + "\n"
+
+
+def _png_bytes(data: bytes, alt: str, scale: float = 1.0) -> str:
+    """PNG bytes as an ``<img>`` tag, re-encoded with a 64-colour palette (grey image grids and line plots lose
+    nothing visible; the report stays small), ``scale`` times its size."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        out = io.BytesIO()
+        rgb = img.convert("RGB")
+        if scale < 1.0:
+            rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.LANCZOS)
+        rgb.quantize(colors=64).save(out, format="PNG", optimize=True)
+    encoded = base64.b64encode(out.getvalue()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def _png(fig: Any, alt: str = "figure", scale: float = 1.0) -> str:
+    """A matplotlib figure as an embedded PNG at ``scale`` × 90 dpi (the figure is closed)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=110)
+        fig.savefig(buf, format="png", dpi=90 * scale)
     finally:
         plt.close(fig)
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="figure" src="data:image/png;base64,{data}">'
+    return _png_bytes(buf.getvalue(), alt)
 
 
 def _fmt(v: Any) -> str:
@@ -55,31 +161,36 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
+def _table(header: Iterable[str], rows: Iterable[Iterable[Any]], numeric_from: int = 99) -> str:
+    """An HTML table; columns from ``numeric_from`` on are right-aligned."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f'<td{" class=n" if i >= numeric_from else ""}>{html.escape(_fmt(c))}</td>'
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _pm(v: Any, std: Any) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f} ± {100 * (std or 0):.2f}"
-
-
-def _results(res: dict[str, Any]) -> str:
-    """The results ranked within each IPC (best marked ★), with the label-robust score, and a bar chart."""
+def _results(res: dict[str, Any], scale: float = 1.0) -> str:
+    """The ranked results (best in bold), Δ against the best and against random, the label-robust score, and a
+    bar chart."""
     from tasks.figures import ranked_bars
 
-    ordered = sorted(res.get("rows", []), key=lambda r: (r["method"] == "full", r.get("label_type", ""), r["ipc"],
-                                                         r.get("rank") or 1 << 30))
-    rows = []
-    for r in ordered:
-        rank = "" if r.get("rank") is None else f"{r['rank']}{' ★' if r.get('best') else ''}"
-        rows.append([rank, r["method"], r["ipc"], r.get("shots"), r.get("protocol"), r.get("label_type"),
-                     _pm(r.get("acc_mean"), r.get("acc_std")), _pm(r.get("lrs_mean"), r.get("lrs_std")),
-                     r.get("n_runs")])
-    table = _table(["rank", "method", "IPC", "shots", "protocol", "labels", "test acc % (mean ± std)",
-                    "label-robust score %", "runs"], rows)
-    chart = _png(ranked_bars(res.get("rows", []), "student test accuracy, best in red, DSV methods in blue"))
+    rows = ranked_rows(res.get("rows", []))
+    head = ["rank", "method", "IPC", "real images / class seen", "test acc (%)", "Δ best", "Δ random",
+            "label-robust score (%)", "seeds"]
+    body = []
+    for r in rows:
+        acc = html.escape(_pct(r["acc_mean"], r.get("acc_std")))
+        cells = ["" if r.get("rank") is None else str(r["rank"]),
+                 f"{html.escape(r['label'])} <code>{html.escape(r['method'])}</code>", str(r["ipc"]),
+                 html.escape(str(r.get("shots", ""))), f"<b>{acc}</b>" if r.get("best") else acc,
+                 _delta(r["delta_best"]), _delta(r["delta_random"]), html.escape(_pct(r.get("lrs_mean"))),
+                 html.escape(str(r.get("n_runs", "")))]
+        body.append("<tr>" + "".join(f'<td{" class=n" if i != 1 else ""}>{c}</td>' for i, c in enumerate(cells))
+                    + "</tr>")
+    table = ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
+             + "".join(body) + "</tbody></table>")
+    chart = _png(ranked_bars(res.get("rows", []), "student test accuracy, best in red, DSV methods in blue"),
+                 "bar chart of the results", scale)
     return table + chart
 
 
@@ -97,7 +208,7 @@ def _metrics_tables(paths: Paths) -> str:
     return "".join(parts)
 
 
-def _figures(paths: Paths, classes: list[str]) -> tuple[str, str]:
+def _figures(paths: Paths, classes: list[str], scale: float = 1.0) -> tuple[str, str]:
     """(DSV grids section, plots section) as HTML."""
     from tasks.figures import curves, image_grid, lam_histograms
 
@@ -108,14 +219,14 @@ def _figures(paths: Paths, classes: list[str]) -> tuple[str, str]:
             sel = [i for i, (a, b) in enumerate(zip(t.init, t.ipc)) if a == init and b == ipc]
             if sel and t.x.dim() == 4:
                 fig = image_grid(t.x[sel], t.y[sel], classes, f"DSVs: {init}, IPC {ipc}")
-                grids.append(f'<figure class="grid">{_png(fig)}<figcaption>{html.escape(init)}, IPC {ipc}: '
+                grids.append(f'<figure class="grid">{_png(fig, "DSV grid", scale)}<figcaption>{html.escape(init)}, IPC {ipc}: '
                              f"{len(sel)} DSVs</figcaption></figure>")
     plots = []
     if paths.pretrain_curve.is_file():
         c = read_json(paths.pretrain_curve)
         if c:
             plots.append(_png(curves({"loss": ([r["step"] for r in c], [r["loss"] for r in c])}, "step", "loss",
-                                     "teacher training loss")))
+                                     "teacher training loss"), "loss curve", scale))
     if paths.extract_trace.is_file():
         trace = read_json(paths.extract_trace)
         series: dict[str, tuple[Sequence[float], Sequence[float]]] = {}
@@ -126,19 +237,17 @@ def _figures(paths: Paths, classes: list[str]) -> tuple[str, str]:
                    for s in steps]
             series[f"{key[0]} IPC {key[1]}"] = (steps, ent)
         if series:
-            plots.append(_png(curves(series, "step", "mean entropy (nats)", "candidate entropy")))
+            plots.append(_png(curves(series, "step", "mean entropy (nats)", "candidate entropy"), "entropy", scale))
     if paths.lambdas_parquet.is_file():
         lt = read_lambdas_parquet(paths.lambdas_parquet)
         if lt.lam.numel():
-            plots.append(_png(lam_histograms(lt.lam, lt.label, classes)))
+            plots.append(_png(lam_histograms(lt.lam, lt.label, classes), "λ histograms", scale))
     return "".join(grids) or "<p>No DSVs on disk.</p>", "".join(plots) or "<p>No plots.</p>"
 
 
-def _generation(paths: Paths) -> str:
+def _generation(paths: Paths, scale: float = 1.0) -> str:
     """The generate stage's pictures (embedded from artifacts/generate) and the judge's view of the samples and of
     every training set (artifacts/evaluate/judge.json)."""
-    import base64
-
     parts = []
     with contextlib.suppress(ArtifactError):
         m = read_json(paths.metrics("generate"))
@@ -154,9 +263,7 @@ def _generation(paths: Paths) -> str:
                           ("edits", "edits: real test images pushed to the next class")):
         f = paths.generate_figure(name)
         if f.is_file():
-            data = base64.b64encode(f.read_bytes()).decode()
-            parts.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{caption}'
-                         "</figcaption></figure>")
+            parts.append(f"<figure>{_png_bytes(f.read_bytes(), name, scale)}<figcaption>{caption}</figcaption></figure>")
     with contextlib.suppress(ArtifactError):
         judged = read_json(paths.judge_table)
         if judged:
@@ -168,15 +275,32 @@ def _generation(paths: Paths) -> str:
 
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
-th{background:#f0f0f0}figure.grid{display:inline-block;margin:.5em}img{max-width:100%}
-pre{background:#f7f7f7;padding:1em;overflow:auto}.muted{color:#777}
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}th{background:#f0f0f0}figure.grid{display:inline-block;margin:.5em}
+img{max-width:100%}pre{background:#f7f7f7;padding:1em;overflow:auto}.muted{color:#777}p.lead{margin-top:0}
+nav ol{columns:2}summary{cursor:pointer;color:#0645ad}code{font-size:.85em;color:#555}
 """
 
+# (anchor, title, the one sentence that says what the section shows)
+SECTIONS = (
+    ("results", "Results", "Students trained on each method's images, ranked by test accuracy within each IPC "
+     "(images per class); Δ is in percentage points against the best row and against random real images."),
+    ("dsvs", "Deep support vectors", "The distilled images per class for each starting point, with how many the "
+     "teacher's KKT conditions kept."),
+    ("generation", "The classifier as a generator", "Images the teacher made from noise, between two classes and "
+     "from real test images, scored by an independent judge."),
+    ("teacher", "Teacher", "The trained classifier every set is distilled from: its accuracy and how close it is "
+     "to a KKT point."),
+    ("plots", "Training plots", "The teacher's training loss, the candidates' entropy during extraction and the "
+     "fitted λ per class."),
+    ("metrics", "All metrics", "Every scalar in metrics/<stage>.json, for reference."),
+    ("params", "Params", "The resolved configuration this run used."),
+)
 
-def render(cfg: PipelineConfig, paths: Paths, run_url: str | None = None) -> str:
-    """The report's HTML text (self-contained).
+
+def render(cfg: PipelineConfig, paths: Paths, run_url: str | None = None, scale: float = 1.0) -> str:
+    """The report's HTML text (self-contained), its pictures ``scale`` times their size.
 
     Raises:
         ReportError: the output folder holds no metrics at all (nothing has run).
@@ -204,9 +328,9 @@ def render(cfg: PipelineConfig, paths: Paths, run_url: str | None = None) -> str
         pre_m = read_json(paths.metrics("pretrain"))
         accs = [pre_m.get(f"test_acc_class_{i}") for i in range(len(classes))]
         if classes and all(a is not None for a in accs):
-            per_class = "<h3>Teacher accuracy per class</h3>" + _table(
-                ["class", "test accuracy %"], [[c, f"{100 * a:.2f}"] for c, a in zip(classes, accs)])
-    grids, plots = _figures(paths, classes) if classes else ("<p>No prepared data.</p>", "")
+            per_class = "<h3>Accuracy per class</h3>" + _table(
+                ["class", "test accuracy (%)"], [[c, f"{100 * a:.2f}"] for c, a in zip(classes, accs)], 1)
+    grids, plots = _figures(paths, classes, scale) if classes else ("<p>No prepared data.</p>", "")
     teacher = f"{100 * ev['teacher_acc']:.2f}%" if "teacher_acc" in ev else "n/a"
     cert = "n/a (no weight decay, or not computed)"
     with contextlib.suppress(ArtifactError, KeyError, TypeError):
@@ -218,77 +342,48 @@ def render(cfg: PipelineConfig, paths: Paths, run_url: str | None = None) -> str
         with contextlib.suppress(ArtifactError, AttributeError, TypeError):
             devices.append(f"{stage} {read_json(paths.timings(stage)).get('device', 'cpu')}")
     params = html.escape(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
-    link = f'<p>MLflow run: <a href="{html.escape(run_url)}">{html.escape(run_url)}</a> (start <code>dsv ui</code>)</p>' \
-        if run_url else ""
+    link = (f' · <a href="{html.escape(run_url)}">MLflow run</a> (start <code>dsv ui</code>)' if run_url else "")
+    body = {
+        "results": _results(ev, scale) if ev else "<p>No evaluation yet.</p>",
+        "dsvs": (_table(["init / IPC", "DSVs", "with λ = 0", *classes], kept, 1) if kept else "") + grids,
+        "generation": _generation(paths, scale),
+        "teacher": f"""<p>Test accuracy <b>{teacher}</b>. KKT certificate (relative stationarity residual at
+uniform λ = 1/(nω); 0 = a KKT point, where DeepKKT's stationarity condition can hold): {html.escape(cert)}.
+Computed on: {html.escape(", ".join(devices)) if devices else "n/a"}.</p>{per_class}""",
+        "plots": plots or "<p>No plots.</p>",
+        "metrics": f"<details><summary>show every metric</summary>{_metrics_tables(paths)}</details>",
+        "params": f"<details><summary>show the params</summary><pre>{params}</pre></details>",
+    }
+    toc = "".join(f'<li><a href="#{key}">{html.escape(title)}</a></li>' for key, title, _ in SECTIONS)
+    sections = "\n".join(f'<h2 id="{key}">{html.escape(title)}</h2>\n<p class="lead">{html.escape(sentence)}</p>\n'
+                          f"{body[key]}" for key, title, sentence in SECTIONS)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>DSV report: {html.escape(dataset)}</title>
 <style>{_CSS}</style></head><body>
-<h1>Deep Support Vectors: run report</h1>
-<p class="muted">dataset {html.escape(dataset)} · output folder {html.escape(str(paths.base))} ·
-written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
-{link}
-<h2>Summary</h2>
-<p>Teacher test accuracy: <b>{teacher}</b></p>
-<p>Computed on: {html.escape(", ".join(devices)) if devices else "n/a"}</p>
-<p>Teacher KKT certificate (relative stationarity residual at uniform λ = 1/(nω); 0 = a KKT point, where
-DeepKKT's stationarity condition can hold): {html.escape(cert)}</p>
-{per_class}
-<h3>DSVs per class</h3>{_table(["init / IPC", "DSVs", "with λ = 0", *(classes or [])], kept) if kept else "<p>n/a</p>"}
-<h2>Results</h2>{_results(ev) if ev else "<p>No evaluation yet.</p>"}
-<h2>Deep Support Vectors</h2>{grids}
-<h2>The classifier as a generator</h2>{_generation(paths)}
-<h2>Plots</h2>{plots}
-<h2>Metrics</h2>{_metrics_tables(paths)}
-<h2>Params</h2><pre>{params}</pre>
+<h1>Deep Support Vectors: {html.escape(dataset)}</h1>
+<p class="muted">written {time.strftime("%Y-%m-%d %H:%M:%S")} from the artifacts of this output folder{link}</p>
+<nav><ol>{toc}</ol></nav>
+{sections}
 </body></html>
 """
 
 
-def _latest_pipeline_run(client: Any, experiment_id: str, base: Path) -> Any:
-    runs = client.search_runs(
-        [experiment_id], f"tags.output_dir = '{base}' and tags.`dsv.kind` = 'pipeline'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
-    return runs[0] if runs else None
+def write_report(cfg: PipelineConfig, root: Path, out: Path | None = None, run_url: str | None = None) -> Path:
+    """Write the report atomically (default ``<output_dir>/report.html``) and return its path; over
+    :data:`MAX_BYTES`, its pictures are redrawn smaller until it fits.
 
-
-def write_report(
-    cfg: PipelineConfig, root: Path, out: Path | None = None, track: bool = True
-) -> tuple[Path, str | None]:
-    """Write the report (atomically) and log it to MLflow.
-
-    Args:
-        cfg: the run's config (locates the output folder and the MLflow experiment).
-        root: project root.
-        out: the HTML file; default ``<output_dir>/report.html``.
-        track: log the report to MLflow.
-
-    Returns:
-        (the HTML path, the MLflow run id it was logged to or None).
+    Raises:
+        ReportError: nothing to report, or the file cannot be written.
     """
     paths = Paths((Path(root) / cfg.runtime.output_dir).resolve())
     out = Path(out) if out is not None else paths.base / REPORT_NAME
-    run_id = url = None
-    tracker = parent = None
-    if track:
-        from tasks.tracking import Tracker
-
-        tracker = Tracker(Path(root), cfg.runtime.mlflow_experiment, cfg.runtime.log_models)
-        parent = _latest_pipeline_run(tracker.client, tracker.experiment_id, paths.base)
-        if parent is not None:
-            run_id = parent.info.run_id
-        else:
-            run_id = tracker.start_run("report", tags={"output_dir": str(paths.base)})
-        url = f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{run_id}"
     try:
-        text = render(cfg, paths, url)
+        scale = 1.0
+        text = render(cfg, paths, run_url, scale)
+        while len(text.encode()) > MAX_BYTES and scale > 0.2:
+            scale *= 0.7
+            text = render(cfg, paths, run_url, scale)
         write_text(out, text)
     except (ReportError, OSError) as exc:
-        if tracker is not None and run_id is not None and parent is None:
-            tracker.end_run(run_id, exc)
         raise ReportError(str(exc)) from exc
-    if tracker is not None and run_id is not None:
-        tracker.client.log_artifact(run_id, str(out), "report")
-        if parent is None:
-            tracker.end_run(run_id)
-    return out, run_id
+    return out

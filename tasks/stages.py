@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib
 import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+from tasks import coreset, distill, evaluate, extract, generate, judge, prepare, pretrain
 from tasks.atomic import file_sha256, write_json
 from tasks.output import StageOutput
 from tasks.paths import STAGE_NAMES, Paths
@@ -42,41 +43,46 @@ PACKAGES = ("tasks", "dsv")
 
 @dataclass(frozen=True)
 class StageSpec:
-    """What one stage reads.
+    """One stage: its module and what it reads.
 
     Attributes:
-        name: the stage name (params section, module, artifact folder, metrics file, MLflow run).
+        module: the stage module ``tasks.<name>``: ``run(cfg, paths, log)`` and, for a mapped stage,
+            ``units(cfg)``, ``run_unit(cfg, paths, unit, log)`` and ``merge(cfg, paths, log, unit_results)``.
         upstream: stages whose artifacts it reads.
         sections: the params sections it reads: its own (``evaluate`` has none, it only summarises).
     """
 
-    name: str
+    module: ModuleType
     upstream: tuple[str, ...]
     sections: tuple[str, ...] = ()
 
     @property
-    def module(self) -> str:
-        return f"tasks.{self.name}"
+    def name(self) -> str:
+        """The stage name (params section, artifact folder, metrics file, MLflow run)."""
+        return self.module_name.removeprefix("tasks.")
+
+    @property
+    def module_name(self) -> str:
+        return str(self.module.__name__)
 
     @property
     def mapped(self) -> bool:
         """True when the stage module splits its work into units (``units``/``run_unit``/``merge``)."""
-        return self.name in MAPPED
+        return hasattr(self.module, "units")
 
 
+STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
+    StageSpec(prepare, (), ("prepare",)),
+    StageSpec(pretrain, ("prepare",), ("pretrain",)),
+    StageSpec(judge, ("prepare",), ("judge",)),
+    StageSpec(extract, ("prepare", "pretrain"), ("extract",)),  # mapped: class shards
+    StageSpec(coreset, ("prepare", "pretrain"), ("coreset",)),
+    StageSpec(distill, ("prepare", "pretrain", "extract", "coreset"), ("distill",)),  # mapped: (method, IPC) cells
+    StageSpec(generate, ("prepare", "pretrain", "judge"), ("generate",)),
+    StageSpec(evaluate, ("prepare", "pretrain", "judge", "distill")),
+)}
 # Stages whose work is split into independent units (extract: shards; distill: (method, IPC) cells).
-MAPPED: frozenset[str] = frozenset({"extract", "distill"})
-
-STAGES: dict[str, StageSpec] = {
-    "prepare": StageSpec("prepare", (), ("prepare",)),
-    "pretrain": StageSpec("pretrain", ("prepare",), ("pretrain",)),
-    "judge": StageSpec("judge", ("prepare",), ("judge",)),
-    "extract": StageSpec("extract", ("prepare", "pretrain"), ("extract",)),
-    "coreset": StageSpec("coreset", ("prepare", "pretrain"), ("coreset",)),
-    "distill": StageSpec("distill", ("prepare", "pretrain", "extract", "coreset"), ("distill",)),
-    "generate": StageSpec("generate", ("prepare", "pretrain", "judge"), ("generate",)),
-    "evaluate": StageSpec("evaluate", ("prepare", "pretrain", "judge", "distill")),
-}
+MAPPED: frozenset[str] = frozenset(name for name, spec in STAGES.items() if spec.mapped)
 assert tuple(STAGES) == STAGE_NAMES
 # Stages that compute on ``runtime.device``: the resolved device type is part of their cache key (flows.pipeline),
 # since CUDA and CPU results differ in their bits (not in their science); prepare and evaluate run on the CPU.
@@ -145,11 +151,11 @@ def code_modules(stage: str) -> dict[str, Path]:
 @cache
 def _code_modules(stage: str) -> dict[str, Path]:
     spec = STAGES[stage]
-    keep = FIGURE_ARTIFACTS.get(stage, frozenset()) | {spec.module}
+    keep = FIGURE_ARTIFACTS.get(stage, frozenset()) | {spec.module_name}
     # A logging-only module is not followed: what only it imports (e.g. tasks.lock, through tasks.tracking)
     # never changes an artifact either.
-    own = _closure([spec.module], ("tasks",), skip=LOGGING_ONLY - keep)
-    dsv_roots = [m for m in _imports(own[spec.module]) if m.split(".")[0] == "dsv"]
+    own = _closure([spec.module_name], ("tasks",), skip=LOGGING_ONLY - keep)
+    dsv_roots = [m for m in _imports(own[spec.module_name]) if m.split(".")[0] == "dsv"]
     lib = _closure(dsv_roots, ("dsv",))
     return dict(sorted({**own, **lib}.items()))
 
@@ -174,13 +180,13 @@ def code_hash(stage: str) -> str:
 
 
 def stage_module(stage: str) -> Any:
-    """``tasks.<stage>``, imported lazily (each stage pulls in only its own dependencies)."""
-    return importlib.import_module(STAGES[stage].module)
+    """``tasks.<stage>`` (the module held by the stage table)."""
+    return STAGES[stage].module
 
 
 def stage_function(stage: str) -> Callable[..., StageOutput]:
     """``tasks.<stage>.run``: the whole stage in this process."""
-    return stage_module(stage).run  # type: ignore[no-any-return]
+    return STAGES[stage].module.run  # type: ignore[no-any-return]
 
 
 def verify(paths: Paths, out: StageOutput) -> list[str]:
@@ -223,7 +229,8 @@ def dvc_stages(root: Path) -> dict[str, Any]:
 
     Each stage: ``cmd: dsv stage <name>``, its params sections, its code closure and upstream
     artifact folders as deps, ``artifacts/<name>`` as a persistent out (not deleted before the command runs,
-    so finished work can be reused) and ``metrics/<name>.json`` as metrics.
+    so finished work can be reused), ``metrics/<name>.json`` as a git-tracked output and, for ``evaluate``,
+    ``metrics/accuracy.json`` as its metrics.
     """
     out: dict[str, Any] = {}
     for name, spec in STAGES.items():
@@ -234,8 +241,12 @@ def dvc_stages(root: Path) -> dict[str, Any]:
             "deps": deps,
             # persist: DVC would delete the folder before running the command, and `dsv stage` could then not
             # reuse the stage's verified work from the shared cache (flows.pipeline.run_stage_direct)
-            "outs": [{f"artifacts/{name}": {"persist": True}}],
-            "metrics": [{f"metrics/{name}.json": {"cache": False}}],
+            # metrics/<stage>.json are plain (git-tracked) outputs: DVC lists one metrics file, the accuracy of
+            # every method, so `dvc metrics show` and `dvc exp show` lead with the results
+            "outs": [{f"artifacts/{name}": {"persist": True}}, {f"metrics/{name}.json": {"cache": False}}],
+            # (persist: it is one of evaluate's recorded artifacts, which `dsv stage` verifies to restore the stage)
+            **({"metrics": [{"metrics/accuracy.json": {"cache": False, "persist": True}}]} if name == "evaluate"
+               else {}),
         }
     return out
 

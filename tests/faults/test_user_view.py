@@ -4,7 +4,9 @@ rendered headless by Chromium), progress bars quiet off a terminal."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -24,29 +26,54 @@ def test_progress_is_quiet_off_a_terminal(capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.slow
-def test_summary_and_report(completed_project: tuple[Path, dict], tmp_path: Path) -> None:
-    from flows.cli import run_summary
+def test_summary_and_report(completed_project: tuple[Path, dict], tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main, run_summary
     from tasks.config import load_config
-    from tasks.report import write_report
+    from tasks.report import MAX_BYTES, METHOD_LABELS, SECTIONS
 
     project, summary = completed_project
     cfg = load_config(project / "params.yaml")
     text = run_summary(summary, cfg, project, 1.0)
     assert "teacher test accuracy: " in text and "teacher KKT certificate" in text
-    assert "DSVs kept nshot_ipc2: 20 of 20 (2 2 2 2 2 2 2 2 2 2 per class" in text
+    assert "DSVs nshot_ipc2: 20 (2 2 2 2 2 2 2 2 2 2 per class" in text
     assert "| dsv_nshot | 2 |" in text and f"artifacts: {project / 'artifacts'}" in text
-    assert f"#/experiments/{summary['mlflow_experiment_id']}/runs/{summary['mlflow_run_id']}" in text
+    link = f"#/experiments/{summary['mlflow_experiment_id']}/runs/{summary['mlflow_run_id']}"
+    assert f"{link}?workflowType=machine_learning" in text  # the run's page in MLflow's model-training view
 
-    out, run_id = write_report(cfg, project, tmp_path / "report.html")
+    monkeypatch.chdir(project)
+    out = tmp_path / "report.html"
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["report", "-o", str(out)]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # main installs dsv's own
+    assert f"logged to MLflow run {summary['mlflow_run_id']}" in capsys.readouterr().out  # the pipeline run
     html = out.read_text()
-    assert run_id == summary["mlflow_run_id"]  # logged to the parent pipeline run
+    assert out.stat().st_size <= MAX_BYTES
+    # results first, a table of contents, one sentence per section, the long parts folded
+    order = [html.index(f'<h2 id="{key}">') for key, _, _ in SECTIONS]
+    assert order == sorted(order) and SECTIONS[0][0] == "results"
+    assert all(f'<a href="#{key}">' in html and html.count(escape(sentence)) == 1 for key, _, sentence in SECTIONS)
+    params = html.index('<h2 id="params">')
+    assert "<details><summary>" in html[params:] and "&quot;prepare&quot;: {" in html[params:]
+    results = html[html.index('<h2 id="results">'):html.index('<h2 id="dsvs">')]
+    assert f"{METHOD_LABELS['dsv_nshot']} <code>dsv_nshot</code>" in results and "Δ random" in results
     assert html.count('src="data:image/png;base64,') >= 4 and "DSVs: nshot, IPC 2" not in html  # grids are images
-    assert "<td>dsv_nshot</td>" in html and "http" not in html.replace(f"http://127.0.0.1:5000/#/experiments/"
-                                                                       f"{summary['mlflow_experiment_id']}", "")
+    assert "http" not in html.replace(f"http://127.0.0.1:5000/{link}?workflowType=machine_learning", "")
+    # over the size budget the pictures are redrawn smaller: every section is still there
+    import tasks.report
+
+    budget = int(0.8 * out.stat().st_size)
+    monkeypatch.setattr(tasks.report, "MAX_BYTES", budget)
+    small = tasks.report.write_report(cfg, project, tmp_path / "small.html")
+    assert small.stat().st_size <= budget and small.read_text().count('<h2 id="') == len(SECTIONS)
+    assert small.read_text().count('src="data:image/png;base64,') == html.count('src="data:image/png;base64,')
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    assert [f.path for f in client.list_artifacts(run_id, "report")] == ["report/report.html"]
+    assert [f.path for f in client.list_artifacts(summary["mlflow_run_id"], "report")] == ["report/report.html"]
+    assert not [r for r in client.search_runs([summary["mlflow_experiment_id"]]) if r.info.run_name == "report"]
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

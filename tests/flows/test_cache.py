@@ -80,7 +80,7 @@ def test_compute_stages_key_on_the_resolved_device() -> None:
 
     import torch
 
-    from flows.pipeline import _params
+    from flows.pipeline import _inputs
     from tasks.config import PipelineConfig
     from tasks.stages import DEVICE_STAGES, STAGES
 
@@ -92,13 +92,13 @@ def test_compute_stages_key_on_the_resolved_device() -> None:
     on_cpu = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device="cpu"))
     for stage in STAGES:
         if stage in DEVICE_STAGES:
-            assert _params(stage, cfg)["device"] == expected  # auto: cuda when there is one
-            assert _params(stage, on_cpu)["device"] == "cpu"
+            assert _inputs(stage, cfg, {})["device"] == expected  # auto: cuda when there is one
+            assert _inputs(stage, on_cpu, {})["device"] == "cpu"
         else:
-            assert "device" not in _params(stage, cfg)
-        assert _params(stage, cfg)["params"] == cfg.sections(STAGES[stage].sections)
-    a = cache_key("stage", "src", "pretrain", **_params("pretrain", on_cpu), upstream={})
-    b = cache_key("stage", "src", "pretrain", **{**_params("pretrain", on_cpu), "device": "cuda"}, upstream={})
+            assert "device" not in _inputs(stage, cfg, {})
+        assert _inputs(stage, cfg, {})["params"] == cfg.sections(STAGES[stage].sections)
+    a = cache_key("stage", "src", "pretrain", **_inputs("pretrain", on_cpu, {}))
+    b = cache_key("stage", "src", "pretrain", **{**_inputs("pretrain", on_cpu, {}), "device": "cuda"})
     assert a != b
 
 

@@ -62,3 +62,18 @@ def test_a_full_disk_under_the_tracking_store_is_named(tmp_path: Path) -> None:
         line = _describe_failure(exc, tmp_path)
     assert line.startswith("disk full (no space left for sqlite:///") and "could not log metric" in line
     assert _describe_failure(KeyError("x"), tmp_path) == "KeyError: 'x'"
+
+
+def test_ui_on_a_busy_port_refuses_with_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _dsv(["ui", "--port", str(port)], tmp_path)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dsv: error: cannot serve the MLflow UI on 127.0.0.1:{port}: ")
+    assert "in use" in lines[0] and "MLflow UI on" not in r.stdout  # never claimed to have started
+    assert not (tmp_path / "mlflow.db").exists()

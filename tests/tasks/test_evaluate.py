@@ -61,3 +61,11 @@ def test_markdown_marks_the_best_and_orders_by_rank() -> None:
     lines = [ln for ln in text.splitlines() if ln.startswith("| ") and "| 10 |" in ln]
     assert [ln.split("|")[2].strip() for ln in lines][:4] == ["dsv_nshot", "herding", "random", "dm"]
     assert "**65.00 ± 5.00**" in lines[0] and "**" not in lines[2]
+
+
+def test_headline_metrics_are_every_methods_accuracy_in_percent() -> None:
+    from tasks.evaluate import headline_metrics
+
+    m = headline_metrics(0.9, _rows())
+    assert m == {"random_ipc10": 50.0, "dsv_nshot_ipc10": 65.0, "herding_ipc10": 65.0, "dm_ipc10": 42.5,
+                 "random_ipc1": 30.0, "dsv_nshot_ipc1": 30.0, "teacher": 90.0}  # no row without runs

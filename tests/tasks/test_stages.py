@@ -13,6 +13,23 @@ from tasks.stages import STAGES, code_files, code_hash, dvc_yaml, verify
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def test_the_stage_table_holds_the_stage_modules() -> None:
+    import tasks.distill
+    import tasks.evaluate
+
+    assert STAGES["distill"].module is tasks.distill and STAGES["evaluate"].module is tasks.evaluate
+    assert {name for name, spec in STAGES.items() if spec.mapped} == {"extract", "distill"}
+    assert all(spec.name == name and callable(spec.module.run) for name, spec in STAGES.items())
+
+
+def test_dvc_lists_one_metrics_file_and_ignores_its_plots_page() -> None:
+    stages = parse_yaml(dvc_yaml(ROOT))["stages"]
+    listed = [m for s in stages.values() for entry in s.get("metrics", []) for m in entry]
+    assert listed == ["metrics/accuracy.json"]  # the rest are plain outputs: `dvc exp show` leads with results
+    assert all({f"metrics/{name}.json": {"cache": False}} in s["outs"] for name, s in stages.items())
+    assert "/dvc_plots/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
 def test_no_stage_closure_holds_the_params_loader_or_the_registry() -> None:
     from tasks.stages import OUTSIDE_CLOSURES, code_modules
 
@@ -84,7 +101,7 @@ def test_dvc_yaml_is_current_and_lists_each_stages_params() -> None:
         assert stages[name]["cmd"] == f"dsv stage {name}"
         assert stages[name]["params"] == list(spec.sections)
         assert f"tasks/{name}.py" in stages[name]["deps"]
-        assert stages[name]["outs"] == [{f"artifacts/{name}": {"persist": True}}]
+        assert stages[name]["outs"] == [{f"artifacts/{name}": {"persist": True}}, {f"metrics/{name}.json": {"cache": False}}]
 
 
 def test_verify_detects_missing_and_changed_files(tmp_path: Path) -> None:
