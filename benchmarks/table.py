@@ -150,7 +150,7 @@ def render(p: dict[str, Any]) -> str:
         f"- Command: `{p['command']}` at commit `{p['git_commit'][:7]}`"
         + (f" (seeds {p['kept_seeds']} collected from an earlier run of the same command, at the commits of that run)"
            if p.get("kept_seeds") else "") + f"; wall {p['wall_s']:.0f} s, load average "
-        f"{p['loadavg_start']} → {p['loadavg_end']}.",
+        f"{p['loadavg_start']} → {p['loadavg_end']}." + (f" {p['note']}" if p.get("note") else ""),
         f"- Teacher: {100 * p['teacher_acc']:.2f}% test accuracy. Students: {_model(p)}, "
         f"{a['n_runs']} student seeds per set, max({a['epochs']} epochs, {a['min_steps']} steps).",
         f"- Seeds: {a['seeds']} pipeline seeds (extract.seed = distill.seed = s). Rows that depend on a seed (DSVs, "
