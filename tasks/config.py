@@ -115,9 +115,6 @@ class PipelineConfig:
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PipelineConfig))
 
 
-SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PipelineConfig))
-
-
 def cross_check(cfg: PipelineConfig) -> list[str]:
     """The stages' checks that span sections (run on the full file, not on a stage's restricted view)."""
     return [e for m in STAGE_MODULES if hasattr(m, "check") for e in m.check(cfg)]

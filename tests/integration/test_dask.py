@@ -43,6 +43,7 @@ def _sha(path: Path) -> str:
 def test_dask_local_cluster_matches_one_process(tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.dask_runner import DaskRunner
     from tasks.artifacts import read_dsv_parquet
+    from tasks.config import load_config
     from tasks.paths import Paths
 
     # Record what the Dask runner was given and which processes serve it.
@@ -66,7 +67,8 @@ def test_dask_local_cluster_matches_one_process(tmp_path: Path, prefect_api: str
     # Same teacher, then the same shards and merged table, file by file.
     assert threads["pretrain"]["files"] == dask["pretrain"]["files"]
     shard_files = [f for f in threads["extract"]["files"] if "/shards/" in f]
-    assert len(shard_files) == 2 * 3 * 2  # 3 inits x 2 shards, tensors + trace each
+    inits = load_config(tmp_path / "threads" / "params.yaml").extract.inits
+    assert len(shard_files) == len(inits) * 2 * 2  # every init x 2 shards, tensors + trace each
     assert threads["extract"]["files"] == dask["extract"]["files"]
 
     a, b = Paths(tmp_path / "threads"), Paths(tmp_path / "dask")
@@ -76,7 +78,7 @@ def test_dask_local_cluster_matches_one_process(tmp_path: Path, prefect_api: str
     assert torch.equal(ta.x, tb.x) and torch.equal(ta.y, tb.y) and torch.equal(ta.lam, tb.lam)
     assert sorted(set(ta.shard)) == [0, 1]
 
-    # Only the Dask run's shards went to Dask: 3 inits x 2 shards, on 2 worker processes other than this one.
-    assert sorted(submitted) == sorted(f"{i}_2_{s}_2" for i in ("nshot", "0shot", "noise") for s in (0, 1))
+    # Only the Dask run's shards went to Dask: every init x 2 shards, on 2 worker processes other than this one.
+    assert sorted(submitted) == sorted(f"{i}_2_{s}_2" for i in inits for s in (0, 1))
     assert len(worker_pids) == 2 and os.getpid() not in worker_pids.values()
     assert all(addr.startswith("tcp://127.0.0.1:") for addr in worker_pids)
