@@ -99,6 +99,7 @@ def test_tampered_cache_record_metric_is_not_reported(completed_project: tuple[P
     assert truth != 0.999
     records = sorted((project / ".dsv/cache/evaluate").glob("*.json"))
     assert len(records) == 2  # the stage's record and its latest output (what `dsv stage` reads)
+    original = {rec: rec.read_bytes() for rec in records}  # restored at the end: they name the tracked run
     for rec in records:
         data = json.loads(rec.read_text())
         data["metrics"]["teacher_acc"] = 0.999
@@ -114,6 +115,8 @@ def test_tampered_cache_record_metric_is_not_reported(completed_project: tuple[P
     for rec in records:  # rewritten whole
         data = load_record(rec)
         assert data is not None and data["metrics"]["teacher_acc"] == truth
+    for rec, raw in original.items():  # the untracked rerun recorded no MLflow run: put back the tracked records
+        rec.write_bytes(raw)
 
 
 def _shard(tmp: Path) -> Path:

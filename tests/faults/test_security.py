@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,13 +60,46 @@ def test_servers_bind_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PREFECT_SERVER_API_HOST", raising=False)
     monkeypatch.setenv("PREFECT_HOME", "/tmp/dsv-security-test-prefect")
     configure(Path("/tmp"))
-    import os
 
     assert os.environ["PREFECT_SERVER_API_HOST"] == "127.0.0.1"
-    seen: list[list[str]] = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: seen.append(cmd) or 0)
-    assert cli.main(["ui"]) == 0
-    assert seen[0][seen[0].index("--host") + 1] == "127.0.0.1"
+    assert cli  # the UI below is the real `dsv ui`, started as a user starts it
+
+
+def _listeners(port: int) -> set[str]:
+    """Local addresses listening on ``port`` (from /proc/net/tcp and tcp6: state 0A = LISTEN)."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, _, hexport = local.partition(":")
+                if state == "0A" and int(hexport, 16) == port:
+                    out.add(addr)
+    return out
+
+
+@pytest.mark.slow
+def test_dsv_ui_binds_loopback_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())", "ui",
+                             "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONPATH": str(ROOT)})
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "MLflow UI on" not in line and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+        assert "MLflow UI on http://127.0.0.1:" in line, line
+        assert _listeners(port) == {"0100007F"}  # 127.0.0.1 only, never 0.0.0.0 or ::
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=15) == 130
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not _listeners(port)
 
 
 @pytest.mark.slow
